@@ -1,0 +1,59 @@
+"""Stage 6, export: logits at the model's spacing -> the mask on the input's voxel grid, as nnU-Net's
+convert_predicted_logits_to_segmentation_with_correct_shape.
+
+resample logits to the cropped shape (the plans' probability resampling: order 1, separate-z rule) -> argmax, or
+sigmoid > 0.5 painted in regions_class_order -> paste into the crop box -> transpose_backward.
+Runs on the logits' device; only the final mask (and probabilities, on request) comes to the host.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from trtseg import resample as rs
+from trtseg.model import NnUNetModel
+from trtseg.preprocess import Preprocessed
+
+
+@dataclass
+class Exported:
+    """mask: (z, y, x) in the input file's axis order, uint8 or uint16.
+    probabilities: (k, z, y, x) float32 like nnU-Net's .npz (1 for background outside the crop box), or None."""
+
+    mask: np.ndarray
+    probabilities: np.ndarray | None = None
+
+
+def export(logits: torch.Tensor, pre: Preprocessed, model: NnUNetModel, with_probabilities: bool = False) -> Exported:
+    """logits: (k, z, y, x) float32 at the model's spacing, in the model's axis order."""
+    spec = model.resampling_probabilities
+    if spec.kind != "none":
+        plan = rs.plan_resize(spec.kind, spec.order, spec.order_z, spec.force_separate_z, model.spacing,
+                              pre.spacing_transposed, spec.anisotropy_threshold)
+        logits = rs.resample(logits.float(), pre.shape_after_cropping, plan)
+    labels = model.labels
+    probs = None
+    if labels.has_regions:
+        probs = torch.sigmoid(logits)
+        seg = torch.zeros(logits.shape[1:], dtype=torch.int32, device=logits.device)
+        for i, c in enumerate(labels.regions_class_order or ()):
+            seg[probs[i] > 0.5] = c
+    else:
+        seg = torch.argmax(logits, dim=0).to(torch.int32)
+        if with_probabilities:
+            probs = torch.softmax(logits, dim=0)
+    full = torch.zeros(pre.shape_before_cropping, dtype=torch.int32, device=seg.device)
+    box = tuple(slice(a, b) for a, b in pre.bbox)
+    full[box] = seg
+    mask = full.permute(*model.transpose_backward).cpu().numpy().astype(labels.mask_dtype)
+    out_probs = None
+    if with_probabilities:
+        assert probs is not None
+        fullp = torch.zeros((probs.shape[0], *pre.shape_before_cropping), dtype=torch.float32, device=probs.device)
+        if not labels.has_regions:
+            fullp[0] = 1.0
+        fullp[(slice(None), *box)] = probs
+        out_probs = fullp.permute(0, *[i + 1 for i in model.transpose_backward]).cpu().numpy()
+    return Exported(mask=np.ascontiguousarray(mask), probabilities=out_probs)

@@ -1,0 +1,38 @@
+"""Stage 4, infer: one batch of tiles through an engine, with nnU-Net's mirroring test-time augmentation."""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from accel.engines import Engine
+
+
+def mirror_combinations(mirror_axes: tuple[int, ...] | None) -> list[tuple[int, ...]]:
+    """Spatial-axis flips nnU-Net averages, as tensor dims of a (b, c, z, y, x) batch: every non-empty subset."""
+    if not mirror_axes:
+        return []
+    dims = [a + 2 for a in mirror_axes]
+    return [c for i in range(len(dims)) for c in itertools.combinations(dims, i + 1)]
+
+
+def run_engine(engine: Engine, batch: torch.Tensor) -> torch.Tensor:
+    """Runs ``batch`` through ``engine`` in chunks of at most ``engine.max_batch``."""
+    mb = engine.max_batch
+    if mb is None or batch.shape[0] <= mb:
+        return engine.infer(batch)
+    return torch.cat([engine.infer(batch[i:i + mb]) for i in range(0, batch.shape[0], mb)])
+
+
+def predict_tiles(engine: Engine, tiles: torch.Tensor, mirror_axes: tuple[int, ...] | None) -> torch.Tensor:
+    """Logits of ``tiles`` (b, c, z, y, x): the plain prediction, averaged with every mirrored one when enabled.
+
+    Returns (b, k, z, y, x) float32 on the engine's device.
+    """
+    combos = mirror_combinations(mirror_axes)
+    pred = run_engine(engine, tiles)
+    for dims in combos:
+        pred += torch.flip(run_engine(engine, torch.flip(tiles, dims)), dims)
+    if combos:
+        pred /= len(combos) + 1
+    return pred

@@ -1,0 +1,168 @@
+"""One case through every stage: read -> preprocess -> tile -> infer -> aggregate -> export -> write.
+
+``Predictor`` holds the model and one engine per fold; ``predict_case`` runs a case and returns its report entry.
+The Ray job (jobs/) spreads the same stages over many processes; this is the single-process path and the
+reference the job is tested against.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from accel.engines import Engine, TorchEngine
+from trtseg import storage
+from trtseg.aggregate import Accumulator
+from trtseg.dataset import Case
+from trtseg.errors import TrtsegError
+from trtseg.export import Exported, export
+from trtseg.infer import predict_tiles
+from trtseg.model import NnUNetModel
+from trtseg.preprocess import Preprocessed, preprocess
+from trtseg.read import CaseImage, read_case
+from trtseg.tile import gaussian_importance, pad_to_patch, tile_starts
+from trtseg.write import write_mask, write_probabilities
+
+
+@dataclass
+class Settings:
+    """What a prediction run does; plain data, so it crosses process boundaries.
+
+    step_size: tile step as a fraction of the patch (nnU-Net's default 0.5)
+    use_mirroring: mirroring test-time augmentation over the checkpoint's allowed axes
+    device: "cpu", "cuda" or "cuda:N"; None picks cuda when available
+    batch_size: tiles per engine call
+    precision: engine precision ("fp32", "fp16", "bf16"); CUDA default fp16 (nnU-Net's autocast), CPU fp32
+    """
+
+    step_size: float = 0.5
+    use_mirroring: bool = True
+    device: str | None = None
+    batch_size: int = 2
+    precision: str | None = None
+    compile: bool = False
+    save_probabilities: bool = False
+    compresslevel: int = 6
+
+    def resolved_device(self) -> torch.device:
+        if self.device:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def resolved_precision(self) -> str:
+        return self.precision or ("fp16" if self.resolved_device().type == "cuda" else "fp32")
+
+    def fingerprint_fields(self) -> dict:
+        """The settings that change a mask (used to decide whether an existing output can be kept)."""
+        return {"step_size": self.step_size, "use_mirroring": self.use_mirroring}
+
+
+class Timer:
+    """Wall-clock seconds per stage; synchronizes CUDA at stage boundaries so times are honest."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+@dataclass
+class CaseResult:
+    case_id: str
+    status: str  # "ok", "failed" or "skipped"
+    output: str | None = None
+    error: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["seconds"] = {k: round(v, 4) for k, v in self.seconds.items()}
+        return d
+
+
+class Predictor:
+    """The model's folds as engines on one device, and the sliding window over them."""
+
+    def __init__(self, model: NnUNetModel, settings: Settings, engines: list[Engine] | None = None):
+        self.model = model
+        self.settings = settings
+        self.device = settings.resolved_device()
+        if engines is None:
+            engines = [TorchEngine(model.build_network(f), self.device, settings.resolved_precision(), settings.compile)
+                       for f in model.folds]
+        self.engines = engines
+        self.gaussian = gaussian_importance(model.patch_size, self.device)
+
+    @property
+    def mirror_axes(self) -> tuple[int, ...] | None:
+        return self.model.mirror_axes if self.settings.use_mirroring else None
+
+    @torch.inference_mode()
+    def logits(self, data: torch.Tensor) -> torch.Tensor:
+        """Sliding-window logits (k, z, y, x) float32 of preprocessed ``data`` (c, z, y, x), mean over folds."""
+        padded, crop = pad_to_patch(data, self.model.patch_size)
+        starts = tile_starts(padded.shape[1:], self.model.patch_size, self.settings.step_size)
+        total = None
+        bs = max(1, self.settings.batch_size)
+        for engine in self.engines:
+            acc = Accumulator(self.model.labels.num_heads, padded.shape[1:], self.gaussian, self.device)
+            for i in range(0, len(starts), bs):
+                chunk = starts[i:i + bs]
+                tiles = torch.stack([padded[(slice(None), *(slice(s, s + p) for s, p in zip(st, self.model.patch_size)))]
+                                     for st in chunk])
+                acc.add(predict_tiles(engine, tiles.to(engine.device), self.mirror_axes), chunk)
+            fold_logits = acc.result(crop)
+            total = fold_logits if total is None else total.add_(fold_logits)
+        assert total is not None
+        if len(self.engines) > 1:
+            total /= len(self.engines)
+        return total
+
+    @torch.inference_mode()
+    def predict_image(self, image: CaseImage, timer: Timer | None = None) -> Exported:
+        timer = timer or Timer(self.device)
+        with timer.stage("preprocess"):
+            pre: Preprocessed = preprocess(image, self.model, self.device)
+        with timer.stage("infer"):
+            logits = self.logits(pre.data)
+        with timer.stage("export"):
+            return export(logits, pre, self.model, self.settings.save_probabilities)
+
+    def predict_case(self, case: Case, output_folder: str,
+                     storage_options: storage.StorageOptions | None = None) -> CaseResult:
+        """Reads, predicts and writes one case. Bad input fails this case only: no output file is written."""
+        out_url = storage.join(output_folder, case.case_id + ".nii.gz")
+        timer = Timer(self.device)
+        try:
+            if case.problem:
+                raise TrtsegError(f"{case.files[0]}: {case.problem}")
+            with timer.stage("read"):
+                image = read_case(list(case.files), self.model.num_input_channels, storage_options)
+            result = self.predict_image(image, timer)
+            with timer.stage("write"):
+                if result.probabilities is not None:
+                    write_probabilities(storage.join(output_folder, case.case_id), result.probabilities,
+                                        {"spacing": list(image.spacing_zyx[::-1]), "shape_zyx": list(image.shape_zyx)},
+                                        storage_options)
+                write_mask(out_url, result.mask, image.header, storage_options, self.settings.compresslevel)
+        except TrtsegError as e:
+            return CaseResult(case.case_id, "failed", error=str(e), seconds=timer.seconds)
+        except Exception as e:  # an unexpected failure still fails one case, named, not the run
+            return CaseResult(case.case_id, "failed", error=f"{case.files[0]}: {type(e).__name__}: {' '.join(str(e).split())}",
+                              seconds=timer.seconds)
+        return CaseResult(case.case_id, "ok", output=out_url, seconds=timer.seconds,
+                          extra={"labels_present": [int(v) for v in np.unique(result.mask)]})

@@ -1,0 +1,120 @@
+"""Stage 1, read: NIfTI files -> CaseImage.
+
+Axis order and spacing follow nnU-Net's default reader (SimpleITK), without reorientation: nibabel's voxel array is
+(x, y, z) as stored; we transpose it to (z, y, x) and reverse the header's zooms to (z, y, x). Scaling
+(scl_slope/scl_inter) is applied, as SimpleITK does. The first channel's header is kept, unchanged, so that the
+written mask has exactly the input's geometry (affine, qform/sform and their codes).
+
+Every way a file can be unusable raises CaseError naming the file and the cause, in one line.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import zlib
+from dataclasses import dataclass, field
+
+import nibabel as nib
+import numpy as np
+
+from trtseg import storage
+from trtseg.errors import CaseError
+
+
+@dataclass
+class CaseImage:
+    """One case as read from disk.
+
+    data: (c, z, y, x) float32, channels in the order of the case's files (_0000, _0001, ...)
+    spacing_zyx: voxel size in mm along (z, y, x), positive
+    header: the NIfTI header of the first channel, used to write the mask with identical geometry
+    files: the URLs the channels were read from
+    """
+
+    data: np.ndarray
+    spacing_zyx: tuple[float, float, float]
+    header: nib.Nifti1Header
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def shape_zyx(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.data.shape[1:])  # type: ignore[return-value]
+
+
+def _decode(raw: bytes, url: str) -> nib.Nifti1Image:
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as e:
+            raise CaseError(url, f"truncated or corrupt gzip stream ({e})") from None
+    if len(raw) < 348:
+        raise CaseError(url, f"not a NIfTI file ({len(raw)} bytes, shorter than a NIfTI-1 header)")
+    errors = []
+    for cls in (nib.Nifti1Image, nib.Nifti2Image):
+        try:
+            return cls.from_bytes(raw)
+        except Exception as e:  # nibabel raises several types for a header it cannot parse
+            errors.append(str(e))
+    raise CaseError(url, f"not a NIfTI file ({errors[0]})")
+
+
+def read_channel(url: str, storage_options: storage.StorageOptions | None = None
+                 ) -> tuple[np.ndarray, tuple[float, float, float], nib.Nifti1Header, np.ndarray]:
+    """Reads one NIfTI file. Returns (array (c, z, y, x) float32, spacing (z, y, x), header, affine).
+
+    A 4-D file holds its channels along the 4th axis.
+    """
+    try:
+        raw = storage.read_bytes(url, storage_options)
+    except FileNotFoundError:
+        raise CaseError(url, "file not found") from None
+    except Exception as e:
+        raise CaseError(url, f"cannot read ({type(e).__name__}: {e})") from None
+    img = _decode(raw, url)
+    shape = img.shape
+    if len(shape) < 3:
+        raise CaseError(url, f"{len(shape)}-D image of shape {shape}; a 3-D volume is required")
+    if len(shape) > 4 or (len(shape) == 4 and shape[3] < 1):
+        raise CaseError(url, f"{len(shape)}-D image of shape {shape}; a 3-D volume (or 4-D with channels last) is required")
+    if any(int(s) == 0 for s in shape):
+        raise CaseError(url, f"image has a dimension of size 0 (shape {shape})")
+    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    if any(not np.isfinite(z) or z <= 0 for z in zooms):
+        raise CaseError(url, f"invalid voxel spacing (pixdim) {zooms}; spacings must be positive")
+    try:
+        arr = img.get_fdata(dtype=np.float32)
+    except Exception as e:
+        raise CaseError(url, f"cannot decode voxel data, file truncated or corrupt ({type(e).__name__}: {e})") from None
+    if not np.all(np.isfinite(arr)):
+        n_bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise CaseError(url, f"{n_bad} voxels are NaN or Inf")
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    data = np.ascontiguousarray(arr.transpose(3, 2, 1, 0))  # (x, y, z, c) -> (c, z, y, x)
+    spacing = (zooms[2], zooms[1], zooms[0])
+    return data, spacing, img.header, img.affine
+
+
+def read_case(files: list[str], expected_channels: int | None = None,
+              storage_options: storage.StorageOptions | None = None) -> CaseImage:
+    """Reads the channel files of one case and checks that they agree in shape and geometry.
+
+    files: one URL per channel (nnU-Net's CASE_0000, CASE_0001, ...), or one 4-D file with channels last
+    expected_channels: the model's input channel count, checked when given
+    """
+    arrays, spacing0, header0, affine0 = [], None, None, None
+    for url in files:
+        data, spacing, header, affine = read_channel(url, storage_options)
+        if header0 is None:
+            spacing0, header0, affine0 = spacing, header, affine
+        else:
+            if data.shape[1:] != arrays[0].shape[1:]:
+                raise CaseError(url, f"shape {data.shape[1:][::-1]} differs from {files[0]}'s {arrays[0].shape[1:][::-1]} (x, y, z)")
+            if not np.allclose(affine, affine0, rtol=1e-5, atol=1e-4):
+                raise CaseError(url, f"affine differs from {files[0]}'s; channel files must share one geometry")
+        arrays.append(data)
+    data = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+    if expected_channels is not None and data.shape[0] != expected_channels:
+        raise CaseError(files[0], f"case has {data.shape[0]} channel(s), the model expects {expected_channels}")
+    assert spacing0 is not None and header0 is not None
+    return CaseImage(data=data, spacing_zyx=spacing0, header=header0, files=list(files))

@@ -1,0 +1,172 @@
+"""Synthetic nnU-Net v2 model folders and CT-like volumes, for tests, benchmarks and the generated demo.
+
+The model folders are byte-for-byte what nnU-Net's trainer writes (plans.json, dataset.json,
+fold_N/checkpoint_final.pth with network_weights, trainer_name, init_args, inference_allowed_mirroring_axes), with
+seeded random weights. The last layer is rescaled so that every label appears in the masks: raw random weights
+give nearly constant argmaxes, which would make mask comparisons meaningless.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+
+PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+RESENC = "dynamic_network_architectures.architectures.residual_unet.ResidualEncoderUNet"
+
+
+def plans_dict(patch_size: Sequence[int] = (32, 32, 32), spacing: Sequence[float] = (1.0, 1.0, 1.0),
+               features: Sequence[int] = (8, 16, 32), arch: str = "PlainConvUNet",
+               normalization: Sequence[str] = ("CTNormalization",), use_mask_for_norm: Sequence[bool] = (False,),
+               transpose_forward: Sequence[int] = (0, 1, 2), resampling: str = "default",
+               configuration: str = "3d_fullres", inherit: bool = False) -> dict:
+    n = len(features)
+    strides = [[1, 1, 1]] + [[2, 2, 2]] * (n - 1)
+    kernels = [[3, 3, 3]] * n
+    arch_kwargs = {
+        "n_stages": n, "features_per_stage": list(features),
+        "conv_op": "torch.nn.modules.conv.Conv3d", "kernel_sizes": kernels, "strides": strides,
+        ("n_conv_per_stage" if arch == "PlainConvUNet" else "n_blocks_per_stage"): [2] * n if arch == "PlainConvUNet" else [1] + [2] * (n - 1),
+        "n_conv_per_stage_decoder": [2] * (n - 1), "conv_bias": True,
+        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+        "dropout_op": None, "dropout_op_kwargs": None,
+        "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
+    }
+    if resampling == "torch":
+        res = {"resampling_fn_data": "resample_torch_fornnunet",
+               "resampling_fn_data_kwargs": {"is_seg": False, "force_separate_z": None, "memefficient_seg_resampling": False},
+               "resampling_fn_seg": "resample_torch_fornnunet",
+               "resampling_fn_seg_kwargs": {"is_seg": True, "force_separate_z": None, "memefficient_seg_resampling": False},
+               "resampling_fn_probabilities": "resample_torch_fornnunet",
+               "resampling_fn_probabilities_kwargs": {"is_seg": False, "force_separate_z": None, "memefficient_seg_resampling": False}}
+    else:
+        res = {"resampling_fn_data": "resample_data_or_seg_to_shape",
+               "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+               "resampling_fn_seg": "resample_data_or_seg_to_shape",
+               "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+               "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+               "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None}}
+    base = {
+        "data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
+        "patch_size": list(patch_size), "median_image_size_in_voxels": [64, 64, 64], "spacing": list(spacing),
+        "normalization_schemes": list(normalization), "use_mask_for_norm": list(use_mask_for_norm), **res,
+        "architecture": {"network_class_name": PLAIN if arch == "PlainConvUNet" else RESENC, "arch_kwargs": arch_kwargs,
+                         "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
+        "batch_dice": False,
+    }
+    tb = [int(i) for i in np.argsort(transpose_forward)]
+    configs = {"3d_fullres": base}
+    if inherit:  # a child configuration that overrides one key, as nnU-Net's 3d_cascade_fullres / custom configs do
+        configs["3d_fullres"] = {**base, "patch_size": [p * 2 for p in patch_size]}
+        configs[configuration] = {"inherits_from": "3d_fullres", "patch_size": list(patch_size)}
+    n_ch = len(normalization)
+    return {
+        "dataset_name": "Dataset999_Synthetic", "plans_name": "nnUNetPlans",
+        "original_median_spacing_after_transp": list(spacing), "original_median_shape_after_transp": [64, 64, 64],
+        "image_reader_writer": "SimpleITKIO", "transpose_forward": list(transpose_forward), "transpose_backward": tb,
+        "configurations": configs, "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {
+            str(c): {"max": 1500.0, "mean": 80.0, "median": 60.0, "min": -1000.0, "percentile_00_5": -950.0,
+                     "percentile_99_5": 1200.0, "std": 300.0} for c in range(n_ch)},
+    }
+
+
+def dataset_dict(num_channels: int = 1, num_labels: int = 3, regions: bool = False) -> dict:
+    if regions:
+        labels = {"background": 0, "whole": [1, 2], "core": 2}
+        extra = {"regions_class_order": [1, 2]}
+    else:
+        labels = {"background": 0, **{f"label{i}": i for i in range(1, num_labels)}}
+        extra = {}
+    return {"channel_names": {str(c): ("CT" if c == 0 else f"MR{c}") for c in range(num_channels)}, "labels": labels,
+            "numTraining": 10, "file_ending": ".nii.gz", **extra}
+
+
+def build_network(plans: dict, dataset_json: dict, configuration: str = "3d_fullres") -> torch.nn.Module:
+    from trtseg.model import LabelScheme, architecture, resolve_configuration, _locate
+    cfg = resolve_configuration(plans, configuration, "<synthetic>")
+    arch = architecture(cfg, "<synthetic>")
+    kw = dict(arch["arch_kwargs"])
+    for k in arch["_kw_requires_import"]:
+        if kw.get(k) is not None:
+            kw[k] = _locate(kw[k], "<synthetic>")
+    heads = LabelScheme.from_dataset_json(dataset_json, "<synthetic>").num_heads
+    return _locate(arch["network_class_name"], "")(input_channels=len(dataset_json["channel_names"]),
+                                                   num_classes=heads, deep_supervision=False, **kw)
+
+
+def make_model_folder(folder: str, folds: Sequence[int | str] = (0,), seed: int = 0, logit_scale: float = 8.0,
+                      mirror_axes: Sequence[int] | None = (0, 1, 2), configuration: str = "3d_fullres",
+                      dataset_json: dict | None = None, **plans_kwargs) -> str:
+    """Writes an nnU-Net v2 trained-model folder with seeded random weights; returns its path."""
+    os.makedirs(folder, exist_ok=True)
+    plans = plans_dict(configuration=configuration, **plans_kwargs)
+    ds = dataset_json or dataset_dict(num_channels=len(plans_kwargs.get("normalization", ("CT",))))
+    with open(os.path.join(folder, "plans.json"), "w") as f:
+        json.dump(plans, f, indent=2)
+    with open(os.path.join(folder, "dataset.json"), "w") as f:
+        json.dump(ds, f, indent=2)
+    for i, fold in enumerate(folds):
+        torch.manual_seed(seed + i)
+        net = build_network(plans, ds, configuration)
+        last = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+        with torch.no_grad():
+            last.weight.mul_(logit_scale)
+            last.bias.zero_()
+        ckpt = {
+            "network_weights": net.state_dict(), "optimizer_state": None, "grad_scaler_state": None,
+            "logging": {}, "_best_ema": None, "current_epoch": 1000,
+            "init_args": {"plans": plans, "configuration": configuration, "fold": fold, "dataset_json": ds,
+                          "device": "cpu"},
+            "trainer_name": "nnUNetTrainer",
+            "inference_allowed_mirroring_axes": tuple(mirror_axes) if mirror_axes is not None else None,
+        }
+        os.makedirs(os.path.join(folder, f"fold_{fold}"), exist_ok=True)
+        torch.save(ckpt, os.path.join(folder, f"fold_{fold}", "checkpoint_final.pth"))
+    return folder
+
+
+def ct_like_volume(shape_xyz: Sequence[int], seed: int = 0, zero_border: int = 0) -> np.ndarray:
+    """A CT-looking (x, y, z) float32 volume in HU: air, a body ellipsoid with soft tissue, organs and bone."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, int(n)) for n in shape_xyz], indexing="ij")
+    vol = np.full(tuple(shape_xyz), -1000.0, dtype=np.float32)
+    body = (x / 0.85) ** 2 + (y / 0.7) ** 2 + (z / 1.1) ** 2 < 1
+    vol[body] = 40.0
+    for _ in range(4):
+        c = rng.uniform(-0.4, 0.4, 3)
+        r = rng.uniform(0.12, 0.3, 3)
+        organ = ((x - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((z - c[2]) / r[2]) ** 2 < 1
+        vol[organ & body] = rng.uniform(-100, 200)
+    spine = ((x / 0.1) ** 2 + ((y + 0.45) / 0.1) ** 2 < 1) & body
+    vol[spine] = 900.0
+    vol += rng.normal(0, 20, vol.shape).astype(np.float32)
+    if zero_border:
+        b = zero_border
+        vol[:b] = vol[-b:] = 0
+        vol[:, :b] = vol[:, -b:] = 0
+        vol[:, :, :b] = vol[:, :, -b:] = 0
+    return vol
+
+
+def affine_for(spacing_xyz: Sequence[float], oblique_deg: float = 0.0, origin: Sequence[float] = (0, 0, 0)) -> np.ndarray:
+    """An affine with the given voxel sizes, rotated ``oblique_deg`` degrees about z and 10% of that about x."""
+    a, b = np.deg2rad(oblique_deg), np.deg2rad(oblique_deg * 0.1)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    aff = np.eye(4)
+    aff[:3, :3] = rz @ rx @ np.diag(spacing_xyz)
+    aff[:3, 3] = origin
+    return aff
+
+
+def save_nifti(path: str, vol_xyz: np.ndarray, affine: np.ndarray, dtype=np.int16) -> str:
+    img = nib.Nifti1Image(vol_xyz.astype(dtype), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=2)
+    nib.save(img, path)
+    return path

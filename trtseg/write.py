@@ -1,0 +1,46 @@
+"""Stage 7, write: the mask as NIfTI with exactly the input's geometry, written atomically.
+
+The input's first-channel header is copied (affine, qform/sform and their codes, units), its data type set to the
+mask's, scaling removed, and the voxels written as (x, y, z). gzip level 6 is nnU-Net's (zlib's default); lower
+levels trade size for speed.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+
+import nibabel as nib
+import numpy as np
+
+from trtseg import storage
+
+
+def encode_mask(mask_zyx: np.ndarray, header: nib.Nifti1Header, compresslevel: int = 6) -> bytes:
+    """NIfTI bytes (gzip-compressed when compresslevel > 0) of a (z, y, x) mask with ``header``'s geometry."""
+    hdr = header.copy()
+    hdr.set_data_dtype(mask_zyx.dtype)
+    hdr.set_slope_inter(1.0, 0.0)
+    cls = nib.Nifti2Image if isinstance(hdr, nib.Nifti2Header) else nib.Nifti1Image
+    img = cls(np.ascontiguousarray(mask_zyx.transpose(2, 1, 0)), None, header=hdr)
+    img.set_qform(header.get_qform(), code=int(header["qform_code"]))
+    img.set_sform(header.get_sform(), code=int(header["sform_code"]))
+    raw = img.to_bytes()
+    return gzip.compress(raw, compresslevel=compresslevel, mtime=0) if compresslevel > 0 else raw
+
+
+def write_mask(url: str, mask_zyx: np.ndarray, header: nib.Nifti1Header,
+               storage_options: storage.StorageOptions | None = None, compresslevel: int = 6) -> int:
+    """Writes the mask to ``url`` (.nii.gz or .nii) atomically; returns the bytes written."""
+    data = encode_mask(mask_zyx, header, compresslevel if url.endswith(".gz") else 0)
+    storage.write_bytes_atomic(url, data, storage_options)
+    return len(data)
+
+
+def write_probabilities(url_truncated: str, probabilities: np.ndarray, properties: dict,
+                        storage_options: storage.StorageOptions | None = None) -> None:
+    """nnU-Net's --save_probabilities files: CASE.npz (key 'probabilities', (k, z, y, x)) and CASE.pkl."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, probabilities=probabilities)
+    storage.write_bytes_atomic(url_truncated + ".npz", buf.getvalue(), storage_options)
+    storage.write_bytes_atomic(url_truncated + ".pkl", pickle.dumps(properties), storage_options)
