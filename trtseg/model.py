@@ -243,9 +243,8 @@ def architecture(cfg: dict, where: str) -> dict:
         raise ModelFolderError(where, f"plans describe no architecture nnU-Net can rebuild (UNet_class_name={unet!r})")
     dim = len(cfg["patch_size"])
     n = len(cfg["n_conv_per_stage_encoder"])
-    module = "dynamic_network_architectures.architectures." + ("unet" if unet == "PlainConvUNet" else "residual_unet")
     return {
-        "network_class_name": f"{module}.{unet}",
+        "network_class_name": f"dynamic_network_architectures.architectures.unet.{unet}",
         "arch_kwargs": {
             "n_stages": n,
             "features_per_stage": [min(cfg["UNet_base_num_features"] * 2 ** i, cfg["unet_max_num_features"]) for i in range(n)],

@@ -112,6 +112,7 @@ class Predictor:
         return self.model.mirror_axes if self.settings.use_mirroring else None
 
     @torch.inference_mode()
+    @torch.inference_mode()
     def logits(self, data: torch.Tensor) -> torch.Tensor:
         """Sliding-window logits (k, z, y, x) float32 of preprocessed ``data`` (c, z, y, x), mean over folds."""
         padded, crop = pad_to_patch(data, self.model.patch_size)
@@ -132,6 +133,7 @@ class Predictor:
             total /= len(self.engines)
         return total
 
+    @torch.inference_mode()
     @torch.inference_mode()
     def predict_image(self, image: CaseImage, timer: Timer | None = None) -> Exported:
         timer = timer or Timer(self.device)
@@ -166,3 +168,46 @@ class Predictor:
                               seconds=timer.seconds)
         return CaseResult(case.case_id, "ok", output=out_url, seconds=timer.seconds,
                           extra={"labels_present": [int(v) for v in np.unique(result.mask)]})
+
+
+def predict_folder(input_url: str, output_url: str, model_folder: str, folds: list[str] | None = None,
+                   checkpoint_name: str = "checkpoint_final.pth", settings: Settings | None = None,
+                   storage_options: storage.StorageOptions | None = None, limit: int | None = None,
+                   dry_run: bool = False, log=print) -> dict:
+    """Single-process prediction of every case in ``input_url``; writes OUTPUT/run_report.json, returns the report.
+
+    Cases fail one at a time: a bad case is reported with its error and the others still run.
+    """
+    import json
+    from trtseg.dataset import list_cases
+    from trtseg.model import load_model_folder
+
+    settings = settings or Settings()
+    t0 = time.perf_counter()
+    model = load_model_folder(model_folder, folds, checkpoint_name)
+    cases = list_cases(input_url, model.num_input_channels, storage_options)
+    if limit is not None:
+        cases = cases[:limit]
+    if dry_run:
+        for c in cases:
+            log(f"would run {c.case_id}: {', '.join(c.files)}")
+        return {"dry_run": True, "cases": [c.case_id for c in cases]}
+    predictor = Predictor(model, settings)
+    results = []
+    for i, case in enumerate(cases):
+        r = predictor.predict_case(case, output_url, storage_options)
+        results.append(r)
+        log(f"[{i + 1}/{len(cases)}] {case.case_id}: {r.status}" + (f" ({r.error})" if r.error else ""))
+    report = {
+        "model": {"folder": model.folder, "fingerprint": model.fingerprint, "folds": model.folds,
+                  "configuration": model.configuration_name},
+        "settings": dataclasses.asdict(settings),
+        "engine": predictor.engines[0].describe(),
+        "cases": [r.to_json() for r in results],
+        "summary": {"total": len(results), "ok": sum(r.status == "ok" for r in results),
+                    "failed": sum(r.status == "failed" for r in results),
+                    "wall_seconds": round(time.perf_counter() - t0, 3)},
+    }
+    storage.write_bytes_atomic(storage.join(output_url, "run_report.json"),
+                               json.dumps(report, indent=2).encode(), storage_options)
+    return report

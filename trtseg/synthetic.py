@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
-RESENC = "dynamic_network_architectures.architectures.residual_unet.ResidualEncoderUNet"
+RESENC = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
 
 
 def plans_dict(patch_size: Sequence[int] = (32, 32, 32), spacing: Sequence[float] = (1.0, 1.0, 1.0),
@@ -99,6 +99,20 @@ def build_network(plans: dict, dataset_json: dict, configuration: str = "3d_full
                                                    num_classes=heads, deep_supervision=False, **kw)
 
 
+def _spread_logits(net: torch.nn.Module, plans: dict, channels: int, logit_scale: float, seed: int) -> None:
+    """Centres and scales the last layer so that every output channel wins somewhere on CT-like input."""
+    patch = next(iter(plans["configurations"].values()))["patch_size"]
+    vol = ct_like_volume(patch[::-1], seed=seed).transpose(2, 1, 0)
+    x = torch.from_numpy((np.clip(vol, -950, 1200) - 80.0) / 300.0).float()[None, None].repeat(1, channels, 1, 1, 1)
+    last = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+    with torch.no_grad():
+        out = net.eval()(x)
+        mu, sd = out.mean(dim=(0, 2, 3, 4)), out.std(dim=(0, 2, 3, 4))
+        scale = logit_scale / float(sd.mean())
+        last.weight.mul_(scale)
+        last.bias.copy_((last.bias - mu) * scale)
+
+
 def make_model_folder(folder: str, folds: Sequence[int | str] = (0,), seed: int = 0, logit_scale: float = 8.0,
                       mirror_axes: Sequence[int] | None = (0, 1, 2), configuration: str = "3d_fullres",
                       dataset_json: dict | None = None, **plans_kwargs) -> str:
@@ -113,10 +127,7 @@ def make_model_folder(folder: str, folds: Sequence[int | str] = (0,), seed: int 
     for i, fold in enumerate(folds):
         torch.manual_seed(seed + i)
         net = build_network(plans, ds, configuration)
-        last = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d)][-1]
-        with torch.no_grad():
-            last.weight.mul_(logit_scale)
-            last.bias.zero_()
+        _spread_logits(net, plans, len(ds["channel_names"]), logit_scale, seed + i)
         ckpt = {
             "network_weights": net.state_dict(), "optimizer_state": None, "grad_scaler_state": None,
             "logging": {}, "_best_ema": None, "current_epoch": 1000,

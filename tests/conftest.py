@@ -1,0 +1,54 @@
+"""Shared fixtures: synthetic nnU-Net v2 model folders and NIfTI volumes with awkward geometry, and nnU-Net's own
+predictor as the reference."""
+from __future__ import annotations
+
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from trtseg import synthetic as syn
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def nnunet_predict(model_dir: str, cases: list[list[str]], out_dir: str, folds, use_mirroring: bool = True,
+                   step_size: float = 0.5) -> list[str]:
+    """Runs nnunetv2's nnUNetPredictor (CPU) on ``cases``; returns the output files."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    os.makedirs(out_dir, exist_ok=True)
+    p = nnUNetPredictor(tile_step_size=step_size, use_mirroring=use_mirroring, device=torch.device("cpu"),
+                        allow_tqdm=False)
+    p.initialize_from_trained_model_folder(model_dir, use_folds=tuple(folds))
+    outs = [os.path.join(out_dir, os.path.basename(c[0]).replace("_0000.nii.gz", "")) for c in cases]
+    p.predict_from_files_sequential(cases, outs, save_probabilities=False, overwrite=True)
+    return [o + ".nii.gz" for o in outs]
+
+
+def voxel_agreement(a_path: str, b_path: str) -> float:
+    a = np.asarray(nib.load(a_path).dataobj)
+    b = np.asarray(nib.load(b_path).dataobj)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float((a == b).mean())
+
+
+def write_case(folder: str, case_id: str, shape_xyz, spacing_xyz, oblique_deg=0.0, seed=0, zero_border=0,
+               channels=1) -> list[str]:
+    os.makedirs(folder, exist_ok=True)
+    files = []
+    for c in range(channels):
+        vol = syn.ct_like_volume(shape_xyz, seed=seed + 17 * c, zero_border=zero_border)
+        files.append(syn.save_nifti(os.path.join(folder, f"{case_id}_{c:04d}.nii.gz"), vol,
+                                    syn.affine_for(spacing_xyz, oblique_deg, origin=(-12.5, 30.0, 7.25))))
+    return files
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory) -> str:
+    """PlainConvUNet, 3 labels, anisotropic target spacing, patch (24, 32, 40), folds 0 and 1."""
+    d = tmp_path_factory.mktemp("model_small")
+    return syn.make_model_folder(str(d), folds=(0, 1), patch_size=(24, 32, 40), spacing=(2.0, 1.0, 1.0),
+                                 features=(4, 8, 16))
