@@ -63,6 +63,8 @@ class TorchEngine(Engine):
             raise ValueError("the CPU engine runs fp32 only")
         self.precision = precision
         self.network = network.to(self.device).eval()
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed tile shapes: let cuDNN pick the fastest kernels, as nnU-Net does
         self._fn: Callable[[torch.Tensor], torch.Tensor] = self.network
         if compile:
             self._fn = torch.compile(self.network)  # type: ignore[assignment]

@@ -57,3 +57,14 @@ def export(logits: torch.Tensor, pre: Preprocessed, model: NnUNetModel, with_pro
         fullp[(slice(None), *box)] = probs
         out_probs = fullp.permute(0, *[i + 1 for i in model.transpose_backward]).cpu().numpy()
     return Exported(mask=np.ascontiguousarray(mask), probabilities=out_probs)
+
+
+def empty_export(shape_zyx, model: NnUNetModel, with_probabilities: bool = False) -> Exported:
+    """The all-background result for a volume with no nonzero voxel: nothing to segment, no network run."""
+    mask = np.zeros(tuple(shape_zyx), dtype=model.labels.mask_dtype)
+    probs = None
+    if with_probabilities:
+        probs = np.zeros((model.labels.num_heads, *shape_zyx), dtype=np.float32)
+        if not model.labels.has_regions:
+            probs[0] = 1.0
+    return Exported(mask=mask, probabilities=probs)

@@ -19,7 +19,7 @@ from trtseg import storage
 from trtseg.aggregate import Accumulator
 from trtseg.dataset import Case
 from trtseg.errors import TrtsegError
-from trtseg.export import Exported, export
+from trtseg.export import Exported, empty_export, export
 from trtseg.infer import predict_tiles
 from trtseg.model import NnUNetModel
 from trtseg.preprocess import Preprocessed, preprocess
@@ -137,6 +137,8 @@ class Predictor:
     @torch.inference_mode()
     def predict_image(self, image: CaseImage, timer: Timer | None = None) -> Exported:
         timer = timer or Timer(self.device)
+        if not np.any(image.data):
+            return empty_export(image.shape_zyx, self.model, self.settings.save_probabilities)
         with timer.stage("preprocess"):
             pre: Preprocessed = preprocess(image, self.model, self.device)
         with timer.stage("infer"):

@@ -49,6 +49,7 @@ def _decode(raw: bytes, url: str) -> nib.Nifti1Image:
             raise CaseError(url, f"truncated or corrupt gzip stream ({e})") from None
     if len(raw) < 348:
         raise CaseError(url, f"not a NIfTI file ({len(raw)} bytes, shorter than a NIfTI-1 header)")
+    _check_raw_pixdim(raw, url)
     errors = []
     for cls in (nib.Nifti1Image, nib.Nifti2Image):
         try:
@@ -56,6 +57,23 @@ def _decode(raw: bytes, url: str) -> nib.Nifti1Image:
         except Exception as e:  # nibabel raises several types for a header it cannot parse
             errors.append(str(e))
     raise CaseError(url, f"not a NIfTI file ({errors[0]})")
+
+
+def _check_raw_pixdim(raw: bytes, url: str) -> None:
+    """nibabel silently replaces zero or negative pixdim by 1 or its absolute value; such a file has no usable
+    spacing, so we look at the header as written."""
+    for hdr_cls in (nib.Nifti1Header, nib.Nifti2Header):
+        try:
+            hdr = hdr_cls.from_fileobj(io.BytesIO(raw), check=False)
+        except Exception:
+            continue
+        if int(hdr["sizeof_hdr"]) != hdr_cls.template_dtype["sizeof_hdr"].type(hdr_cls.sizeof_hdr):
+            continue
+        ndim = int(hdr["dim"][0])
+        pix = [float(v) for v in hdr["pixdim"][1:1 + min(max(ndim, 0), 3)]]
+        if any(not np.isfinite(v) or v <= 0 for v in pix):
+            raise CaseError(url, f"invalid voxel spacing (pixdim {pix}); spacings must be positive")
+        return
 
 
 def read_channel(url: str, storage_options: storage.StorageOptions | None = None
