@@ -84,3 +84,140 @@ class TorchEngine(Engine):
 
     def describe(self) -> dict:
         return {"engine": self.name, "device": str(self.device), "precision": self.precision, "compiled": self.compiled}
+
+
+class OnnxRuntimeEngine(Engine):
+    """An ONNX graph under ONNX Runtime: the CPU default; the CUDA provider when present (I/O bound to torch CUDA
+    tensors, no host copies).
+
+    onnx_url: the graph (any fsspec URL); a fixed batch dimension makes ``max_batch`` that size
+    device: "cpu", or "cuda[:N]" (needs onnxruntime-gpu)
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, onnx_url: str, device: torch.device | str = "cpu", num_classes: int | None = None):
+        import onnxruntime as ort
+
+        from accel.onnx_export import INPUT, OUTPUT, onnx_session
+
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise RuntimeError("onnxruntime has no CUDAExecutionProvider here: install onnxruntime-gpu, or use --engine torch")
+            providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        self.session = onnx_session(onnx_url, providers)  # type: ignore[arg-type]
+        self.url = onnx_url
+        self.input_name, self.output_name = INPUT, OUTPUT
+        b = self.session.get_inputs()[0].shape[0]
+        self.max_batch = b if isinstance(b, int) else None
+        out_c = self.session.get_outputs()[0].shape[1]
+        self.num_classes = out_c if isinstance(out_c, int) else num_classes
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        n = batch.shape[0]
+        if self.max_batch is not None and n < self.max_batch:  # a fixed-batch graph: pad the last, short batch
+            batch = torch.cat([batch, batch.new_zeros((self.max_batch - n, *batch.shape[1:]))])
+        if self.device.type == "cuda":
+            out = self._infer_cuda(batch.contiguous())
+        else:
+            out = torch.from_numpy(self.session.run([self.output_name], {self.input_name: batch.cpu().numpy()})[0])
+        return out[:n]
+
+    def _infer_cuda(self, batch: torch.Tensor) -> torch.Tensor:
+        import numpy as np
+
+        assert self.num_classes is not None, "the graph's class count must be known to bind its output"
+        out = torch.empty((batch.shape[0], self.num_classes, *batch.shape[2:]), dtype=torch.float32, device=batch.device)
+        binding = self.session.io_binding()
+        idx = batch.device.index or 0
+        binding.bind_input(self.input_name, "cuda", idx, np.float32, tuple(batch.shape), batch.data_ptr())
+        binding.bind_output(self.output_name, "cuda", idx, np.float32, tuple(out.shape), out.data_ptr())
+        torch.cuda.current_stream(batch.device).synchronize()  # ORT runs on its own stream
+        self.session.run_with_iobinding(binding)
+        return out
+
+    def describe(self) -> dict:
+        return {"engine": self.name, "device": str(self.device), "onnx": self.url,
+                "providers": self.session.get_providers()}
+
+
+ENGINES = ("auto", "tensorrt", "torch", "onnxruntime", "pycuda")
+
+
+def default_cache() -> str:
+    """Where exported ONNX graphs and built engines are kept: $TRTSEG_CACHE, else ~/.cache/trtseg."""
+    import os
+
+    return os.environ.get("TRTSEG_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "trtseg"))
+
+
+def tensorrt_available() -> bool:
+    from accel import trt_api
+
+    return trt_api.available() and torch.cuda.is_available()
+
+
+def resolve_engine_kind(kind: str, device: torch.device) -> str:
+    """``auto``: TensorRT if it imports and a GPU exists, then PyTorch CUDA, then ONNX Runtime on the CPU."""
+    if kind not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {kind!r}")
+    if kind != "auto":
+        return kind
+    if device.type == "cuda":
+        return "tensorrt" if tensorrt_available() else "torch"
+    return "onnxruntime"
+
+
+def onnx_for_fold(model, fold: str, cache_url: str, precision: str = "fp32", batch: int | None = None) -> str:
+    """The ONNX graph of one fold: the model's own (ONNX + card), else exported once into the cache."""
+    from accel.onnx_export import export_onnx
+    from trtseg import storage
+
+    if model.onnx_urls:
+        return model.onnx_urls[fold]
+    url = storage.join(cache_url, "onnx", model.fingerprint, f"fold_{fold}.{precision}.b{batch or 'dyn'}.onnx")
+    if not storage.exists(url):
+        export_onnx(model.build_network(fold), url, model.num_input_channels, model.patch_size, batch=batch,
+                    precision=precision)
+    return url
+
+
+def create_engines(model, kind: str = "auto", device: torch.device | str = "cpu", precision: str | None = None,
+                   compile: bool = False, cache_url: str | None = None, max_batch: int = 4) -> list[Engine]:
+    """One engine per fold of ``model``, of ``kind`` (see ``resolve_engine_kind``), on ``device``.
+
+    precision: fp32, fp16 or bf16; None means fp16 on CUDA (nnU-Net's autocast) and fp32 on the CPU
+    cache_url: where ONNX graphs and TensorRT engines are kept (default: ``default_cache()``)
+    max_batch: the largest tile batch a TensorRT optimization profile covers
+    """
+    device = torch.device(device)
+    kind = resolve_engine_kind(kind, device)
+    precision = precision or ("fp16" if device.type == "cuda" else "fp32")
+    cache_url = cache_url or default_cache()
+    engines: list[Engine] = []
+    for fold in model.folds:
+        if kind == "torch":
+            engines.append(TorchEngine(model.build_network(fold), device, precision, compile))
+        elif kind == "onnxruntime":
+            onnx_precision = "fp16" if precision == "fp16" else "fp32"
+            engines.append(OnnxRuntimeEngine(onnx_for_fold(model, fold, cache_url, onnx_precision), device,
+                                             model.labels.num_heads))
+        elif kind in ("tensorrt", "pycuda"):
+            from accel.tensorrt_build import BuildSpec, EngineCache
+
+            onnx_precision = "fp16" if precision in ("fp16", "bf16") else "fp32"
+            onnx_url = onnx_for_fold(model, fold, cache_url, onnx_precision)
+            spec = BuildSpec(min_batch=1, opt_batch=max_batch, max_batch=max_batch)
+            engine_bytes = EngineCache(cache_url).get_or_build(onnx_url, spec, onnx_precision)
+            if kind == "tensorrt":
+                from accel.tensorrt_runtime import TensorRTEngine
+
+                engines.append(TensorRTEngine(engine_bytes, device))
+            else:
+                from accel.pycuda_runtime import PyCudaEngine
+
+                engines.append(PyCudaEngine(engine_bytes))
+    return engines

@@ -21,4 +21,5 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
 fi
 "$venv/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$venv/torch-constraint.txt"
 "${pip[@]}" install -q -c "$venv/torch-constraint.txt" -e ".[${extras}]"
+bash "$(dirname "$0")/typestubs.sh" "$venv"
 "$venv/bin/python" -c "import torch, trtseg; print('trtseg installed with torch', torch.__version__)"

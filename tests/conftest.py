@@ -3,6 +3,7 @@ predictor as the reference."""
 from __future__ import annotations
 
 import os
+import tempfile
 
 import nibabel as nib
 import numpy as np
@@ -12,6 +13,8 @@ import torch
 from trtseg import synthetic as syn
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# exported ONNX graphs and engines of the tests' models go to a throw-away cache, not ~/.cache/trtseg
+os.environ.setdefault("TRTSEG_CACHE", tempfile.mkdtemp(prefix="trtseg_test_cache_"))
 
 
 def nnunet_predict(model_dir: str, cases: list[list[str]], out_dir: str, folds, use_mirroring: bool = True,

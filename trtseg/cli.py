@@ -1,29 +1,57 @@
 """The `trtseg` command, in nnU-Net's habits.
 
     trtseg predict -i INPUT -o OUTPUT -m MODEL_FOLDER [-f 0 1 ...] [--step-size 0.5] [--disable-tta]
-                   [--device cpu|cuda] [--save-probabilities] [--checkpoint checkpoint_final.pth]
-    trtseg demo [--output out/demo]
+                   [--device cpu|cuda] [--save-probabilities] [--checkpoint checkpoint_final.pth] [--engine auto]
+    trtseg export  -m MODEL_FOLDER -o model.onnx [--precision fp32|fp16|int8] [--batch N | --dynamic-batch]
+    trtseg build   --onnx model.onnx [--min-batch 1 --opt-batch 4 --max-batch 4] [--engine-cache URL]
+    trtseg compare -m MODEL_FOLDER -i INPUT --a torch:fp32 --b onnxruntime:fp16
+    trtseg demo    [--output out/demo]
+
+Models are nnU-Net v2 folders (-m) or a model card (--card) with a PyTorch network (--network
+package.module:callable [--weights FILE]) or an ONNX file (--onnx-model FILE); see README "Model cards".
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from trtseg.errors import TrtsegError
 
 
+def _add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("-m", "--model", default=None, help="nnU-Net v2 trained model folder (dataset.json, plans.json, fold_N/)")
+    p.add_argument("-f", "--folds", nargs="+", default=None, help="folds (default: every fold found)")
+    p.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file name in each fold folder")
+    p.add_argument("--card", default=None, help="model card (JSON/YAML) for a non-nnU-Net model")
+    p.add_argument("--network", default=None, help="with --card: package.module:callable that returns the network")
+    p.add_argument("--weights", default=None, help="with --card --network: a state dict file")
+    p.add_argument("--onnx-model", default=None, help="with --card: an ONNX file instead of a PyTorch network")
+
+
+def _load_model(args):
+    if args.card:
+        from accel.card import model_from_card
+        return model_from_card(args.card, args.network, args.weights, args.onnx_model)
+    if not args.model:
+        raise TrtsegError("give a model: -m MODEL_FOLDER, or --card CARD with --network or --onnx-model")
+    from trtseg.model import load_model_folder
+    return load_model_folder(args.model, args.folds, args.checkpoint)
+
+
 def _add_predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-i", "--input", required=True, help="folder (or file) of NIfTI images; any fsspec URL")
     p.add_argument("-o", "--output", required=True, help="output folder; any fsspec URL")
-    p.add_argument("-m", "--model", required=True, help="nnU-Net v2 trained model folder (dataset.json, plans.json, fold_N/)")
-    p.add_argument("-f", "--folds", nargs="+", default=None, help="folds to ensemble (default: every fold found)")
-    p.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file name in each fold folder")
+    _add_model_args(p)
     p.add_argument("--step-size", type=float, default=0.5, help="tile step as a fraction of the patch size")
     p.add_argument("--disable-tta", action="store_true", help="no mirroring test-time augmentation")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--engine", default="auto", choices=["auto", "tensorrt", "torch", "onnxruntime", "pycuda"],
+                   help="auto: TensorRT if it imports and a GPU exists, then PyTorch CUDA, then ONNX Runtime (CPU)")
+    p.add_argument("--engine-cache", default=None, help="URL for exported ONNX and built engines (default ~/.cache/trtseg)")
     p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"], help="engine precision (CUDA default fp16)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (PyTorch CUDA engine)")
     p.add_argument("--batch-size", type=int, default=2, help="tiles per engine call")
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE.npz/CASE.pkl as nnU-Net does")
     p.add_argument("--storage-options", default=None, help="JSON of fsspec storage options (credentials stay out of reports)")
@@ -35,14 +63,15 @@ def _add_predict_args(p: argparse.ArgumentParser) -> None:
 def _settings(args):
     from trtseg.predict import Settings
     return Settings(step_size=args.step_size, use_mirroring=not args.disable_tta, device=args.device,
-                    batch_size=args.batch_size, precision=args.precision, compile=args.compile,
-                    save_probabilities=args.save_probabilities, compresslevel=args.compress_level)
+                    engine=args.engine, engine_cache=args.engine_cache, batch_size=args.batch_size,
+                    precision=args.precision, compile=args.compile, save_probabilities=args.save_probabilities,
+                    compresslevel=args.compress_level)
 
 
 def cmd_predict(args) -> int:
     from trtseg.predict import predict_folder
     opts = json.loads(args.storage_options) if args.storage_options else None
-    report = predict_folder(args.input, args.output, args.model, args.folds, args.checkpoint, _settings(args),
+    report = predict_folder(args.input, args.output, _load_model(args), args.folds, args.checkpoint, _settings(args),
                             opts, args.limit, args.dry_run)
     if report.get("dry_run"):
         return 0
@@ -52,9 +81,49 @@ def cmd_predict(args) -> int:
     return 1 if s["failed"] else 0
 
 
+def cmd_export(args) -> int:
+    from accel.precision import make_artefact
+
+    model = _load_model(args)
+    model = model.with_folds([(args.folds or model.folds)[0]])
+    report = make_artefact(model, args.output, args.precision, None if args.dynamic_batch else args.batch,
+                           args.dynamic_spatial, args.calibration, args.calibration_cases, args.calibration_method,
+                           args.patches, args.max_dice_drop)
+    print(json.dumps({k: report[k] for k in ("vs_pytorch_fp32", "gate") if k in report}, indent=2))
+    print(f"wrote {args.output} and {args.output}.report.json")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from accel.engines import default_cache
+    from accel.tensorrt_build import BuildSpec, EngineCache
+
+    spec = BuildSpec(args.min_batch, args.opt_batch, args.max_batch, args.optimization_level, args.workspace_gib,
+                     args.target_cc)
+    cache = EngineCache(args.engine_cache or default_cache())
+    engine = cache.get_or_build(args.onnx, spec, args.precision, rebuild=args.rebuild)
+    print(f"engine: {len(engine)} bytes ({'built' if cache.builds else 'from cache'}) in {cache.url}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from accel.compare import compare_engines, engine_from_spec
+    from accel.patches import random_patches, sample_patches
+
+    model = _load_model(args)
+    fold = (args.folds or model.folds)[0]
+    device = args.device or "cpu"
+    a = engine_from_spec(args.a, model, device, args.engine_cache, fold)
+    b = engine_from_spec(args.b, model, device, args.engine_cache, fold)
+    patches = sample_patches(model, args.input, args.patches) if args.input else random_patches(model, args.patches)
+    channels = list(range(model.labels.num_heads))  # Dice of the argmax over output channels
+    report = {"a": args.a, "b": args.b, "source": args.input or "random", **compare_engines(a, b, patches, channels)}
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Generates a small nnU-Net model folder and CT-like volumes, then runs `trtseg predict` on them."""
-    import os
     from trtseg import synthetic as syn
     root = args.output.rstrip("/")
     model = syn.make_model_folder(os.path.join(root, "model"), folds=(0,), patch_size=(32, 48, 48),
@@ -73,22 +142,58 @@ def cmd_demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="trtseg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("predict", help="segment every case of a folder with an nnU-Net v2 model")
+    p = sub.add_parser("predict", help="segment every case of a folder")
     _add_predict_args(p)
     p.set_defaults(func=cmd_predict)
+
+    e = sub.add_parser("export", help="export a model to ONNX (FP32, FP16, INT8) with its check and accuracy reports")
+    _add_model_args(e)
+    e.add_argument("-o", "--output", required=True, help="the .onnx to write (a .report.json goes beside it)")
+    e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+    e.add_argument("--batch", type=int, default=1, help="static batch size")
+    e.add_argument("--dynamic-batch", action="store_true", help="a dynamic batch dimension instead")
+    e.add_argument("--dynamic-spatial", action="store_true", help="dynamic z, y, x too")
+    e.add_argument("--calibration", default=None, help="folder of real input volumes: real patches, INT8 calibration, accuracy report")
+    e.add_argument("--calibration-cases", type=int, default=4, help="cases of --calibration used for the accuracy report")
+    e.add_argument("--calibration-method", default="minmax", choices=["minmax", "percentile", "entropy"])
+    e.add_argument("--patches", type=int, default=4, help="random and real patches for the ONNX Runtime comparison")
+    e.add_argument("--max-dice-drop", type=float, default=None, help="refuse an FP16/INT8 artefact losing more Dice vs FP32")
+    e.set_defaults(func=cmd_export)
+
+    b = sub.add_parser("build", help="build (or fetch from the cache) a TensorRT engine for an ONNX file")
+    b.add_argument("--onnx", required=True)
+    b.add_argument("--precision", default="fp32", help="label of the ONNX's precision (part of the cache key)")
+    b.add_argument("--min-batch", type=int, default=1)
+    b.add_argument("--opt-batch", type=int, default=4)
+    b.add_argument("--max-batch", type=int, default=4)
+    b.add_argument("--optimization-level", type=int, default=3)
+    b.add_argument("--workspace-gib", type=float, default=None)
+    b.add_argument("--target-cc", default=None, help="TensorRT-RTX: build ahead of time for e.g. SM89, without a GPU")
+    b.add_argument("--engine-cache", default=None)
+    b.add_argument("--rebuild", action="store_true")
+    b.set_defaults(func=cmd_build)
+
+    c = sub.add_parser("compare", help="run the same patches through two engines/precisions and report the gap")
+    _add_model_args(c)
+    c.add_argument("--a", default="torch:fp32", help="KIND[:PRECISION], or a .onnx / .engine file")
+    c.add_argument("--b", required=True, help="KIND[:PRECISION], or a .onnx / .engine file")
+    c.add_argument("-i", "--input", default=None, help="folder of real volumes to cut patches from (default: random)")
+    c.add_argument("--patches", type=int, default=4)
+    c.add_argument("--device", default=None)
+    c.add_argument("--engine-cache", default=None)
+    c.set_defaults(func=cmd_compare)
+
     d = sub.add_parser("demo", help="generate a model and volumes, then predict them")
     d.add_argument("--output", default="out/demo")
     d.add_argument("--device", default=None)
+    d.add_argument("--engine", default="auto")
     d.set_defaults(func=cmd_demo, folds=None, checkpoint="checkpoint_final.pth", step_size=0.5, disable_tta=False,
                    precision=None, compile=False, batch_size=2, save_probabilities=False, storage_options=None,
-                   compress_level=6, limit=None, dry_run=False)
+                   compress_level=6, limit=None, dry_run=False, card=None, engine_cache=None)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except TrtsegError as e:
-        print(f"trtseg: error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
+    except (TrtsegError, FileNotFoundError) as e:
         print(f"trtseg: error: {e}", file=sys.stderr)
         return 2
 

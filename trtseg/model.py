@@ -7,6 +7,7 @@ with dynamic-network-architectures exactly as nnU-Net's trainer does, deep super
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import importlib
 import io
@@ -14,7 +15,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -130,6 +131,15 @@ class NnUNetModel:
     checkpoint_name: str
     fingerprint: str = ""
     _arch: dict = field(default_factory=dict, repr=False)
+    #: models described by a card (accel/card.py) build their network with this instead of the plans
+    network_factory: Callable[[str], torch.nn.Module] | None = field(default=None, repr=False)
+    #: models given as ONNX (card + .onnx): the graph each fold runs, for ONNX Runtime and TensorRT engines
+    onnx_urls: dict[str, str] = field(default_factory=dict)
+
+    def with_folds(self, folds: list[str]) -> "NnUNetModel":
+        """The same model restricted to ``folds``."""
+        return dataclasses.replace(self, fold_weights={f: self.fold_weights[f] for f in folds},
+                                   onnx_urls={f: u for f, u in self.onnx_urls.items() if f in folds})
 
     @property
     def folds(self) -> list[str]:
@@ -181,6 +191,11 @@ class NnUNetModel:
 
     def build_network(self, fold: str | None = None) -> torch.nn.Module:
         """The network of ``fold`` (default: the first) with its weights, in eval mode, deep supervision off."""
+        fold = fold if fold is not None else self.folds[0]
+        if self.network_factory is not None:
+            return self.network_factory(fold).eval()
+        if not self._arch:
+            raise ModelFolderError(self.folder, "this model is an ONNX graph: run it with --engine onnxruntime or tensorrt")
         arch = self._arch
         cls = _locate(arch["network_class_name"], self.folder)
         kwargs = copy.deepcopy(arch["arch_kwargs"])
@@ -189,7 +204,7 @@ class NnUNetModel:
                 kwargs[key] = _locate(kwargs[key], self.folder)
         kwargs["deep_supervision"] = False
         net = cls(input_channels=self.num_input_channels, num_classes=self.labels.num_heads, **kwargs)
-        weights = self.fold_weights[fold if fold is not None else self.folds[0]]
+        weights = self.fold_weights[fold]
         try:
             net.load_state_dict(weights)
         except RuntimeError as e:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from accel.engines import Engine, TorchEngine
+from accel.engines import Engine, create_engines
 from trtseg import storage
 from trtseg.aggregate import Accumulator
 from trtseg.dataset import Case
@@ -37,10 +37,16 @@ class Settings:
     device: "cpu", "cuda" or "cuda:N"; None picks cuda when available
     batch_size: tiles per engine call
     precision: engine precision ("fp32", "fp16", "bf16"); CUDA default fp16 (nnU-Net's autocast), CPU fp32
+    engine: auto (TensorRT if it imports and a GPU exists, then PyTorch CUDA, then ONNX Runtime on the CPU),
+            tensorrt, torch, onnxruntime or pycuda
+    engine_cache: URL where exported ONNX graphs and TensorRT engines are kept (default $TRTSEG_CACHE or
+            ~/.cache/trtseg)
     """
 
     step_size: float = 0.5
     use_mirroring: bool = True
+    engine: str = "auto"
+    engine_cache: str | None = None
     device: str | None = None
     batch_size: int = 2
     precision: str | None = None
@@ -102,8 +108,8 @@ class Predictor:
         self.settings = settings
         self.device = settings.resolved_device()
         if engines is None:
-            engines = [TorchEngine(model.build_network(f), self.device, settings.resolved_precision(), settings.compile)
-                       for f in model.folds]
+            engines = create_engines(model, settings.engine, self.device, settings.resolved_precision(),
+                                     settings.compile, settings.engine_cache, max(settings.batch_size, 1))
         self.engines = engines
         self.gaussian = gaussian_importance(model.patch_size, self.device)
 
@@ -172,7 +178,7 @@ class Predictor:
                           extra={"labels_present": [int(v) for v in np.unique(result.mask)]})
 
 
-def predict_folder(input_url: str, output_url: str, model_folder: str, folds: list[str] | None = None,
+def predict_folder(input_url: str, output_url: str, model_folder: "str | NnUNetModel", folds: list[str] | None = None,
                    checkpoint_name: str = "checkpoint_final.pth", settings: Settings | None = None,
                    storage_options: storage.StorageOptions | None = None, limit: int | None = None,
                    dry_run: bool = False, log=print) -> dict:
@@ -186,7 +192,7 @@ def predict_folder(input_url: str, output_url: str, model_folder: str, folds: li
 
     settings = settings or Settings()
     t0 = time.perf_counter()
-    model = load_model_folder(model_folder, folds, checkpoint_name)
+    model = model_folder if isinstance(model_folder, NnUNetModel) else load_model_folder(model_folder, folds, checkpoint_name)
     cases = list_cases(input_url, model.num_input_channels, storage_options)
     if limit is not None:
         cases = cases[:limit]

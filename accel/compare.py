@@ -1,0 +1,44 @@
+"""`trtseg compare`: the same real patches through two engines or precisions, and how far apart they are.
+
+An engine is named ``KIND[:PRECISION]`` (torch:fp32, onnxruntime:fp16, tensorrt:fp16, ...) or given as a file
+(``path.onnx``, run by ONNX Runtime; ``path.engine``, run by TensorRT). It is how users check an engine before
+trusting it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from accel.engines import Engine, OnnxRuntimeEngine, create_engines
+from accel.onnx_export import compare_outputs
+from accel.precision import dice_per_label
+
+
+def engine_from_spec(spec: str, model, device: str, cache_url: str | None, fold: str) -> Engine:
+    if spec.endswith(".onnx"):
+        return OnnxRuntimeEngine(spec, device, model.labels.num_heads)
+    if spec.endswith(".engine"):
+        from accel.tensorrt_build import BuildSpec, check_target, current_target, engine_file_meta
+        from accel.tensorrt_runtime import TensorRTEngine
+        from trtseg import storage
+
+        meta = engine_file_meta(spec)
+        check_target(meta, current_target(BuildSpec()), spec)
+        return TensorRTEngine(storage.read_bytes(spec), device)
+    kind, _, precision = spec.partition(":")
+    return create_engines(model.with_folds([fold]), kind, device, precision or None, cache_url=cache_url)[0]
+
+
+@torch.inference_mode()
+def compare_engines(a: Engine, b: Engine, patches: np.ndarray, labels, batch_size: int = 2) -> dict:
+    """Errors of ``b`` against ``a`` on ``patches`` (n, c, z, y, x), and Dice per label of their argmax masks."""
+    outs_a, outs_b = [], []
+    for i in range(0, len(patches), batch_size):
+        x = torch.from_numpy(patches[i:i + batch_size])
+        outs_a.append(a.infer(x.to(a.device)).cpu().numpy())
+        outs_b.append(b.infer(x.to(b.device)).cpu().numpy())
+    ra, rb = np.concatenate(outs_a), np.concatenate(outs_b)
+    report = compare_outputs(ra, rb)
+    report["dice_per_label"] = dice_per_label(ra.argmax(1), rb.argmax(1), labels)
+    report["patches"] = int(len(patches))
+    return report
