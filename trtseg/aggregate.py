@@ -45,3 +45,15 @@ class Accumulator:
         if not torch.isfinite(out).all():
             raise RuntimeError("aggregated logits hold NaN or Inf (a voxel no tile covered, or an engine overflow)")
         return out
+
+
+def weight_map(shape, starts, gaussian: torch.Tensor) -> torch.Tensor:
+    """The sum of Gaussian weights over every tile of a volume: (z, y, x) float32 on the Gaussian's device.
+
+    It depends on geometry only, so each worker that holds part of a volume can compute it for itself.
+    """
+    tile = tuple(int(t) for t in gaussian.shape)
+    w = torch.zeros(tuple(int(s) for s in shape), dtype=torch.float32, device=gaussian.device)
+    for st in starts:
+        w[tuple(slice(s, s + t) for s, t in zip(st, tile))] += gaussian
+    return w

@@ -57,7 +57,19 @@ def _add_predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage-options", default=None, help="JSON of fsspec storage options (credentials stay out of reports)")
     p.add_argument("--compress-level", type=int, default=6, help="gzip level of written masks (1 fastest, 9 smallest)")
     p.add_argument("--limit", type=int, default=None, help="process at most N cases")
-    p.add_argument("--dry-run", action="store_true", help="list the cases that would run and stop")
+    p.add_argument("--dry-run", action="store_true", help="list the cases that would run (and be skipped) and stop")
+    p.add_argument("--overwrite", action="store_true", help="redo cases whose mask this model and these settings made")
+    j = p.add_argument_group("Ray job")
+    j.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    j.add_argument("--cpu-actors", type=int, default=None, help="N inference actors on CPUs (default where no GPU: 1)")
+    j.add_argument("--gpus-per-actor", type=float, default=1.0, help="GPU share per inference actor (0.5: two per GPU)")
+    j.add_argument("--task-gpus", type=float, default=0.0, help="GPU share of preprocessing/export tasks (0: on CPUs)")
+    j.add_argument("--max-cases-in-flight", type=int, default=3, help="volumes between reading and writing at once")
+    j.add_argument("--tiles-per-task", type=int, default=8, help="tiles an actor takes per call")
+    j.add_argument("--partials", default="fp16", choices=["fp16", "fp32"], help="dtype of partial sums sent to the reducer")
+    j.add_argument("--log-json", action="store_true", help="structured JSON log lines on stderr")
+    j.add_argument("--no-progress", action="store_true")
+    j.add_argument("--single-process", action="store_true", help="no Ray: every stage in this process")
 
 
 def _settings(args):
@@ -69,15 +81,30 @@ def _settings(args):
 
 
 def cmd_predict(args) -> int:
-    from trtseg.predict import predict_folder
     opts = json.loads(args.storage_options) if args.storage_options else None
-    report = predict_folder(args.input, args.output, _load_model(args), args.folds, args.checkpoint, _settings(args),
-                            opts, args.limit, args.dry_run)
+    if args.single_process:
+        from trtseg import storage
+        from trtseg.predict import predict_folder
+        storage.set_default_options(opts)
+        report = predict_folder(args.input, args.output, _load_model(args), args.folds, args.checkpoint,
+                                _settings(args), opts, args.limit, args.dry_run)
+    else:
+        from jobs.config import JobConfig
+        from jobs.driver import run_job
+        card = ({"card": args.card, "network": args.network, "weights": args.weights, "onnx": args.onnx_model}
+                if args.card else None)
+        report = run_job(JobConfig(
+            input=args.input, output=args.output, model=args.model, folds=args.folds, checkpoint=args.checkpoint,
+            model_card=card, settings=_settings(args), storage_options=opts, address=args.address,
+            cpu_actors=args.cpu_actors, gpus_per_actor=args.gpus_per_actor, task_gpus=args.task_gpus,
+            max_cases_in_flight=args.max_cases_in_flight, tiles_per_task=args.tiles_per_task, partials=args.partials,
+            overwrite=args.overwrite, dry_run=args.dry_run, limit=args.limit, progress=not args.no_progress,
+            log_json=args.log_json))
     if report.get("dry_run"):
         return 0
     s = report["summary"]
-    print(f"{s['ok']}/{s['total']} cases ok, {s['failed']} failed, {s['wall_seconds']} s; report: "
-          f"{args.output.rstrip('/')}/run_report.json")
+    print(f"{s['ok']}/{s['total']} cases ok, {s['failed']} failed, {s.get('skipped', 0)} skipped, "
+          f"{s['wall_seconds']} s; report: {args.output.rstrip('/')}/run_report.json")
     return 1 if s["failed"] else 0
 
 
@@ -189,12 +216,18 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--engine", default="auto")
     d.set_defaults(func=cmd_demo, folds=None, checkpoint="checkpoint_final.pth", step_size=0.5, disable_tta=False,
                    precision=None, compile=False, batch_size=2, save_probabilities=False, storage_options=None,
-                   compress_level=6, limit=None, dry_run=False, card=None, engine_cache=None)
+                   compress_level=6, limit=None, dry_run=False, card=None, engine_cache=None, overwrite=False,
+                   address=None, cpu_actors=None, gpus_per_actor=1.0, task_gpus=0.0, max_cases_in_flight=3,
+                   tiles_per_task=8, partials="fp16", log_json=False, no_progress=False, single_process=False)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except (TrtsegError, FileNotFoundError) as e:
         print(f"trtseg: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # anything else that stops a run before its cases: one line, no secrets
+        from trtseg import storage
+        print(storage.redact(f"trtseg: error: {type(e).__name__}: {' '.join(str(e).split())[:500]}"), file=sys.stderr)
         return 2
 
 

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 
 from trtseg import storage
+from trtseg.errors import TrtsegError
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})\.nii(\.gz)?$")
 _NIFTI = re.compile(r"^(?P<case>.+?)\.nii(\.gz)?$")
@@ -34,6 +35,16 @@ def safe_case_id(name: str) -> str:
 def list_cases(input_url: str, num_channels: int | None = None,
                storage_options: storage.StorageOptions | None = None) -> list[Case]:
     """Cases of ``input_url`` (a folder, or a single NIfTI file), sorted by case id."""
+    try:
+        return _list_cases(input_url, num_channels, storage_options)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise TrtsegError(storage.redact(f"{input_url}: cannot list the input ({type(e).__name__}: "
+                                         f"{' '.join(str(e).split())[:300]})", storage_options)) from None
+
+
+def _list_cases(input_url: str, num_channels: int | None, storage_options) -> list[Case]:
     fs, path = storage.filesystem(input_url, storage_options)
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
 

@@ -141,6 +141,10 @@ class NnUNetModel:
         return dataclasses.replace(self, fold_weights={f: self.fold_weights[f] for f in folds},
                                    onnx_urls={f: u for f, u in self.onnx_urls.items() if f in folds})
 
+    def without_weights(self) -> "NnUNetModel":
+        """Plans, labels and configuration only: what preprocessing and export need, light to ship to workers."""
+        return dataclasses.replace(self, fold_weights={f: {} for f in self.fold_weights}, network_factory=None)
+
     @property
     def folds(self) -> list[str]:
         return list(self.fold_weights)

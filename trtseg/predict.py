@@ -192,6 +192,8 @@ def predict_folder(input_url: str, output_url: str, model_folder: "str | NnUNetM
 
     settings = settings or Settings()
     t0 = time.perf_counter()
+    if not dry_run:
+        storage.check_writable(output_url, storage_options)
     model = model_folder if isinstance(model_folder, NnUNetModel) else load_model_folder(model_folder, folds, checkpoint_name)
     cases = list_cases(input_url, model.num_input_channels, storage_options)
     if limit is not None:

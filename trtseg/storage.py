@@ -16,11 +16,44 @@ from fsspec.implementations.local import LocalFileSystem
 
 StorageOptions = dict[str, Any]
 
+_default_options: StorageOptions = {}
+
+
+def set_default_options(storage_options: StorageOptions | None) -> None:
+    """Options used by every call of this process that passes none (the job sets them in each Ray worker)."""
+    global _default_options
+    _default_options = dict(storage_options or {})
+
 
 def filesystem(url: str, storage_options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """Returns (filesystem, path inside it) for a URL or a local path."""
-    fs, path = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    opts = storage_options if storage_options is not None else _default_options
+    protocol = str(url).split("://", 1)[0] if "://" in str(url) else "file"
+    fs, path = fsspec.core.url_to_fs(str(url), **(opts if protocol not in ("file", "local") else {}))
     return fs, path
+
+
+def redact(text: str, storage_options: StorageOptions | None = None) -> str:
+    """``text`` with every secret-looking value of the storage options replaced by ***."""
+    opts = storage_options if storage_options is not None else _default_options
+    secrets: list[str] = []
+
+    def walk(v: Any) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if isinstance(x, (dict, list)):
+                    walk(x)
+                elif isinstance(x, str) and len(x) >= 4 and any(w in str(k).lower() for w in
+                                                                ("secret", "key", "token", "password", "credential")):
+                    secrets.append(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+
+    walk(opts)
+    for sec in sorted(secrets, key=len, reverse=True):
+        text = text.replace(sec, "***")
+    return text
 
 
 def join(base: str, *parts: str) -> str:
@@ -59,9 +92,19 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: StorageOptions | 
             if os.path.exists(tmp):
                 os.unlink(tmp)
     else:
-        if parent:
-            try:
-                fs.makedirs(parent, exist_ok=True)
-            except Exception:  # object stores have no folders; some backends refuse makedirs
-                pass
+        # object stores have no folders to make (and makedirs on s3fs would try to create a missing bucket)
         fs.pipe_file(path, data)
+
+
+def check_writable(url: str, storage_options: StorageOptions | None = None) -> None:
+    """Writes and deletes a small probe under ``url``; raises TrtsegError naming the URL and the cause."""
+    from trtseg.errors import TrtsegError
+
+    probe = join(url, f".trtseg-probe-{uuid.uuid4().hex}")
+    try:
+        write_bytes_atomic(probe, b"", storage_options)
+        fs, path = filesystem(probe, storage_options)
+        fs.rm(path)
+    except Exception as e:
+        raise TrtsegError(redact(f"{url}: output location is not writable ({type(e).__name__}: "
+                                 f"{' '.join(str(e).split())[:300]})", storage_options)) from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import io
 import pickle
+import zlib
 
 import nibabel as nib
 import numpy as np
@@ -16,9 +17,17 @@ import numpy as np
 from trtseg import storage
 
 
-def encode_mask(mask_zyx: np.ndarray, header: nib.Nifti1Header, compresslevel: int = 6) -> bytes:
-    """NIfTI bytes (gzip-compressed when compresslevel > 0) of a (z, y, x) mask with ``header``'s geometry."""
+STAMP_PREFIX = b"trtseg:"
+
+
+def encode_mask(mask_zyx: np.ndarray, header: nib.Nifti1Header, compresslevel: int = 6, stamp: str = "") -> bytes:
+    """NIfTI bytes (gzip-compressed when compresslevel > 0) of a (z, y, x) mask with ``header``'s geometry.
+
+    stamp: written into the header's descrip field as ``trtseg:<stamp>`` (at most 72 characters), so a rerun can
+    tell which model and settings made an existing mask without any other file.
+    """
     hdr = header.copy()
+    hdr["descrip"] = (STAMP_PREFIX + stamp.encode()[:72]) if stamp else hdr["descrip"]
     hdr.set_data_dtype(mask_zyx.dtype)
     hdr.set_slope_inter(1.0, 0.0)
     cls = nib.Nifti2Image if isinstance(hdr, nib.Nifti2Header) else nib.Nifti1Image
@@ -30,9 +39,9 @@ def encode_mask(mask_zyx: np.ndarray, header: nib.Nifti1Header, compresslevel: i
 
 
 def write_mask(url: str, mask_zyx: np.ndarray, header: nib.Nifti1Header,
-               storage_options: storage.StorageOptions | None = None, compresslevel: int = 6) -> int:
+               storage_options: storage.StorageOptions | None = None, compresslevel: int = 6, stamp: str = "") -> int:
     """Writes the mask to ``url`` (.nii.gz or .nii) atomically; returns the bytes written."""
-    data = encode_mask(mask_zyx, header, compresslevel if url.endswith(".gz") else 0)
+    data = encode_mask(mask_zyx, header, compresslevel if url.endswith(".gz") else 0, stamp)
     storage.write_bytes_atomic(url, data, storage_options)
     return len(data)
 
@@ -44,3 +53,17 @@ def write_probabilities(url_truncated: str, probabilities: np.ndarray, propertie
     np.savez_compressed(buf, probabilities=probabilities)
     storage.write_bytes_atomic(url_truncated + ".npz", buf.getvalue(), storage_options)
     storage.write_bytes_atomic(url_truncated + ".pkl", pickle.dumps(properties), storage_options)
+
+
+def read_stamp(url: str, storage_options: storage.StorageOptions | None = None) -> str | None:
+    """The stamp of an existing mask (None when absent, unreadable or not made by trtseg); reads only its header."""
+    try:
+        fs, path = storage.filesystem(url, storage_options)
+        with fs.open(path, "rb") as f:
+            head = f.read(4096)
+        if head[:2] == b"\x1f\x8b":
+            head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, 348)
+        descrip = bytes(head[148:228]).split(b"\x00", 1)[0]
+    except Exception:
+        return None
+    return descrip[len(STAMP_PREFIX):].decode(errors="replace") if descrip.startswith(STAMP_PREFIX) else None

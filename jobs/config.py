@@ -1,0 +1,46 @@
+"""Everything a job run needs, as plain data that crosses process boundaries."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trtseg.predict import Settings
+
+
+@dataclass
+class JobConfig:
+    """A `trtseg predict` run.
+
+    input/output: folder URLs (any fsspec protocol); model: model folder URL (or a card, see model_card)
+    address: Ray cluster to join; None joins the cluster of `ray job submit` ($RAY_ADDRESS) or starts a local Ray
+    cpu_actors: run N CPU inference actors (the default where the cluster has no GPU: 1)
+    gpus_per_actor: GPU share of each inference actor (fractions put several actors on one GPU)
+    task_gpus: GPU share of each preprocessing/export task on GPU clusters (0: those run on the CPU)
+    max_cases_in_flight: volumes read, preprocessed or in inference at once (bounds host and object-store memory)
+    tiles_per_task: tiles an actor takes in one call (smaller spreads a volume over more actors)
+    partials: dtype of the partial logit sums actors ship to the reducer ("fp16" halves the bytes; "fp32" gives
+              the single-process path's masks bit for bit)
+    """
+
+    input: str
+    output: str
+    model: str | None = None
+    folds: list[str] | None = None
+    checkpoint: str = "checkpoint_final.pth"
+    model_card: dict[str, Any] | None = None  # {"card": URL, "network": ..., "weights": ..., "onnx": ...}
+    settings: Settings = field(default_factory=Settings)
+    storage_options: dict[str, Any] | None = None
+    address: str | None = None
+    cpu_actors: int | None = None
+    gpus_per_actor: float = 1.0
+    task_gpus: float = 0.0
+    max_cases_in_flight: int = 3
+    tiles_per_task: int = 8
+    partials: str = "fp16"
+    overwrite: bool = False
+    dry_run: bool = False
+    limit: int | None = None
+    actor_restarts: int = 2
+    task_retries: int = 3
+    progress: bool = True
+    log_json: bool = False

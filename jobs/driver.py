@@ -1,0 +1,271 @@
+"""The job's driver: `trtseg predict` on Ray.
+
+Ray: with ``address`` it joins that cluster; under `ray job submit` it joins the submitting cluster ($RAY_ADDRESS);
+otherwise it starts a local Ray (the embedded default, also on CPU-only machines).
+
+Flow per case: a prepare task (read + preprocess) -> the volume's tiles in chunks, spread over all inference
+actors (least-loaded first) -> a reduce task (sum partials, export, write). Up to ``max_cases_in_flight`` cases
+are between prepare and reduce at once, which bounds host and object-store memory while actors stay fed.
+Actors restart after a crash and their pending calls are retried (Ray's max_restarts / max_task_retries);
+tasks retry on worker failure (max_retries). Reruns skip cases whose mask was made by the same model and
+settings (a stamp in the mask's header), unless ``overwrite``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+import uuid
+from collections import defaultdict
+
+from jobs.config import JobConfig
+from trtseg import storage
+from trtseg.dataset import Case, list_cases
+from trtseg.model import NnUNetModel, load_model_folder
+from trtseg.write import read_stamp
+
+log = logging.getLogger("trtseg.job")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": round(record.created, 3), "level": record.levelname, "msg": record.getMessage()}
+        entry.update(getattr(record, "fields", {}))
+        return json.dumps(entry)
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields = " ".join(f"{k}={v}" for k, v in getattr(record, "fields", {}).items())
+        return f"{self.formatTime(record, '%H:%M:%S')} {record.getMessage()} {fields}".rstrip()
+
+
+def _setup_logging(as_json: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if as_json else _TextFormatter())
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def _event(msg: str, **fields) -> None:
+    log.info(msg, extra={"fields": fields})
+
+
+class Progress:
+    """cases done/total, tiles/s and ETA on one line (a terminal) or one line per case (a log)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.done, self.tiles, self.t0 = total, 0, 0, time.perf_counter()
+        self.enabled, self.tty = enabled, sys.stderr.isatty()
+
+    def update(self, cases: int = 0, tiles: int = 0) -> None:
+        self.done += cases
+        self.tiles += tiles
+        if not self.enabled or (not cases and not self.tty):
+            return
+        el = time.perf_counter() - self.t0
+        rate = self.done / el if el > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        line = (f"[{self.done}/{self.total} cases] {self.tiles / max(el, 1e-9):.1f} tiles/s, "
+                f"elapsed {el:.0f}s, ETA {eta:.0f}s")
+        sys.stderr.write(("\r" + line) if self.tty else line + "\n")
+        sys.stderr.flush()
+
+
+def load_model(cfg: JobConfig) -> NnUNetModel:
+    if cfg.model_card:
+        from accel.card import model_from_card
+        c = cfg.model_card
+        return model_from_card(c["card"], c.get("network"), c.get("weights"), c.get("onnx"))
+    assert cfg.model, "a model folder or a model card is required"
+    return load_model_folder(cfg.model, cfg.folds, cfg.checkpoint)
+
+
+def _init_ray(cfg: JobConfig, n_cpu_actors: int):
+    import ray
+
+    if ray.is_initialized():
+        return
+    if cfg.address:
+        ray.init(address=cfg.address, logging_level="WARNING", log_to_driver=False)
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level="WARNING", log_to_driver=False)  # the cluster of `ray job submit`
+    else:
+        cpus = os.cpu_count() or 1
+        ray.init(address="local", num_cpus=max(cpus, n_cpu_actors + 2), include_dashboard=False,
+                 logging_level="WARNING", log_to_driver=False)
+
+
+def _chunks(starts: list, n: int) -> list[list]:
+    return [starts[i:i + n] for i in range(0, len(starts), n)]
+
+
+def run_job(cfg: JobConfig) -> dict:
+    """Runs the job described by ``cfg``; returns the run report (also written to OUTPUT/run_report.json)."""
+    import ray
+
+    from jobs.actor import InferenceActor
+    from jobs.stages import prepare_case, reduce_case, stamp
+
+    _setup_logging(cfg.log_json)
+    storage.set_default_options(cfg.storage_options)
+    t_start = time.perf_counter()
+    if not cfg.dry_run:
+        storage.check_writable(cfg.output)
+    model = load_model(cfg)
+    cases = list_cases(cfg.input, model.num_input_channels)
+    if cfg.limit is not None:
+        cases = cases[: cfg.limit]
+    my_stamp = stamp(model, cfg.settings)
+    todo: list[Case] = []
+    results: dict[str, dict] = {}
+    for c in cases:
+        out = storage.join(cfg.output, c.case_id + ".nii.gz")
+        if not cfg.overwrite and read_stamp(out) == my_stamp:
+            results[c.case_id] = {"case_id": c.case_id, "status": "skipped", "output": out,
+                                  "error": None, "seconds": {}, "reason": "made by the same model and settings"}
+        else:
+            todo.append(c)
+    if cfg.dry_run:
+        for c in todo:
+            print(f"would run {c.case_id}: {', '.join(c.files)}")
+        for cid in results:
+            print(f"would skip {cid}: {results[cid]['reason']}")
+        return {"dry_run": True, "cases": [c.case_id for c in todo], "skipped": sorted(results)}
+
+    cpu_mode = bool(cfg.cpu_actors) or cfg.settings.device == "cpu"
+    _init_ray(cfg, cfg.cpu_actors or 1)
+    n_gpus = float(ray.cluster_resources().get("GPU", 0)) if not cpu_mode else 0.0
+    if n_gpus == 0:
+        cpu_mode = True
+    n_actors = (cfg.cpu_actors or 1) if cpu_mode else max(1, math.floor(n_gpus / cfg.gpus_per_actor + 1e-9))
+    run_id = uuid.uuid4().hex[:6]
+    settings = dataclasses.replace(cfg.settings, device="cpu" if cpu_mode else cfg.settings.device)
+    model_ref = ray.put(model)
+    light = model.without_weights()
+    light_ref = ray.put(light)
+    threads = max(1, (os.cpu_count() or 1) // n_actors) if cpu_mode else None
+    actor_cls = ray.remote(InferenceActor)
+    actors = [actor_cls.options(name=f"trtseg-infer-{run_id}-{i}", num_cpus=1, num_gpus=0 if cpu_mode else cfg.gpus_per_actor,
+                                max_restarts=cfg.actor_restarts, max_task_retries=cfg.task_retries)
+              .remote(model_ref, settings, f"infer-{i}", threads, cfg.storage_options) for i in range(n_actors)]
+    task_gpus = 0 if cpu_mode else cfg.task_gpus
+    task_opts = {"num_cpus": 1, "num_gpus": task_gpus, "max_retries": cfg.task_retries}
+    prepare_fn, reduce_fn = ray.remote(prepare_case), ray.remote(reduce_case)
+
+    def prepare(cid: str):
+        return prepare_fn.options(name=f"prepare:{cid}", num_returns=2, **task_opts)
+
+    def reduce(cid: str):
+        return reduce_fn.options(name=f"reduce:{cid}", **task_opts)
+    _event("job started", run_id=run_id, cases=len(todo), skipped=len(results), actors=n_actors,
+           mode="cpu" if cpu_mode else "gpu", engine=settings.engine)
+
+    progress = Progress(len(todo), cfg.progress)
+    load = defaultdict(int)  # tiles queued per actor index
+    pending = list(todo)
+    state: dict[str, dict] = {}  # case id -> what is in flight
+    waiting: dict = {}  # object ref -> (case id, kind, extra)
+
+    def submit_prepare(case: Case) -> None:
+        meta_ref, data_ref = prepare(case.case_id).remote(case, light_ref, settings, cfg.storage_options)
+        state[case.case_id] = {"case": case, "data": data_ref, "stats": [], "partials": [], "open": 0}
+        waiting[meta_ref] = (case.case_id, "prepared", None)
+
+    def fail(cid: str, error: str, seconds=None) -> None:
+        results[cid] = {"case_id": cid, "status": "failed", "error": error, "seconds": seconds or {}}
+        _event("case failed", case=cid, error=error)
+        state.pop(cid, None)
+        progress.update(cases=1)
+
+    while pending or state:
+        while pending and len(state) < cfg.max_cases_in_flight:
+            submit_prepare(pending.pop(0))
+        ready, _ = ray.wait(list(waiting), num_returns=1, timeout=5.0)
+        for ref in ready:
+            cid, kind, extra = waiting.pop(ref)
+            st = state.get(cid)
+            try:
+                value = ray.get(ref)
+            except Exception as e:  # a worker or actor that died past its retries
+                fail(cid, storage.redact(f"{st['case'].files[0] if st else cid}: {type(e).__name__}: "
+                                         f"{' '.join(str(e).split())[:400]}"))
+                continue
+            if st is None:
+                continue
+            if kind == "prepared":
+                st["meta"] = value
+                if value.get("error"):
+                    fail(cid, value["error"], value.get("seconds"))
+                    continue
+                if value.get("empty"):
+                    waiting[reduce(cid).remote(value, light_ref, settings, cfg.output,
+                                                                         cfg.storage_options)] = (cid, "reduced", None)
+                    continue
+                starts = value["starts"]
+                size = max(1, min(cfg.tiles_per_task, math.ceil(len(starts) / n_actors)))
+                for chunk in _chunks(starts, size):
+                    i = min(range(n_actors), key=lambda k: load[k])
+                    load[i] += len(chunk)
+                    stats_ref, part_ref = actors[i].infer_chunk.options(num_returns=2).remote(
+                        cid, st["data"], starts, chunk, cfg.partials)
+                    st["partials"].append(part_ref)
+                    st["open"] += 1
+                    waiting[stats_ref] = (cid, "inferred", (i, len(chunk)))
+            elif kind == "inferred":
+                i, n = extra
+                load[i] -= n
+                st["stats"].append(value)
+                st["open"] -= 1
+                progress.update(tiles=n)
+                if st["open"] == 0:
+                    st["data"] = None  # the volume may leave the object store once no chunk needs it
+                    waiting[reduce(cid).remote(st["meta"], light_ref, settings, cfg.output,
+                                                                         cfg.storage_options, *st["partials"])] = (cid, "reduced", None)
+            elif kind == "reduced":
+                meta = st["meta"]
+                if value.get("error"):
+                    fail(cid, value["error"], {**meta.get("seconds", {}), **value.get("seconds", {})})
+                    continue
+                per_actor: dict[str, int] = defaultdict(int)
+                for s in st["stats"]:
+                    per_actor[s["actor"]] += s["tiles"]
+                seconds = {**meta.get("seconds", {}), "infer": sum(s["seconds"] for s in st["stats"]),
+                           **value["seconds"]}
+                results[cid] = {"case_id": cid, "status": "ok", "output": value["output"], "error": None,
+                                "seconds": {k: round(v, 4) for k, v in seconds.items()},
+                                "tiles": len(meta.get("starts", [])), "actors": dict(per_actor),
+                                "object_store_bytes": {"volume": meta.get("volume_bytes", 0),
+                                                       "partials": sum(s["partial_bytes"] for s in st["stats"])}}
+                _event("case done", case=cid, seconds=results[cid]["seconds"], actors=dict(per_actor))
+                state.pop(cid)
+                progress.update(cases=1)
+    if cfg.progress and progress.tty:
+        sys.stderr.write("\n")
+    actor_stats = ray.get([a.stats.remote() for a in actors])
+    wall = time.perf_counter() - t_start
+    ordered = [results[c.case_id] for c in cases if c.case_id in results]
+    report = {
+        "model": {"source": cfg.model or (cfg.model_card or {}).get("card"), "fingerprint": model.fingerprint,
+                  "folds": model.folds, "configuration": model.configuration_name},
+        "settings": dataclasses.asdict(settings),
+        "job": {"run_id": run_id, "actors": n_actors, "mode": "cpu" if cpu_mode else "gpu", "partials": cfg.partials,
+                "tiles_per_task": cfg.tiles_per_task, "max_cases_in_flight": cfg.max_cases_in_flight,
+                "ray_address": cfg.address or os.environ.get("RAY_ADDRESS") or "local"},
+        "actors": actor_stats,
+        "cases": ordered,
+        "summary": {"total": len(ordered), "ok": sum(r["status"] == "ok" for r in ordered),
+                    "failed": sum(r["status"] == "failed" for r in ordered),
+                    "skipped": sum(r["status"] == "skipped" for r in ordered), "wall_seconds": round(wall, 3),
+                    "engine_busy_fraction": {a["actor"]: round(a["engine_seconds"] / wall, 4) for a in actor_stats}},
+    }
+    for a in actors:
+        ray.kill(a)
+    storage.write_bytes_atomic(storage.join(cfg.output, "run_report.json"), json.dumps(report, indent=2, default=str).encode())
+    _event("job finished", **report["summary"])
+    return report

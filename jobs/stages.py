@@ -1,0 +1,110 @@
+"""The work done inside Ray workers, stage by stage. Plain functions: the driver wraps them as Ray tasks and the
+inference actor calls the tile stage, so each can be tested without Ray.
+
+prepare_case   read -> preprocess -> pad; returns the volume for the actors and what the reducer needs
+infer_chunk    (in InferenceActor) a chunk of tiles -> Gaussian-weighted logits over the chunk's region, divided
+               by the volume's weight map, averaged over folds: partial sums that the reducer only adds up
+reduce_case    sum the partials -> crop -> export -> write the mask atomically
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from trtseg import storage
+from trtseg.dataset import Case
+from trtseg.errors import TrtsegError
+from trtseg.export import empty_export, export
+from trtseg.model import NnUNetModel
+from trtseg.predict import Settings
+from trtseg.preprocess import Preprocessed, preprocess
+from trtseg.read import read_case
+from trtseg.tile import pad_to_patch, tile_starts
+from trtseg.write import write_mask
+
+
+def stamp(model: NnUNetModel, settings: Settings) -> str:
+    """What made a mask: model fingerprint and the settings that change masks (checked on reruns)."""
+    f = settings.fingerprint_fields()
+    return f"{model.fingerprint} folds={','.join(model.folds)} step={f['step_size']} tta={int(f['use_mirroring'])}"
+
+
+def _device(settings: Settings) -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() and settings.device != "cpu" else torch.device("cpu")
+
+
+def prepare_case(case: Case, model: NnUNetModel, settings: Settings, storage_options=None) -> tuple[dict, Any]:
+    """Reads and preprocesses one case. Returns (meta, padded volume (c, z, y, x) float32 numpy, or None).
+
+    meta["error"] holds the one-line error of a case that cannot be read; its volume is None.
+    """
+    storage.set_default_options(storage_options)
+    seconds: dict[str, float] = {}
+    meta: dict[str, Any] = {"case_id": case.case_id, "files": list(case.files), "seconds": seconds}
+    try:
+        if case.problem:
+            raise TrtsegError(f"{case.files[0]}: {case.problem}")
+        t = time.perf_counter()
+        image = read_case(list(case.files), model.num_input_channels)
+        seconds["read"] = time.perf_counter() - t
+        meta["header"] = image.header
+        meta["shape_zyx"] = image.shape_zyx
+        if not np.any(image.data):
+            meta["empty"] = True
+            return meta, None
+        t = time.perf_counter()
+        device = _device(settings)
+        pre = preprocess(image, model, device)
+        padded, crop = pad_to_patch(pre.data, model.patch_size)
+        data = padded.cpu().numpy()
+        seconds["preprocess"] = time.perf_counter() - t
+    except TrtsegError as e:
+        meta["error"] = storage.redact(str(e))
+        return meta, None
+    except Exception as e:
+        meta["error"] = storage.redact(f"{case.files[0]}: {type(e).__name__}: {' '.join(str(e).split())}")
+        return meta, None
+    meta.update(pre={"shape_before_cropping": pre.shape_before_cropping, "bbox": pre.bbox,
+                     "shape_after_cropping": pre.shape_after_cropping, "spacing_transposed": pre.spacing_transposed},
+                crop=[(s.start, s.stop) for s in crop], padded_shape=tuple(data.shape[1:]),
+                starts=tile_starts(data.shape[1:], model.patch_size, settings.step_size), volume_bytes=int(data.nbytes))
+    return meta, data
+
+
+def chunk_region(starts, tile) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(origin, shape) of the box covering the tiles at ``starts``."""
+    lo = tuple(min(s[d] for s in starts) for d in range(3))
+    hi = tuple(max(s[d] for s in starts) + tile[d] for d in range(3))
+    return lo, tuple(h - l for h, l in zip(hi, lo))
+
+
+def reduce_case(meta: dict, model: NnUNetModel, settings: Settings, output_url: str, storage_options,
+                *partials) -> dict:
+    """Adds up the partial logits of every chunk, exports and writes the mask. Returns seconds and the output URL."""
+    storage.set_default_options(storage_options)
+    out_url = storage.join(output_url, meta["case_id"] + ".nii.gz")
+    seconds: dict[str, float] = {}
+    try:
+        device = _device(settings)
+        t = time.perf_counter()
+        if meta.get("empty"):
+            mask = empty_export(meta["shape_zyx"], model).mask
+        else:
+            logits = torch.zeros((model.labels.num_heads, *meta["padded_shape"]), dtype=torch.float32, device=device)
+            for origin, arr in partials:
+                region = tuple(slice(o, o + n) for o, n in zip(origin, arr.shape[1:]))
+                logits[(slice(None), *region)] += torch.from_numpy(arr).to(device, torch.float32)
+            logits = logits[(slice(None), *(slice(a, b) for a, b in meta["crop"]))]
+            pre = Preprocessed(data=torch.empty(0), **meta["pre"])
+            mask = export(logits, pre, model).mask
+        seconds["export"] = time.perf_counter() - t
+        t = time.perf_counter()
+        write_mask(out_url, mask, meta["header"], None, settings.compresslevel, stamp(model, settings))
+        seconds["write"] = time.perf_counter() - t
+    except Exception as e:
+        return {"error": storage.redact(f"{meta['files'][0]}: {type(e).__name__}: {' '.join(str(e).split())}"),
+                "seconds": seconds}
+    return {"output": out_url, "seconds": seconds}
