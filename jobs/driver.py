@@ -86,11 +86,12 @@ def load_model(cfg: JobConfig) -> NnUNetModel:
     return load_model_folder(cfg.model, cfg.folds, cfg.checkpoint)
 
 
-def _init_ray(cfg: JobConfig, n_cpu_actors: int):
+def _init_ray(cfg: JobConfig, n_cpu_actors: int) -> bool:
+    """Connects to (or starts) Ray; True when this call started a local Ray that the job must shut down."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     if cfg.address:
         ray.init(address=cfg.address, logging_level="WARNING", log_to_driver=False)
     elif os.environ.get("RAY_ADDRESS"):
@@ -99,6 +100,8 @@ def _init_ray(cfg: JobConfig, n_cpu_actors: int):
         cpus = os.cpu_count() or 1
         ray.init(address="local", num_cpus=max(cpus, n_cpu_actors + 2), include_dashboard=False,
                  logging_level="WARNING", log_to_driver=False)
+        return True
+    return False
 
 
 def _chunks(starts: list, n: int) -> list[list]:
@@ -109,8 +112,7 @@ def run_job(cfg: JobConfig) -> dict:
     """Runs the job described by ``cfg``; returns the run report (also written to OUTPUT/run_report.json)."""
     import ray
 
-    from jobs.actor import InferenceActor
-    from jobs.stages import prepare_case, reduce_case, stamp
+    from jobs.stages import stamp
 
     _setup_logging(cfg.log_json)
     storage.set_default_options(cfg.storage_options)
@@ -139,7 +141,22 @@ def run_job(cfg: JobConfig) -> dict:
         return {"dry_run": True, "cases": [c.case_id for c in todo], "skipped": sorted(results)}
 
     cpu_mode = bool(cfg.cpu_actors) or cfg.settings.device == "cpu"
-    _init_ray(cfg, cfg.cpu_actors or 1)
+    started_ray = _init_ray(cfg, cfg.cpu_actors or 1)
+    try:
+        return _run(cfg, model, cases, todo, results, cpu_mode, t_start)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _run(cfg: JobConfig, model: NnUNetModel, cases: list[Case], todo: list[Case], results: dict, cpu_mode: bool,
+         t_start: float) -> dict:
+    """Schedules the cases of ``todo`` on a connected Ray; ``results`` already holds the skipped ones."""
+    import ray
+
+    from jobs.actor import InferenceActor
+    from jobs.stages import prepare_case, reduce_case
+
     n_gpus = float(ray.cluster_resources().get("GPU", 0)) if not cpu_mode else 0.0
     if n_gpus == 0:
         cpu_mode = True
@@ -257,6 +274,7 @@ def run_job(cfg: JobConfig) -> dict:
         "job": {"run_id": run_id, "actors": n_actors, "mode": "cpu" if cpu_mode else "gpu", "partials": cfg.partials,
                 "tiles_per_task": cfg.tiles_per_task, "max_cases_in_flight": cfg.max_cases_in_flight,
                 "ray_address": cfg.address or os.environ.get("RAY_ADDRESS") or "local"},
+        "engine": actor_stats[0]["engine"] if actor_stats else None,
         "actors": actor_stats,
         "cases": ordered,
         "summary": {"total": len(ordered), "ok": sum(r["status"] == "ok" for r in ordered),

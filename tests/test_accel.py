@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import nibabel as nib
-import numpy as np
 import pytest
 import torch
 
@@ -88,8 +86,10 @@ def test_onnxruntime_engine_gives_the_pytorch_engines_masks(small_model, tmp_pat
         assert voxel_agreement(str(tmp_path / "torch" / f"{cid}.nii.gz"), str(tmp_path / "onnxruntime" / f"{cid}.nii.gz")) >= 0.999
 
 
-def test_card_model_predicts_and_rejects_contradictions(card_model, tmp_path):
+def test_card_model_predicts_and_rejects_contradictions(card_model, tmp_path, monkeypatch):
     card, weights = card_model
+    # Ray workers import the card's network module like any user package: it must be on their path
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
     inp = str(tmp_path / "in")
     write_case(inp, "x", (40, 40, 16), (1.0, 1.0, 2.0), seed=8)
     assert main(["predict", "-i", inp, "-o", str(tmp_path / "out"), "--card", card, "--network", "cardnet:tiny_net",

@@ -8,7 +8,6 @@ import os
 
 import nibabel as nib
 import numpy as np
-import pytest
 
 from trtseg import synthetic as syn
 from trtseg.dataset import list_cases

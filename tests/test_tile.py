@@ -1,7 +1,6 @@
 """Tiling against nnU-Net: tile starts, Gaussian importance map, padding."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
