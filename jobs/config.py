@@ -18,8 +18,8 @@ class JobConfig:
     task_gpus: GPU share of each preprocessing/export task on GPU clusters (0: those run on the CPU)
     max_cases_in_flight: volumes read, preprocessed or in inference at once (bounds host and object-store memory)
     tiles_per_task: tiles an actor takes in one call (smaller spreads a volume over more actors)
-    partials: dtype of the partial logit sums actors ship to the reducer ("fp16" halves the bytes; "fp32" gives
-              the single-process path's masks bit for bit)
+    partials: dtype of the partial logit sums the other actors ship to a case's owner actor ("fp16" halves the
+              bytes; "fp32" gives the single-process path's masks bit for bit). With one actor none are shipped.
     """
 
     input: str
@@ -42,5 +42,6 @@ class JobConfig:
     limit: int | None = None
     actor_restarts: int = 2
     task_retries: int = 3
+    case_retries: int = 2  # a case whose summed tiles an actor lost (restart) is redone at most this often
     progress: bool = True
     log_json: bool = False

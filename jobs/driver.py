@@ -22,6 +22,8 @@ import time
 import uuid
 from collections import defaultdict
 
+import numpy as np
+
 from jobs.config import JobConfig
 from trtseg import storage
 from trtseg.dataset import Case, list_cases
@@ -104,6 +106,24 @@ def _init_ray(cfg: JobConfig, n_cpu_actors: int) -> bool:
     return False
 
 
+class _CaseRun:
+    """A case between prepare and write: its volume, where its tiles went, and how often it was redone."""
+
+    def __init__(self, case: Case, data_ref):
+        self.case, self.data = case, data_ref
+        self.meta: dict = {}
+        self.attempt, self.open, self.owner = 0, 0, -1
+        self.assigned: dict[int, int] = {}
+        self.stats: list[dict] = []
+        self.redone: list[str] = []
+        self.mask = None
+        self.final: dict | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.case.case_id}#{self.attempt}"
+
+
 def _chunks(starts: list, n: int) -> list[list]:
     return [starts[i:i + n] for i in range(0, len(starts), n)]
 
@@ -155,7 +175,7 @@ def _run(cfg: JobConfig, model: NnUNetModel, cases: list[Case], todo: list[Case]
     import ray
 
     from jobs.actor import InferenceActor
-    from jobs.stages import prepare_case, reduce_case
+    from jobs.stages import prepare_case, write_case
 
     n_gpus = float(ray.cluster_resources().get("GPU", 0)) if not cpu_mode else 0.0
     if n_gpus == 0:
@@ -173,94 +193,136 @@ def _run(cfg: JobConfig, model: NnUNetModel, cases: list[Case], todo: list[Case]
               .remote(model_ref, settings, f"infer-{i}", threads, cfg.storage_options) for i in range(n_actors)]
     task_gpus = 0 if cpu_mode else cfg.task_gpus
     task_opts = {"num_cpus": 1, "num_gpus": task_gpus, "max_retries": cfg.task_retries}
-    prepare_fn, reduce_fn = ray.remote(prepare_case), ray.remote(reduce_case)
+    prepare_fn, write_fn = ray.remote(prepare_case), ray.remote(write_case)
 
     def prepare(cid: str):
         return prepare_fn.options(name=f"prepare:{cid}", num_returns=2, **task_opts)
 
-    def reduce(cid: str):
-        return reduce_fn.options(name=f"reduce:{cid}", **task_opts)
+    def write(cid: str):
+        return write_fn.options(name=f"write:{cid}", num_cpus=1, max_retries=cfg.task_retries)
     _event("job started", run_id=run_id, cases=len(todo), skipped=len(results), actors=n_actors,
            mode="cpu" if cpu_mode else "gpu", engine=settings.engine)
 
     progress = Progress(len(todo), cfg.progress)
     load = defaultdict(int)  # tiles queued per actor index
+    dead: set[int] = set()  # actors that died past their restarts
     pending = list(todo)
-    state: dict[str, dict] = {}  # case id -> what is in flight
-    waiting: dict = {}  # object ref -> (case id, kind, extra)
-
-    def submit_prepare(case: Case) -> None:
-        meta_ref, data_ref = prepare(case.case_id).remote(case, light_ref, settings, cfg.storage_options)
-        state[case.case_id] = {"case": case, "data": data_ref, "stats": [], "partials": [], "open": 0}
-        waiting[meta_ref] = (case.case_id, "prepared", None)
+    runs: dict[str, _CaseRun] = {}
+    waiting: dict = {}  # object ref -> (case id, kind, attempt, extra)
 
     def fail(cid: str, error: str, seconds=None) -> None:
         results[cid] = {"case_id": cid, "status": "failed", "error": error, "seconds": seconds or {}}
         _event("case failed", case=cid, error=error)
-        state.pop(cid, None)
+        runs.pop(cid, None)
         progress.update(cases=1)
 
-    while pending or state:
-        while pending and len(state) < cfg.max_cases_in_flight:
-            submit_prepare(pending.pop(0))
+    def distribute(run: "_CaseRun") -> None:
+        """Sends a case's tiles to the live actors in chunks; the least-loaded actor owns the case."""
+        live = [i for i in range(n_actors) if i not in dead]
+        if not live:
+            raise RuntimeError("no inference actor is alive")
+        starts = run.meta["starts"]
+        size = max(1, min(cfg.tiles_per_task, math.ceil(len(starts) / len(live))))
+        run.owner = min(live, key=lambda k: load[k])
+        run.assigned = defaultdict(int)
+        for n, chunk in enumerate(_chunks(starts, size)):
+            i = run.owner if n == 0 else min(live, key=lambda k: load[k])
+            load[i] += len(chunk)
+            ref = actors[i].infer_chunk.remote(run.key, run.data, starts, chunk, run.assigned[i])
+            run.assigned[i] += len(chunk)
+            run.open += 1
+            waiting[ref] = (run.case.case_id, "inferred", run.attempt, (i, len(chunk)))
+
+    def finalize(run: "_CaseRun") -> None:
+        partials = [actors[i].take_partial.remote(run.key, n, cfg.partials)
+                    for i, n in run.assigned.items() if i != run.owner]
+        stats_ref, mask_ref = actors[run.owner].finalize.options(num_returns=2).remote(
+            run.key, run.assigned[run.owner], run.meta, light_ref, *partials)
+        run.mask = mask_ref
+        waiting[stats_ref] = (run.case.case_id, "finalized", run.attempt, None)
+
+    def redo_or_fail(run: "_CaseRun", error: str) -> None:
+        """A case whose summed tiles were lost (an actor restarted or died) is redone, a bounded number of times."""
+        for i in run.assigned:
+            actors[i].drop.remote(run.key)
+            load[i] = max(0, load[i] - run.assigned[i])
+        if run.attempt >= cfg.case_retries:
+            fail(run.case.case_id, error)
+            return
+        run.attempt += 1
+        run.redone.append(error)
+        run.open = 0
+        run.stats = []
+        _event("case redone", case=run.case.case_id, attempt=run.attempt, cause=error)
+        distribute(run)
+
+    while pending or runs:
+        while pending and len(runs) < cfg.max_cases_in_flight:
+            case = pending.pop(0)
+            meta_ref, data_ref = prepare(case.case_id).remote(case, light_ref, settings, cfg.storage_options)
+            runs[case.case_id] = _CaseRun(case, data_ref)
+            waiting[meta_ref] = (case.case_id, "prepared", 0, None)
         ready, _ = ray.wait(list(waiting), num_returns=1, timeout=5.0)
         for ref in ready:
-            cid, kind, extra = waiting.pop(ref)
-            st = state.get(cid)
+            cid, kind, attempt, extra = waiting.pop(ref)
+            run = runs.get(cid)
+            if run is None or attempt != run.attempt:
+                continue  # a stale answer of an abandoned attempt
             try:
                 value = ray.get(ref)
-            except Exception as e:  # a worker or actor that died past its retries
-                fail(cid, storage.redact(f"{st['case'].files[0] if st else cid}: {type(e).__name__}: "
-                                         f"{' '.join(str(e).split())[:400]}"))
-                continue
-            if st is None:
+            except Exception as e:
+                error = storage.redact(f"{run.case.files[0]}: {type(e).__name__}: {' '.join(str(e).split())[:400]}")
+                if isinstance(e, ray.exceptions.ActorDiedError) and extra is not None:
+                    dead.add(extra[0])
+                if kind in ("inferred", "finalized"):
+                    redo_or_fail(run, error)
+                else:
+                    fail(cid, error)
                 continue
             if kind == "prepared":
-                st["meta"] = value
+                run.meta = value
                 if value.get("error"):
                     fail(cid, value["error"], value.get("seconds"))
-                    continue
-                if value.get("empty"):
-                    waiting[reduce(cid).remote(value, light_ref, settings, cfg.output,
-                                                                         cfg.storage_options)] = (cid, "reduced", None)
-                    continue
-                starts = value["starts"]
-                size = max(1, min(cfg.tiles_per_task, math.ceil(len(starts) / n_actors)))
-                for chunk in _chunks(starts, size):
-                    i = min(range(n_actors), key=lambda k: load[k])
-                    load[i] += len(chunk)
-                    stats_ref, part_ref = actors[i].infer_chunk.options(num_returns=2).remote(
-                        cid, st["data"], starts, chunk, cfg.partials)
-                    st["partials"].append(part_ref)
-                    st["open"] += 1
-                    waiting[stats_ref] = (cid, "inferred", (i, len(chunk)))
+                elif value.get("empty"):
+                    waiting[write(cid).remote(value, light_ref, settings, cfg.output, cfg.storage_options, None)] = \
+                        (cid, "written", run.attempt, None)
+                else:
+                    distribute(run)
             elif kind == "inferred":
                 i, n = extra
                 load[i] -= n
-                st["stats"].append(value)
-                st["open"] -= 1
+                run.stats.append(value)
+                run.open -= 1
                 progress.update(tiles=n)
-                if st["open"] == 0:
-                    st["data"] = None  # the volume may leave the object store once no chunk needs it
-                    waiting[reduce(cid).remote(st["meta"], light_ref, settings, cfg.output,
-                                                                         cfg.storage_options, *st["partials"])] = (cid, "reduced", None)
-            elif kind == "reduced":
-                meta = st["meta"]
+                if run.open == 0:
+                    finalize(run)
+            elif kind == "finalized":
+                run.final = value
+                run.data = None  # the volume may leave the object store
+                waiting[write(cid).remote(run.meta, light_ref, settings, cfg.output, cfg.storage_options, run.mask)] = \
+                    (cid, "written", run.attempt, None)
+            elif kind == "written":
+                meta = run.meta
                 if value.get("error"):
                     fail(cid, value["error"], {**meta.get("seconds", {}), **value.get("seconds", {})})
                     continue
                 per_actor: dict[str, int] = defaultdict(int)
-                for s in st["stats"]:
+                for s in run.stats:
                     per_actor[s["actor"]] += s["tiles"]
-                seconds = {**meta.get("seconds", {}), "infer": sum(s["seconds"] for s in st["stats"]),
-                           **value["seconds"]}
+                final = run.final or {}
+                seconds = {**meta.get("seconds", {}), "infer": sum(s["seconds"] for s in run.stats),
+                           "export": final.get("export_seconds", 0.0), **value["seconds"]}
                 results[cid] = {"case_id": cid, "status": "ok", "output": value["output"], "error": None,
                                 "seconds": {k: round(v, 4) for k, v in seconds.items()},
                                 "tiles": len(meta.get("starts", [])), "actors": dict(per_actor),
+                                "owner": final.get("owner"), "redone": run.redone,
                                 "object_store_bytes": {"volume": meta.get("volume_bytes", 0),
-                                                       "partials": sum(s["partial_bytes"] for s in st["stats"])}}
+                                                       "partials": final.get("partial_bytes", 0),
+                                                       "mask": int(np.prod(meta.get("shape_zyx", (0,))))},
+                                "peak_rss_mb": {"prepare_worker": meta.get("peak_rss_mb"),
+                                                "write_worker": value.get("peak_rss_mb")}}
                 _event("case done", case=cid, seconds=results[cid]["seconds"], actors=dict(per_actor))
-                state.pop(cid)
+                runs.pop(cid)
                 progress.update(cases=1)
     if cfg.progress and progress.tty:
         sys.stderr.write("\n")

@@ -4,10 +4,12 @@ inference actor calls the tile stage, so each can be tested without Ray.
 prepare_case   read -> preprocess -> pad; returns the volume for the actors and what the reducer needs
 infer_chunk    (in InferenceActor) a chunk of tiles -> Gaussian-weighted logits over the chunk's region, divided
                by the volume's weight map, averaged over folds: partial sums that the reducer only adds up
-reduce_case    sum the partials -> crop -> export -> write the mask atomically
+(finalize      in the case's owner actor: sum the partials -> crop -> export on its device)
+write_case     write the mask atomically
 """
 from __future__ import annotations
 
+import resource
 import time
 from typing import Any
 
@@ -17,10 +19,10 @@ import torch
 from trtseg import storage
 from trtseg.dataset import Case
 from trtseg.errors import TrtsegError
-from trtseg.export import empty_export, export
+from trtseg.export import empty_export
 from trtseg.model import NnUNetModel
 from trtseg.predict import Settings
-from trtseg.preprocess import Preprocessed, preprocess
+from trtseg.preprocess import preprocess
 from trtseg.read import read_case
 from trtseg.tile import pad_to_patch, tile_starts
 from trtseg.write import write_mask
@@ -67,6 +69,7 @@ def prepare_case(case: Case, model: NnUNetModel, settings: Settings, storage_opt
     except Exception as e:
         meta["error"] = storage.redact(f"{case.files[0]}: {type(e).__name__}: {' '.join(str(e).split())}")
         return meta, None
+    meta["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     meta.update(pre={"shape_before_cropping": pre.shape_before_cropping, "bbox": pre.bbox,
                      "shape_after_cropping": pre.shape_after_cropping, "spacing_transposed": pre.spacing_transposed},
                 crop=[(s.start, s.stop) for s in crop], padded_shape=tuple(data.shape[1:]),
@@ -81,30 +84,18 @@ def chunk_region(starts, tile) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return lo, tuple(h - l for h, l in zip(hi, lo))
 
 
-def reduce_case(meta: dict, model: NnUNetModel, settings: Settings, output_url: str, storage_options,
-                *partials) -> dict:
-    """Adds up the partial logits of every chunk, exports and writes the mask. Returns seconds and the output URL."""
+def write_case(meta: dict, model: NnUNetModel, settings: Settings, output_url: str, storage_options,
+               mask: np.ndarray | None) -> dict:
+    """Writes a case's mask atomically (an empty mask for an all-zero volume). Returns seconds and the output URL."""
     storage.set_default_options(storage_options)
     out_url = storage.join(output_url, meta["case_id"] + ".nii.gz")
-    seconds: dict[str, float] = {}
+    t = time.perf_counter()
     try:
-        device = _device(settings)
-        t = time.perf_counter()
-        if meta.get("empty"):
+        if mask is None:
             mask = empty_export(meta["shape_zyx"], model).mask
-        else:
-            logits = torch.zeros((model.labels.num_heads, *meta["padded_shape"]), dtype=torch.float32, device=device)
-            for origin, arr in partials:
-                region = tuple(slice(o, o + n) for o, n in zip(origin, arr.shape[1:]))
-                logits[(slice(None), *region)] += torch.from_numpy(arr).to(device, torch.float32)
-            logits = logits[(slice(None), *(slice(a, b) for a, b in meta["crop"]))]
-            pre = Preprocessed(data=torch.empty(0), **meta["pre"])
-            mask = export(logits, pre, model).mask
-        seconds["export"] = time.perf_counter() - t
-        t = time.perf_counter()
         write_mask(out_url, mask, meta["header"], None, settings.compresslevel, stamp(model, settings))
-        seconds["write"] = time.perf_counter() - t
     except Exception as e:
         return {"error": storage.redact(f"{meta['files'][0]}: {type(e).__name__}: {' '.join(str(e).split())}"),
-                "seconds": seconds}
-    return {"output": out_url, "seconds": seconds}
+                "seconds": {"write": time.perf_counter() - t}}
+    return {"output": out_url, "seconds": {"write": time.perf_counter() - t},
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}

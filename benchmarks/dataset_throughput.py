@@ -1,0 +1,75 @@
+"""Dataset throughput: N CT-sized volumes through the Ray job (`trtseg predict`), one machine.
+
+    python -m benchmarks.dataset_throughput [--cases 8] [--shape 512 512 240] [--json results.json] [job options]
+
+Volumes are CT-like (air, body, organs, bone, noise) with slightly different sizes; the model is 3d_fullres
+32->320 at 128^3. The job starts a local Ray. Reported: volumes/s (and per GPU), each actor's engine-busy
+fraction (time inside the engine, synchronized, over the job's wall time), median per-stage seconds, object-store
+bytes per case, peak RSS of the workers and peak GPU memory of the actors. The first volumes include the actors'
+start-up (engine creation, cuDNN autotuning): that is part of a job's real cost, and is stated.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+from benchmarks.case_latency import make_fullres_model
+from benchmarks.common import machine, save
+from jobs.config import JobConfig
+from jobs.driver import run_job
+from trtseg import synthetic as syn
+from trtseg.predict import Settings
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", type=int, default=8)
+    ap.add_argument("--shape", nargs=3, type=int, default=[512, 512, 240])
+    ap.add_argument("--gpus-per-actor", type=float, default=0.8)
+    ap.add_argument("--task-gpus", type=float, default=0.1)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--tiles-per-task", type=int, default=16)
+    ap.add_argument("--max-cases-in-flight", type=int, default=3)
+    ap.add_argument("--mirroring", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="trtseg_dataset_")
+    model = make_fullres_model(os.path.join(work, "model"))
+    os.makedirs(os.path.join(work, "in"))
+    t = time.perf_counter()
+    x, y, z = args.shape
+    for i in range(args.cases):
+        syn.save_nifti(os.path.join(work, "in", f"ct{i:03d}_0000.nii.gz"),
+                       syn.ct_like_volume((x, y, z - 8 * (i % 4)), seed=100 + i), syn.affine_for((0.7, 0.7, 1.25)))
+    gen_s = time.perf_counter() - t
+    cfg = JobConfig(input=os.path.join(work, "in"), output=os.path.join(work, "out"), model=model,
+                    settings=Settings(device="cuda", engine="torch", batch_size=args.batch_size,
+                                      use_mirroring=args.mirroring),
+                    gpus_per_actor=args.gpus_per_actor, task_gpus=args.task_gpus, tiles_per_task=args.tiles_per_task,
+                    max_cases_in_flight=args.max_cases_in_flight, progress=False)
+    report = run_job(cfg)
+    ok = [c for c in report["cases"] if c["status"] == "ok"]
+    wall = report["summary"]["wall_seconds"]
+    n_gpu_actors = report["job"]["actors"]
+    stages = sorted({k for c in ok for k in c["seconds"]})
+    out = {"scenario": "dataset_throughput", "machine": machine(), "cases": args.cases, "shape_xyz": args.shape,
+           "generate_inputs_seconds": round(gen_s, 1), "job": report["job"], "wall_seconds": wall,
+           "volumes_per_s": round(len(ok) / wall, 4), "volumes_per_gpu_hour": round(3600 * len(ok) / wall / max(1, n_gpu_actors * args.gpus_per_actor), 1),
+           "engine_busy_fraction": report["summary"]["engine_busy_fraction"],
+           "median_stage_seconds": {k: round(statistics.median(c["seconds"].get(k, 0) for c in ok), 3) for k in stages},
+           "median_object_store_mb_per_case": {k: round(statistics.median(c["object_store_bytes"][k] for c in ok) / 2 ** 20, 1)
+                                               for k in ("volume", "partials")},
+           "peak_rss_mb": {"actors": [a["peak_rss_mb"] for a in report["actors"]],
+                           "prepare_workers": max(c["peak_rss_mb"]["prepare_worker"] or 0 for c in ok),
+                           "reduce_workers": max(c["peak_rss_mb"]["reduce_worker"] or 0 for c in ok)},
+           "peak_gpu_memory_mb_actors": [a["peak_gpu_memory_mb"] for a in report["actors"]],
+           "failed": [c for c in report["cases"] if c["status"] == "failed"],
+           "note": "wall time includes Ray start-up and actor start-up (engine creation)"}
+    save(out, args.json)
+
+
+if __name__ == "__main__":
+    main()

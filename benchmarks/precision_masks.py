@@ -1,0 +1,55 @@
+"""Masks of the PyTorch CUDA engine at reduced precision against FP32, on a CT-sized case.
+
+    python -m benchmarks.precision_masks [--shape 512 512 240] [--json results.json]
+
+The 3d_fullres 32->320 model (random weights, last layer spread so every label appears) segments one CT-like
+volume with fp32, fp16 autocast, bf16 autocast and fp16 under torch.compile; each mask is compared voxel by voxel
+with the fp32 mask (the bar is 99.9 %).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+import nibabel as nib
+import numpy as np
+
+from benchmarks.case_latency import make_fullres_model
+from benchmarks.common import machine, save
+from trtseg import synthetic as syn
+from trtseg.dataset import list_cases
+from trtseg.model import load_model_folder
+from trtseg.predict import Predictor, Settings
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", nargs=3, type=int, default=[512, 512, 240])
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="trtseg_prec_")
+    model = load_model_folder(make_fullres_model(os.path.join(work, "model")))
+    os.makedirs(os.path.join(work, "in"))
+    syn.save_nifti(os.path.join(work, "in", "ct_0000.nii.gz"), syn.ct_like_volume(args.shape, seed=3),
+                   syn.affine_for((0.7, 0.7, 1.25)))
+    case = list_cases(os.path.join(work, "in"), 1)[0]
+    masks = {}
+    for name, s in {"fp32": Settings(device="cuda", engine="torch", precision="fp32", use_mirroring=False, batch_size=4),
+                    "fp16": Settings(device="cuda", engine="torch", precision="fp16", use_mirroring=False, batch_size=4),
+                    "bf16": Settings(device="cuda", engine="torch", precision="bf16", use_mirroring=False, batch_size=4),
+                    "fp16_compiled": Settings(device="cuda", engine="torch", precision="fp16", compile=True,
+                                              use_mirroring=False, batch_size=4)}.items():
+        r = Predictor(model, s).predict_case(case, os.path.join(work, name))
+        assert r.status == "ok", r.error
+        masks[name] = np.asarray(nib.load(r.output).dataobj)
+    ref = masks["fp32"]
+    out = {"scenario": "precision_masks", "machine": machine(), "shape_xyz": args.shape, "bar": 0.999,
+           "labels_fp32": [int(v) for v in np.unique(ref)],
+           "agreement_vs_fp32": {k: float((m == ref).mean()) for k, m in masks.items() if k != "fp32"}}
+    out["all_meet_bar"] = all(v >= 0.999 for v in out["agreement_vs_fp32"].values())
+    save(out, args.json)
+
+
+if __name__ == "__main__":
+    main()
