@@ -106,6 +106,14 @@ def _init_ray(cfg: JobConfig, n_cpu_actors: int) -> bool:
     return False
 
 
+def _cause(e: BaseException) -> str:
+    """One line for a failed Ray call: the exception raised inside the worker, not Ray's wrapper and traceback."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        e = cause
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
+
 class _CaseRun:
     """A case between prepare and write: its volume, where its tiles went, and how often it was redone."""
 
@@ -271,7 +279,7 @@ def _run(cfg: JobConfig, model: NnUNetModel, cases: list[Case], todo: list[Case]
             try:
                 value = ray.get(ref)
             except Exception as e:
-                error = storage.redact(f"{run.case.files[0]}: {type(e).__name__}: {' '.join(str(e).split())[:400]}")
+                error = storage.redact(f"{run.case.files[0]}: {_cause(e)}")
                 if isinstance(e, ray.exceptions.ActorDiedError) and extra is not None:
                     dead.add(extra[0])
                 if kind in ("inferred", "finalized"):
