@@ -2,7 +2,8 @@
 
     python -m benchmarks.dataset_throughput [--cases 8] [--shape 512 512 240] [--json results.json] [job options]
 
-Volumes are CT-like (air, body, organs, bone, noise) with slightly different sizes; the model is 3d_fullres
+Volumes are CT-like (air, body, organs, bone, noise): four distinct ones with slightly different sizes, copied to
+make --cases; the model is 3d_fullres
 32->320 at 128^3. The job starts a local Ray. Reported: volumes/s (and per GPU), each actor's engine-busy
 fraction (time inside the engine, synchronized, over the job's wall time), median per-stage seconds, object-store
 bytes per case, peak RSS of the workers and peak GPU memory of the actors. The first volumes include the actors'
@@ -11,7 +12,9 @@ start-up (engine creation, cuDNN autotuning): that is part of a job's real cost,
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -41,9 +44,12 @@ def main() -> None:
     os.makedirs(os.path.join(work, "in"))
     t = time.perf_counter()
     x, y, z = args.shape
-    for i in range(args.cases):
-        syn.save_nifti(os.path.join(work, "in", f"ct{i:03d}_0000.nii.gz"),
-                       syn.ct_like_volume((x, y, z - 8 * (i % 4)), seed=100 + i), syn.affine_for((0.7, 0.7, 1.25)))
+    for i in range(args.cases):  # four distinct volumes (sizes differ by 8 slices), copied to fill --cases
+        dest = os.path.join(work, "in", f"ct{i:03d}_0000.nii.gz")
+        if i < 4:
+            syn.save_nifti(dest, syn.ct_like_volume((x, y, z - 8 * i), seed=100 + i), syn.affine_for((0.7, 0.7, 1.25)))
+        else:
+            shutil.copyfile(os.path.join(work, "in", f"ct{i % 4:03d}_0000.nii.gz"), dest)
     gen_s = time.perf_counter() - t
     cfg = JobConfig(input=os.path.join(work, "in"), output=os.path.join(work, "out"), model=model,
                     settings=Settings(device="cuda", engine="torch", batch_size=args.batch_size,
@@ -57,14 +63,14 @@ def main() -> None:
     stages = sorted({k for c in ok for k in c["seconds"]})
     out = {"scenario": "dataset_throughput", "machine": machine(), "cases": args.cases, "shape_xyz": args.shape,
            "generate_inputs_seconds": round(gen_s, 1), "job": report["job"], "wall_seconds": wall,
-           "volumes_per_s": round(len(ok) / wall, 4), "volumes_per_gpu_hour": round(3600 * len(ok) / wall / max(1, n_gpu_actors * args.gpus_per_actor), 1),
+           "volumes_per_s": round(len(ok) / wall, 4), "volumes_per_gpu_hour": round(3600 * len(ok) / wall / max(1, math.ceil(n_gpu_actors * args.gpus_per_actor)), 1),
            "engine_busy_fraction": report["summary"]["engine_busy_fraction"],
            "median_stage_seconds": {k: round(statistics.median(c["seconds"].get(k, 0) for c in ok), 3) for k in stages},
            "median_object_store_mb_per_case": {k: round(statistics.median(c["object_store_bytes"][k] for c in ok) / 2 ** 20, 1)
-                                               for k in ("volume", "partials")},
+                                               for k in ("volume", "partials", "mask")},
            "peak_rss_mb": {"actors": [a["peak_rss_mb"] for a in report["actors"]],
                            "prepare_workers": max(c["peak_rss_mb"]["prepare_worker"] or 0 for c in ok),
-                           "reduce_workers": max(c["peak_rss_mb"]["reduce_worker"] or 0 for c in ok)},
+                           "write_workers": max(c["peak_rss_mb"]["write_worker"] or 0 for c in ok)},
            "peak_gpu_memory_mb_actors": [a["peak_gpu_memory_mb"] for a in report["actors"]],
            "failed": [c for c in report["cases"] if c["status"] == "failed"],
            "note": "wall time includes Ray start-up and actor start-up (engine creation)"}

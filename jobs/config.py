@@ -16,7 +16,7 @@ class JobConfig:
     cpu_actors: run N CPU inference actors (the default where the cluster has no GPU: 1)
     gpus_per_actor: GPU share of each inference actor (fractions put several actors on one GPU)
     task_gpus: GPU share of each preprocessing/export task on GPU clusters (0: those run on the CPU)
-    max_cases_in_flight: volumes read, preprocessed or in inference at once (bounds host and object-store memory)
+    max_cases_in_flight: volumes between reading and export at once (bounds host, GPU and object-store memory)
     tiles_per_task: tiles an actor takes in one call (smaller spreads a volume over more actors)
     partials: dtype of the partial logit sums the other actors ship to a case's owner actor ("fp16" halves the
               bytes; "fp32" gives the single-process path's masks bit for bit). With one actor none are shipped.

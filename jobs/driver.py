@@ -265,7 +265,8 @@ def _run(cfg: JobConfig, model: NnUNetModel, cases: list[Case], todo: list[Case]
         distribute(run)
 
     while pending or runs:
-        while pending and len(runs) < cfg.max_cases_in_flight:
+        # only cases that hold a volume count (prepare -> finalize); a case being written holds just its mask
+        while pending and sum(r.final is None for r in runs.values()) < cfg.max_cases_in_flight:
             case = pending.pop(0)
             meta_ref, data_ref = prepare(case.case_id).remote(case, light_ref, settings, cfg.storage_options)
             runs[case.case_id] = _CaseRun(case, data_ref)
