@@ -50,12 +50,13 @@ class TorchEngine(Engine):
     device: "cpu" or "cuda[:N]"
     precision: "fp32", "fp16" or "bf16" (autocast; on CPU only fp32 is offered, as nnU-Net does)
     compile: wrap the network in torch.compile (CUDA; the first batches of each shape pay the compile time)
+    cuda_graphs: capture one CUDA graph per batch shape and replay it (CUDA; static input/output buffers)
     """
 
     name = "torch"
 
     def __init__(self, network: torch.nn.Module, device: torch.device | str = "cpu", precision: str = "fp32",
-                 compile: bool = False):
+                 compile: bool = False, cuda_graphs: bool = False):
         self.device = torch.device(device)
         if precision not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
@@ -69,6 +70,29 @@ class TorchEngine(Engine):
         if compile:
             self._fn = torch.compile(self.network)  # type: ignore[assignment]
         self.compiled = compile
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.cuda_graphs = cuda_graphs
+        self._graphs: dict[tuple, tuple] = {}  # batch shape -> (graph, static input, static output)
+
+    def _replay(self, batch: torch.Tensor) -> torch.Tensor:
+        key = tuple(batch.shape)
+        if key not in self._graphs:
+            static_in = batch.clone()
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side), self._autocast():
+                for _ in range(2):  # warm-up outside the graph (cuDNN autotuning, lazy init)
+                    self._fn(static_in)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), self._autocast():
+                static_out = self._fn(static_in)
+            self._graphs[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = self._graphs[key]
+        static_in.copy_(batch)
+        graph.replay()
+        return static_out.clone()
 
     def _autocast(self):
         if self.precision == "fp32":
@@ -78,12 +102,15 @@ class TorchEngine(Engine):
 
     @torch.inference_mode()
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.cuda_graphs:
+            return self._replay(batch).float()
         with self._autocast():
             out = self._fn(batch)
         return out.float()
 
     def describe(self) -> dict:
-        return {"engine": self.name, "device": str(self.device), "precision": self.precision, "compiled": self.compiled}
+        return {"engine": self.name, "device": str(self.device), "precision": self.precision, "compiled": self.compiled,
+                "cuda_graphs": self.cuda_graphs}
 
 
 class OnnxRuntimeEngine(Engine):
@@ -186,7 +213,8 @@ def onnx_for_fold(model, fold: str, cache_url: str, precision: str = "fp32", bat
 
 
 def create_engines(model, kind: str = "auto", device: torch.device | str = "cpu", precision: str | None = None,
-                   compile: bool = False, cache_url: str | None = None, max_batch: int = 4) -> list[Engine]:
+                   compile: bool = False, cache_url: str | None = None, max_batch: int = 4,
+                   cuda_graphs: bool = False) -> list[Engine]:
     """One engine per fold of ``model``, of ``kind`` (see ``resolve_engine_kind``), on ``device``.
 
     precision: fp32, fp16 or bf16; None means fp16 on CUDA (nnU-Net's autocast) and fp32 on the CPU
@@ -200,7 +228,7 @@ def create_engines(model, kind: str = "auto", device: torch.device | str = "cpu"
     engines: list[Engine] = []
     for fold in model.folds:
         if kind == "torch":
-            engines.append(TorchEngine(model.build_network(fold), device, precision, compile))
+            engines.append(TorchEngine(model.build_network(fold), device, precision, compile, cuda_graphs))
         elif kind == "onnxruntime":
             onnx_precision = "fp16" if precision == "fp16" else "fp32"
             engines.append(OnnxRuntimeEngine(onnx_for_fold(model, fold, cache_url, onnx_precision), device,
@@ -215,7 +243,7 @@ def create_engines(model, kind: str = "auto", device: torch.device | str = "cpu"
             if kind == "tensorrt":
                 from accel.tensorrt_runtime import TensorRTEngine
 
-                engines.append(TensorRTEngine(engine_bytes, device))
+                engines.append(TensorRTEngine(engine_bytes, device, cuda_graphs))
             else:
                 from accel.pycuda_runtime import PyCudaEngine
 

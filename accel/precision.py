@@ -47,14 +47,18 @@ def quantize_int8(fp32_onnx_url: str, out_url: str, calibration: np.ndarray, met
             return None if x is None else {INPUT: x[None].astype(np.float32)}
 
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "int8.onnx")
-        quantize_static(local_copy(fp32_onnx_url, tmp), out, Patches(), quant_format=QuantFormat.QDQ,
+        out = os.path.join(tmp, os.path.basename(out_url))
+        src = local_copy(fp32_onnx_url, tmp)
+        quantize_static(src, out, Patches(), quant_format=QuantFormat.QDQ,
+                        use_external_data_format=os.path.exists(src + ".data"),
                         op_types_to_quantize=["Conv", "ConvTranspose"], per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         calibrate_method=methods[method],
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                                        "QDQOpTypePerChannelSupportToAxis": {"ConvTranspose": 1}})
         storage.write_bytes_atomic(out_url, open(out, "rb").read())
+        if os.path.exists(out + ".data"):
+            storage.write_bytes_atomic(out_url + ".data", open(out + ".data", "rb").read())
 
 
 def dice_per_label(a: np.ndarray, b: np.ndarray, labels) -> dict[str, float]:
@@ -134,12 +138,14 @@ def make_artefact(model, out_url: str, precision: str = "fp32", batch: int | Non
         patches["real"] = sample_patches(model, calibration, n_patches, seed=1)
     report: dict = {"fold": fold, "precision": precision, "model_fingerprint": model.fingerprint}
     with tempfile.TemporaryDirectory() as tmp:
-        base = os.path.join(tmp, "fp32.onnx" if precision != "fp16" else "fp16.onnx")
+        # the final file name, so that an external-data file (models over 2 GB) is recorded under the name it will have
+        base = os.path.join(tmp, os.path.basename(out_url))
         exported = export_onnx(net, base, model.num_input_channels, model.patch_size, batch=batch,
                                dynamic_spatial=dynamic_spatial, precision="fp16" if precision == "fp16" else "fp32")
         candidate = base
         if precision == "int8":
-            candidate = os.path.join(tmp, "int8.onnx")
+            os.makedirs(os.path.join(tmp, "int8"))
+            candidate = os.path.join(tmp, "int8", os.path.basename(out_url))
             quantize_int8(base, candidate, patches["real"], calibration_method)
         report["vs_pytorch_fp32"] = compare_with_pytorch(net, candidate, patches)
         if precision != "fp32":
@@ -156,8 +162,8 @@ def make_artefact(model, out_url: str, precision: str = "fp32", batch: int | Non
         report["onnx"] = {"url": out_url, "sha256": hashlib.sha256(raw).hexdigest(),
                           "size_bytes": len(raw), "input_shape": list(exported.input_shape),
                           "external_data": exported.external_data}
-        if exported.external_data:
-            storage.write_bytes_atomic(out_url + ".data", open(os.path.join(tmp, exported.external_data), "rb").read())
+        if os.path.exists(candidate + ".data"):  # weights beside the graph, for models over 2 GB
+            storage.write_bytes_atomic(out_url + ".data", open(candidate + ".data", "rb").read())
         storage.write_bytes_atomic(out_url, raw)
     write_report(out_url + ".report.json", report)
     return report

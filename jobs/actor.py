@@ -10,6 +10,7 @@ its own, exports on its device and returns only the mask (``finalize``). With on
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import time
@@ -55,7 +56,10 @@ class InferenceActor:
         self.model = model
         self.settings = settings
         self.engines = create_engines(model, settings.engine, self.device, settings.resolved_precision() if gpu else "fp32",
-                                      settings.compile, settings.engine_cache, max(settings.batch_size, 1))
+                                      settings.compile, settings.engine_cache, max(settings.batch_size, 1),
+                                      settings.cuda_graphs and gpu)
+        # the actor's own CUDA stream: its tiles, sums and exports queue there, apart from other processes' work
+        self.stream = torch.cuda.Stream(self.device) if gpu else None
         self.gaussian = gaussian_importance(model.patch_size, self.device)
         self.mirror_axes = model.mirror_axes if settings.use_mirroring else None
         self._cases: dict[str, _CaseState] = {}
@@ -78,6 +82,9 @@ class InferenceActor:
                                               self.model.labels.num_heads)
         return self._cases[case_id]
 
+    def _on_stream(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
     @torch.inference_mode()
     def infer_chunk(self, case_id: str, data: np.ndarray, all_starts, chunk_starts, prior_tiles: int) -> dict:
         """Adds the weighted logits of the tiles at ``chunk_starts`` (all folds, mirroring) to the case's sum.
@@ -85,6 +92,10 @@ class InferenceActor:
         prior_tiles: how many of the case's tiles this actor should already hold; a restarted actor holds fewer,
         and says so (CaseStateLost) instead of silently summing an incomplete case.
         """
+        with self._on_stream():
+            return self._infer_chunk(case_id, data, all_starts, chunk_starts, prior_tiles)
+
+    def _infer_chunk(self, case_id: str, data: np.ndarray, all_starts, chunk_starts, prior_tiles: int) -> dict:
         t0 = time.perf_counter()
         st = self._case(case_id, data, all_starts, prior_tiles)
         patch = self.model.patch_size
@@ -134,6 +145,10 @@ class InferenceActor:
     @torch.inference_mode()
     def finalize(self, case_id: str, expected_tiles: int, meta: dict, light_model: NnUNetModel, *partials):
         """Own sum + the other actors' partials -> export on this device -> (stats, the mask (z, y, x) numpy)."""
+        with self._on_stream():
+            return self._finalize(case_id, expected_tiles, meta, light_model, *partials)
+
+    def _finalize(self, case_id: str, expected_tiles: int, meta: dict, light_model: NnUNetModel, *partials):
         t0 = time.perf_counter()
         st = self._pop(case_id, expected_tiles)
         logits = self._normalized(st, tuple(slice(0, n) for n in st.sum.shape[1:]))

@@ -336,6 +336,12 @@ def _run(cfg: JobConfig, model: NnUNetModel, cases: list[Case], todo: list[Case]
     if cfg.progress and progress.tty:
         sys.stderr.write("\n")
     actor_stats = ray.get([a.stats.remote() for a in actors])
+    by_name = {a["actor"]: a for a in actor_stats}
+    for r in results.values():  # which engine and GPU made each mask
+        names = list(r.get("actors", {}))
+        if names:
+            r["engine"] = by_name.get(names[0], {}).get("engine")
+            r["gpus"] = sorted({str(by_name.get(n, {}).get("gpu")) for n in names})
     wall = time.perf_counter() - t_start
     ordered = [results[c.case_id] for c in cases if c.case_id in results]
     report = {

@@ -252,3 +252,24 @@ def test_tensorrt_engine_matches_pytorch_on_gpu(small_model, tmp_path):
     a, b = ref.infer(x), trt_engine.infer(x)
     assert (a.argmax(1) == b.argmax(1)).float().mean().item() > 0.999
     assert (a - b).abs().max().item() < 1e-2
+
+
+def test_models_over_2gb_export_with_external_data(small_model, tmp_path, monkeypatch):
+    import accel.onnx_export as ox
+    monkeypatch.setattr(ox, "EXTERNAL_DATA_LIMIT", 1024)  # the 2 GB path, on a small model
+    model = load_model_folder(small_model, ["0"])
+    url = str(tmp_path / "big.onnx")
+    res = export_onnx(model.build_network("0"), url, 1, model.patch_size, batch=None)
+    assert res.external_data == "big.onnx.data" and os.path.getsize(url + ".data") > os.path.getsize(url)
+    report = compare_with_pytorch(model.build_network("0"), url, {"random": random_patches(model, 1)})
+    assert report["random"]["max_abs_error"] < MAX_ABS
+
+
+def test_memory_storage_single_process(small_model, tmp_path):
+    import fsspec
+    fs = fsspec.filesystem("memory")
+    src = write_case(str(tmp_path / "in"), "m", (30, 30, 12), (1.0, 1.0, 2.0), seed=3)[0]
+    fs.pipe("/mem_in/m_0000.nii.gz", open(src, "rb").read())
+    assert main(["predict", "-i", "memory://mem_in", "-o", "memory://mem_out", "-m", small_model, "--single-process",
+                 "--engine", "onnxruntime"]) == 0
+    assert fs.exists("/mem_out/m.nii.gz") and fs.exists("/mem_out/run_report.json")

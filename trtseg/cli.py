@@ -52,6 +52,7 @@ def _add_predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine-cache", default=None, help="URL for exported ONNX and built engines (default ~/.cache/trtseg)")
     p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"], help="engine precision (CUDA default fp16)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (PyTorch CUDA engine)")
+    p.add_argument("--cuda-graphs", action="store_true", help="capture and replay CUDA graphs (PyTorch/TensorRT on CUDA)")
     p.add_argument("--batch-size", type=int, default=2, help="tiles per engine call")
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE.npz/CASE.pkl as nnU-Net does")
     p.add_argument("--storage-options", default=None, help="JSON of fsspec storage options (credentials stay out of reports)")
@@ -76,7 +77,8 @@ def _settings(args):
     from trtseg.predict import Settings
     return Settings(step_size=args.step_size, use_mirroring=not args.disable_tta, device=args.device,
                     engine=args.engine, engine_cache=args.engine_cache, batch_size=args.batch_size,
-                    precision=args.precision, compile=args.compile, save_probabilities=args.save_probabilities,
+                    precision=args.precision, compile=args.compile, cuda_graphs=args.cuda_graphs,
+                    save_probabilities=args.save_probabilities,
                     compresslevel=args.compress_level)
 
 
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--device", default=None)
     d.add_argument("--engine", default="auto")
     d.set_defaults(func=cmd_demo, folds=None, checkpoint="checkpoint_final.pth", step_size=0.5, disable_tta=False,
-                   precision=None, compile=False, batch_size=2, save_probabilities=False, storage_options=None,
+                   precision=None, compile=False, cuda_graphs=False, batch_size=2, save_probabilities=False, storage_options=None,
                    compress_level=6, limit=None, dry_run=False, card=None, engine_cache=None, overwrite=False,
                    address=None, cpu_actors=None, gpus_per_actor=1.0, task_gpus=0.0, max_cases_in_flight=3,
                    tiles_per_task=8, partials="fp16", log_json=False, no_progress=False, single_process=False)

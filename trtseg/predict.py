@@ -51,6 +51,7 @@ class Settings:
     batch_size: int = 2
     precision: str | None = None
     compile: bool = False
+    cuda_graphs: bool = False
     save_probabilities: bool = False
     compresslevel: int = 6
 
@@ -109,7 +110,8 @@ class Predictor:
         self.device = settings.resolved_device()
         if engines is None:
             engines = create_engines(model, settings.engine, self.device, settings.resolved_precision(),
-                                     settings.compile, settings.engine_cache, max(settings.batch_size, 1))
+                                     settings.compile, settings.engine_cache, max(settings.batch_size, 1),
+                                     settings.cuda_graphs)
         self.engines = engines
         self.gaussian = gaussian_importance(model.patch_size, self.device)
 
