@@ -2,6 +2,7 @@
 (TensorRT-RTX on the CPU), the engine cache, the TensorRT runtime's types, and clear errors."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -140,9 +141,11 @@ def test_max_dice_drop_refuses_and_writes_nothing(small_model, calib_dir, tmp_pa
     assert [p for p in os.listdir(tmp_path) if p.endswith(".onnx")] == []
 
 
-trt_rtx = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx wheels not installed (they are in the test extra)")
+needs_rtx = pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None,
+                               reason="tensorrt-rtx wheels not installed (they are in the test extra)")
 
 
+@needs_rtx
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_tensorrt_rtx_builds_our_nnunet_onnx_with_the_batch_profile(precision, small_model, tmp_path, monkeypatch):
     monkeypatch.setenv("TRTSEG_TENSORRT_MODULE", "tensorrt_rtx")
@@ -162,6 +165,7 @@ def test_tensorrt_rtx_builds_our_nnunet_onnx_with_the_batch_profile(precision, s
     assert metas[0]["spec"]["max_batch"] == 4 and metas[0]["target"]["compute_capability"] == "sm89"
 
 
+@needs_rtx
 def test_engine_cache_keys_and_rebuild_rules(small_model, tmp_path, monkeypatch):
     monkeypatch.setenv("TRTSEG_TENSORRT_MODULE", "tensorrt_rtx")
     import accel.trt_api as api
