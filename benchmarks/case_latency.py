@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import machine, median_stages, save
+from trtseg import codec
 from trtseg import synthetic as syn
 from trtseg.dataset import list_cases
 from trtseg.model import load_model_folder
@@ -40,6 +41,8 @@ def main() -> None:
     ap.add_argument("--precision", default=None)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--cuda-graphs", action="store_true")
+    ap.add_argument("--compress-level", type=int, default=6, help="gzip level of the written mask (1: igzip, fastest)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mirroring", choices=["off", "on", "both"], default="both")
     ap.add_argument("--workdir", default=None)
@@ -60,8 +63,9 @@ def main() -> None:
               "setup_seconds": round(setup_s, 2), "runs": {}}
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.mirroring]
     for mirror in modes:
-        settings = Settings(device=args.device, precision=args.precision, batch_size=args.batch_size,
-                            compile=args.compile, use_mirroring=mirror)
+        settings = Settings(device=args.device, engine="torch", precision=args.precision, batch_size=args.batch_size,
+                            compile=args.compile, cuda_graphs=args.cuda_graphs, use_mirroring=mirror,
+                            compresslevel=args.compress_level)
         pred = Predictor(model, settings)
         t = time.perf_counter()
         warm = pred.predict_case(case, os.path.join(work, "out"))
@@ -74,7 +78,8 @@ def main() -> None:
             walls.append(time.perf_counter() - t)
             runs.append(r.seconds)
         entry = {"settings": {"device": str(settings.resolved_device()), "precision": settings.resolved_precision(),
-                              "batch_size": args.batch_size, "compile": args.compile, "mirroring": mirror},
+                              "batch_size": args.batch_size, "compile": args.compile, "cuda_graphs": args.cuda_graphs,
+                              "mirroring": mirror, "compress_level": args.compress_level, "gzip": codec.backend()},
                  "warmup_seconds_excluded": round(warm_s, 3), "median_stage_seconds": median_stages(runs),
                  "median_wall_seconds": round(float(np.median(walls)), 3), "repeats": args.repeats,
                  "labels_present": r.extra.get("labels_present")}

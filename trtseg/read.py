@@ -9,15 +9,13 @@ Every way a file can be unusable raises CaseError naming the file and the cause,
 """
 from __future__ import annotations
 
-import gzip
 import io
-import zlib
 from dataclasses import dataclass, field
 
 import nibabel as nib
 import numpy as np
 
-from trtseg import storage
+from trtseg import codec, storage
 from trtseg.errors import CaseError
 
 
@@ -44,8 +42,8 @@ class CaseImage:
 def _decode(raw: bytes, url: str) -> nib.Nifti1Image:
     if raw[:2] == b"\x1f\x8b":
         try:
-            raw = gzip.decompress(raw)
-        except (EOFError, OSError, zlib.error) as e:
+            raw = codec.decompress(raw)
+        except codec.ERRORS as e:
             raise CaseError(url, f"truncated or corrupt gzip stream ({e})") from None
     if len(raw) < 348:
         raise CaseError(url, f"not a NIfTI file ({len(raw)} bytes, shorter than a NIfTI-1 header)")

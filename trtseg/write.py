@@ -2,11 +2,10 @@
 
 The input's first-channel header is copied (affine, qform/sform and their codes, units), its data type set to the
 mask's, scaling removed, and the voxels written as (x, y, z). gzip level 6 is nnU-Net's (zlib's default); lower
-levels trade size for speed.
+levels trade size for speed (trtseg/codec.py: igzip when installed).
 """
 from __future__ import annotations
 
-import gzip
 import io
 import pickle
 import zlib
@@ -14,7 +13,7 @@ import zlib
 import nibabel as nib
 import numpy as np
 
-from trtseg import storage
+from trtseg import codec, storage
 
 
 STAMP_PREFIX = b"trtseg:"
@@ -35,7 +34,7 @@ def encode_mask(mask_zyx: np.ndarray, header: nib.Nifti1Header, compresslevel: i
     img.set_qform(header.get_qform(), code=int(header["qform_code"]))
     img.set_sform(header.get_sform(), code=int(header["sform_code"]))
     raw = img.to_bytes()
-    return gzip.compress(raw, compresslevel=compresslevel, mtime=0) if compresslevel > 0 else raw
+    return codec.compress(raw, compresslevel) if compresslevel > 0 else raw
 
 
 def write_mask(url: str, mask_zyx: np.ndarray, header: nib.Nifti1Header,
