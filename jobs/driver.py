@@ -147,6 +147,9 @@ def run_job(cfg: JobConfig) -> dict:
     t_start = time.perf_counter()
     if not cfg.dry_run:
         storage.check_writable(cfg.output)
+        removed = storage.remove_stale_parts(cfg.output)  # temporary files of a run that was killed
+        if removed:
+            _event("removed temporary files of an interrupted run", count=removed)
     model = load_model(cfg)
     cases = list_cases(cfg.input, model.num_input_channels)
     if cfg.limit is not None:

@@ -21,7 +21,7 @@ from trtseg.dataset import Case
 from trtseg.errors import TrtsegError
 from trtseg.export import empty_export
 from trtseg.model import NnUNetModel
-from trtseg.predict import Settings
+from trtseg.predict import Settings, check_budget
 from trtseg.preprocess import preprocess
 from trtseg.read import read_case
 from trtseg.tile import pad_to_patch, tile_starts
@@ -61,6 +61,8 @@ def prepare_case(case: Case, model: NnUNetModel, settings: Settings, storage_opt
         device = _device(settings)
         pre = preprocess(image, model, device)
         padded, crop = pad_to_patch(pre.data, model.patch_size)
+        check_budget(settings, case.files[0], padded.shape[0], model.labels.num_heads, padded.shape[1:],
+                     pre.shape_after_cropping)
         data = padded.cpu().numpy()
         seconds["preprocess"] = time.perf_counter() - t
     except TrtsegError as e:

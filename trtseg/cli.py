@@ -57,6 +57,8 @@ def _add_predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE.npz/CASE.pkl as nnU-Net does")
     p.add_argument("--storage-options", default=None, help="JSON of fsspec storage options (credentials stay out of reports)")
     p.add_argument("--compress-level", type=int, default=6, help="gzip level of written masks (1 fastest, 9 smallest)")
+    p.add_argument("--memory-budget-gb", type=float, default=None,
+                   help="fail a case (clearly, before inference) whose volume and logits need more device memory")
     p.add_argument("--limit", type=int, default=None, help="process at most N cases")
     p.add_argument("--dry-run", action="store_true", help="list the cases that would run (and be skipped) and stop")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose mask this model and these settings made")
@@ -78,7 +80,7 @@ def _settings(args):
     return Settings(step_size=args.step_size, use_mirroring=not args.disable_tta, device=args.device,
                     engine=args.engine, engine_cache=args.engine_cache, batch_size=args.batch_size,
                     precision=args.precision, compile=args.compile, cuda_graphs=args.cuda_graphs,
-                    save_probabilities=args.save_probabilities,
+                    save_probabilities=args.save_probabilities, memory_budget_gb=args.memory_budget_gb,
                     compresslevel=args.compress_level)
 
 
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--engine", default="auto")
     d.set_defaults(func=cmd_demo, folds=None, checkpoint="checkpoint_final.pth", step_size=0.5, disable_tta=False,
                    precision=None, compile=False, cuda_graphs=False, batch_size=2, save_probabilities=False, storage_options=None,
-                   compress_level=6, limit=None, dry_run=False, card=None, engine_cache=None, overwrite=False,
+                   compress_level=6, memory_budget_gb=None, limit=None, dry_run=False, card=None, engine_cache=None, overwrite=False,
                    address=None, cpu_actors=None, gpus_per_actor=1.0, task_gpus=0.0, max_cases_in_flight=3,
                    tiles_per_task=8, partials="fp16", log_json=False, no_progress=False, single_process=False)
     args = parser.parse_args(argv)

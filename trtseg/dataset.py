@@ -36,7 +36,7 @@ def list_cases(input_url: str, num_channels: int | None = None,
                storage_options: storage.StorageOptions | None = None) -> list[Case]:
     """Cases of ``input_url`` (a folder, or a single NIfTI file), sorted by case id."""
     try:
-        return _list_cases(input_url, num_channels, storage_options)
+        return storage.retrying(lambda: _list_cases(input_url, num_channels, storage_options), input_url)
     except FileNotFoundError:
         raise
     except Exception as e:

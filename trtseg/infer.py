@@ -16,12 +16,27 @@ def mirror_combinations(mirror_axes: tuple[int, ...] | None) -> list[tuple[int, 
     return [c for i in range(len(dims)) for c in itertools.combinations(dims, i + 1)]
 
 
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
 def run_engine(engine: Engine, batch: torch.Tensor) -> torch.Tensor:
-    """Runs ``batch`` through ``engine`` in chunks of at most ``engine.max_batch``."""
-    mb = engine.max_batch
-    if mb is None or batch.shape[0] <= mb:
-        return engine.infer(batch)
-    return torch.cat([engine.infer(batch[i:i + mb]) for i in range(0, batch.shape[0], mb)])
+    """Runs ``batch`` through ``engine`` in chunks of at most ``engine.max_batch``.
+
+    An out-of-memory error halves the chunk and tries again, down to one tile; only a single tile that does not
+    fit is an error. The halved size is kept for the engine's later batches.
+    """
+    limit = min(batch.shape[0], engine.max_batch or batch.shape[0], getattr(engine, "oom_batch_limit", None) or batch.shape[0])
+    while True:
+        try:
+            return torch.cat([engine.infer(batch[i:i + limit]) for i in range(0, batch.shape[0], limit)])
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not _is_oom(e) or limit == 1:
+                raise
+            if batch.device.type == "cuda":
+                torch.cuda.empty_cache()
+            limit = max(1, limit // 2)
+            engine.oom_batch_limit = limit  # type: ignore[attr-defined]
 
 
 def predict_tiles(engine: Engine, tiles: torch.Tensor, mirror_axes: tuple[int, ...] | None) -> torch.Tensor:

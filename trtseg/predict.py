@@ -7,6 +7,7 @@ reference the job is tested against.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from accel.engines import Engine, create_engines
 from trtseg import storage
 from trtseg.aggregate import Accumulator
 from trtseg.dataset import Case
-from trtseg.errors import TrtsegError
+from trtseg.errors import CaseError, TrtsegError
 from trtseg.export import Exported, empty_export, export
 from trtseg.infer import predict_tiles
 from trtseg.model import NnUNetModel
@@ -41,6 +42,8 @@ class Settings:
             tensorrt, torch, onnxruntime or pycuda
     engine_cache: URL where exported ONNX graphs and TensorRT engines are kept (default $TRTSEG_CACHE or
             ~/.cache/trtseg)
+    memory_budget_gb: a case whose volume and logits would need more (see ``case_bytes``) fails with a clear error
+            instead of running out of memory midway; None: no limit
     """
 
     step_size: float = 0.5
@@ -54,6 +57,7 @@ class Settings:
     cuda_graphs: bool = False
     save_probabilities: bool = False
     compresslevel: int = 6
+    memory_budget_gb: float | None = None
 
     def resolved_device(self) -> torch.device:
         if self.device:
@@ -66,6 +70,22 @@ class Settings:
     def fingerprint_fields(self) -> dict:
         """The settings that change a mask (used to decide whether an existing output can be kept)."""
         return {"step_size": self.step_size, "use_mirroring": self.use_mirroring}
+
+
+def case_bytes(channels: int, classes: int, padded_shape, cropped_shape) -> int:
+    """Device bytes a case needs at its peak: the volume, the logit sums and weights (float32) over the padded
+    grid, and the logits resampled back to the cropped input grid (twice, for the resampling's intermediate)."""
+    padded, cropped = math.prod(int(s) for s in padded_shape), math.prod(int(s) for s in cropped_shape)
+    return 4 * ((channels + classes + 1) * padded + 2 * classes * cropped)
+
+
+def check_budget(settings: Settings, where: str, channels: int, classes: int, padded_shape, cropped_shape) -> None:
+    if settings.memory_budget_gb is None:
+        return
+    need = case_bytes(channels, classes, padded_shape, cropped_shape) / 2 ** 30
+    if need > settings.memory_budget_gb:
+        raise CaseError(where, f"needs about {need:.2f} GiB for its volume and logits, more than --memory-budget-gb "
+                               f"{settings.memory_budget_gb:g}; raise the budget or use a device with more memory")
 
 
 class Timer:
@@ -149,6 +169,9 @@ class Predictor:
             return empty_export(image.shape_zyx, self.model, self.settings.save_probabilities)
         with timer.stage("preprocess"):
             pre: Preprocessed = preprocess(image, self.model, self.device)
+        padded = [max(n, p) for n, p in zip(pre.data.shape[1:], self.model.patch_size)]
+        check_budget(self.settings, image.files[0] if image.files else "<array>", pre.data.shape[0],
+                     self.model.labels.num_heads, padded, pre.shape_after_cropping)
         with timer.stage("infer"):
             logits = self.logits(pre.data)
         with timer.stage("export"):
@@ -196,6 +219,7 @@ def predict_folder(input_url: str, output_url: str, model_folder: "str | NnUNetM
     t0 = time.perf_counter()
     if not dry_run:
         storage.check_writable(output_url, storage_options)
+        storage.remove_stale_parts(output_url, storage_options)
     model = model_folder if isinstance(model_folder, NnUNetModel) else load_model_folder(model_folder, folds, checkpoint_name)
     cases = list_cases(input_url, model.num_input_channels, storage_options)
     if limit is not None:

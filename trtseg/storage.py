@@ -8,13 +8,37 @@ all-or-nothing, so the object is written in one request and never exists partial
 from __future__ import annotations
 
 import os
+import random
+import time
 import uuid
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 StorageOptions = dict[str, Any]
+T = TypeVar("T")
+
+#: transient storage errors (a store that stops for a few seconds, 5xx answers, dropped connections) are retried
+#: this many times in all, with exponential backoff from RETRY_BASE_SECONDS (jittered): about 15 s in all
+RETRY_ATTEMPTS = int(os.environ.get("TRTSEG_STORAGE_ATTEMPTS", "5"))
+RETRY_BASE_SECONDS = float(os.environ.get("TRTSEG_STORAGE_BACKOFF", "1.0"))
+_PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError, TypeError)
+
+
+def retrying(fn: Callable[[], T], what: str = "") -> T:
+    """Calls ``fn``; a transient failure is retried with backoff, a permanent one (missing file, access denied,
+    bad argument) or the last attempt's failure is raised."""
+    for attempt in range(RETRY_ATTEMPTS):
+        try:
+            return fn()
+        except _PERMANENT:
+            raise
+        except Exception:
+            if attempt == RETRY_ATTEMPTS - 1:
+                raise
+            time.sleep(RETRY_BASE_SECONDS * 2 ** attempt * (0.5 + random.random() / 2))
+    raise AssertionError("unreachable")
 
 _default_options: StorageOptions = {}
 
@@ -64,14 +88,18 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
+def _local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
 def read_bytes(url: str, storage_options: StorageOptions | None = None) -> bytes:
     fs, path = filesystem(url, storage_options)
-    return fs.cat_file(path)
+    return fs.cat_file(path) if _local(fs) else retrying(lambda: fs.cat_file(path), url)
 
 
 def exists(url: str, storage_options: StorageOptions | None = None) -> bool:
     fs, path = filesystem(url, storage_options)
-    return fs.exists(path)
+    return fs.exists(path) if _local(fs) else retrying(lambda: fs.exists(path), url)
 
 
 def write_bytes_atomic(url: str, data: bytes, storage_options: StorageOptions | None = None) -> None:
@@ -92,8 +120,20 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: StorageOptions | 
             if os.path.exists(tmp):
                 os.unlink(tmp)
     else:
-        # object stores have no folders to make (and makedirs on s3fs would try to create a missing bucket)
-        fs.pipe_file(path, data)
+        # object stores have no folders to make (and makedirs on s3fs would try to create a missing bucket);
+        # one PUT is all-or-nothing, and repeating it after a transient failure is harmless
+        retrying(lambda: fs.pipe_file(path, data), url)
+
+
+def remove_stale_parts(url: str, storage_options: StorageOptions | None = None) -> int:
+    """Deletes temporary files (``.NAME.<hex>.part``) that a killed run left in a local output folder."""
+    fs, path = filesystem(url, storage_options)
+    if not _local(fs) or not os.path.isdir(path):
+        return 0
+    stale = [f for f in os.listdir(path) if f.startswith(".") and f.endswith(".part")]
+    for f in stale:
+        os.unlink(os.path.join(path, f))
+    return len(stale)
 
 
 def check_writable(url: str, storage_options: StorageOptions | None = None) -> None:
