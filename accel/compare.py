@@ -18,11 +18,12 @@ def engine_from_spec(spec: str, model, device: str, cache_url: str | None, fold:
     if spec.endswith(".onnx"):
         return OnnxRuntimeEngine(spec, device, model.labels.num_heads)
     if spec.endswith(".engine"):
-        from accel.tensorrt_build import BuildSpec, check_target, current_target, engine_file_meta
+        from accel.tensorrt_build import BuildSpec, check_engine_fits, check_target, current_target, engine_file_meta
         from accel.tensorrt_runtime import TensorRTEngine
         from trtseg import storage
 
         meta = engine_file_meta(spec)
+        check_engine_fits(meta, model, spec)
         check_target(meta, current_target(BuildSpec()), spec)
         return TensorRTEngine(storage.read_bytes(spec), device)
     kind, _, precision = spec.partition(":")

@@ -194,6 +194,20 @@ def check_target(meta: dict, target: Target, engine_url: str) -> None:
                           f"this GPU is {target.gpu_name} ({target.compute_capability}); rebuild it with `trtseg build`")
 
 
+def check_engine_fits(meta: dict, model, engine_url: str) -> None:
+    """Refuses an engine built for another model: its input channels, output classes or patch differ."""
+    try:
+        inp, out = meta["io"]["inputs"][0]["shape"], meta["io"]["outputs"][0]["shape"]
+    except (KeyError, IndexError):
+        raise TrtsegError(f"{engine_url}: its metadata does not describe the engine's inputs and outputs") from None
+    want_in = [model.num_input_channels, *model.patch_size]
+    if list(inp[1:]) != want_in or out[1] != model.labels.num_heads:
+        raise TrtsegError(f"{engine_url}: built for another model (input {inp}, output {out}); this model takes "
+                          f"{want_in} (channels, z, y, x) and gives {model.labels.num_heads} classes")
+    if meta.get("model_fingerprint") and meta["model_fingerprint"] != model.fingerprint:
+        raise TrtsegError(f"{engine_url}: built from model {meta['model_fingerprint']}, not {model.fingerprint}")
+
+
 def engine_file_meta(engine_url: str) -> dict:
     """The metadata beside an engine file (``X.engine`` -> ``X.json``), with clear errors when absent or broken."""
     meta_url = engine_url[: -len(".engine")] + ".json" if engine_url.endswith(".engine") else engine_url + ".json"

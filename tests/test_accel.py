@@ -210,6 +210,23 @@ def test_engine_cache_keys_and_rebuild_rules(small_model, tmp_path, monkeypatch)
         EngineCache(lone).get_or_build(a, spec, "fp32")
 
 
+@needs_rtx
+def test_an_engine_built_for_another_model_is_refused(small_model, resenc_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRTSEG_TENSORRT_MODULE", "tensorrt_rtx")
+    import accel.trt_api as api
+    monkeypatch.setattr(api, "_loaded", None)
+    from accel.tensorrt_build import BuildSpec, EngineCache, check_engine_fits
+
+    small = load_model_folder(small_model, ["0"])
+    export_onnx(small.build_network("0"), str(tmp_path / "s.onnx"), 1, small.patch_size, batch=None)
+    EngineCache(str(tmp_path / "c")).get_or_build(str(tmp_path / "s.onnx"), BuildSpec(1, 1, 2, 0, None, "SM89"), "fp32")
+    (meta_path,) = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "c") for f in fs if f.endswith(".json")]
+    meta = json.load(open(meta_path))
+    check_engine_fits(meta, small, "s.engine")  # its own model: fine
+    with pytest.raises(TrtsegError, match=r"s.engine: built for another model \(input \[-1, 1, 24, 32, 40\]"):
+        check_engine_fits(meta, load_model_folder(resenc_model, ["0"]), "s.engine")
+
+
 def test_bad_onnx_and_engine_files_give_clear_errors(small_model, tmp_path):
     from accel.tensorrt_build import engine_file_meta
 
