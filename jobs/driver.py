@@ -328,6 +328,7 @@ def _run(cfg: JobConfig, model: NnUNetModel, cases: list[Case], todo: list[Case]
                                 "seconds": {k: round(v, 4) for k, v in seconds.items()},
                                 "tiles": len(meta.get("starts", [])), "actors": dict(per_actor),
                                 "owner": final.get("owner"), "redone": run.redone,
+                                "done_at_s": round(time.perf_counter() - t_start, 3),
                                 "object_store_bytes": {"volume": meta.get("volume_bytes", 0),
                                                        "partials": final.get("partial_bytes", 0),
                                                        "mask": int(np.prod(meta.get("shape_zyx", (0,))))},
