@@ -7,8 +7,9 @@ make --cases; the model is 3d_fullres
 32->320 at 128^3. The job starts a local Ray. Reported: volumes/s (and per GPU), each actor's engine-busy
 fraction (time inside the engine, synchronized, over the job's wall time), median per-stage seconds, object-store
 bytes per case, peak RSS of the workers and peak GPU memory of the actors. The first volumes include the actors'
-start-up (engine creation, cuDNN autotuning): that is part of a job's real cost, and is stated. The steady-state
-busy fraction is the actors' inference time for masks 2..N over the time from the first mask to the last.
+start-up (engine creation, cuDNN autotuning): that is part of a job's real cost, and is stated. The engine-busy
+fraction since the first tile leaves that start-up out: an actor's engine time over the time from its first tile
+to the end of the job.
 """
 from __future__ import annotations
 
@@ -63,13 +64,11 @@ def main() -> None:
     n_gpu_actors = report["job"]["actors"]
     stages = sorted({k for c in ok for k in c["seconds"]})
     done = sorted(ok, key=lambda c: c["done_at_s"])
-    span = done[-1]["done_at_s"] - done[0]["done_at_s"] if len(done) > 1 else 0.0
-    steady = round(sum(c["seconds"]["infer"] for c in done[1:]) / span, 3) if span > 0 else None
     out = {"scenario": "dataset_throughput", "machine": machine(), "cases": args.cases, "shape_xyz": args.shape,
            "generate_inputs_seconds": round(gen_s, 1), "job": report["job"], "wall_seconds": wall,
            "volumes_per_s": round(len(ok) / wall, 4), "volumes_per_gpu_hour": round(3600 * len(ok) / wall / max(1, math.ceil(n_gpu_actors * args.gpus_per_actor)), 1),
            "engine_busy_fraction": report["summary"]["engine_busy_fraction"],
-           "steady_state_busy_fraction": steady,
+           "engine_busy_since_first_tile": {a["actor"]: a["engine_busy_since_first_tile"] for a in report["actors"]},
            "first_mask_after_seconds": done[0]["done_at_s"] if done else None,
            "median_stage_seconds": {k: round(statistics.median(c["seconds"].get(k, 0) for c in ok), 3) for k in stages},
            "median_object_store_mb_per_case": {k: round(statistics.median(c["object_store_bytes"][k] for c in ok) / 2 ** 20, 1)

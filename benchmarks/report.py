@@ -17,6 +17,7 @@ COMMANDS = {
     "precision_masks": "python -m benchmarks.precision_masks",
     "gpu_parity": "python -m benchmarks.gpu_parity",
     "cpu_vs_nnunet": "python -m benchmarks.cpu_vs_nnunet",
+    "scaling": "python -m benchmarks.scaling --cases 8",
 }
 
 
@@ -45,6 +46,10 @@ def rows(r: dict) -> list[str]:
     if s == "gpu_parity":
         return [f"{c['model']}/{c['case']}: cuda fp32 {c['agreement_cuda_fp32_vs_cpu']:.5f}, cuda fp16 "
                 f"{c['agreement_cuda_fp16_vs_cpu']:.5f} vs cpu" for c in r["cases"]]
+    if s == "scaling":
+        return [f"{x['actors']} actor(s) at {x['gpus_per_actor']} GPU: {x['wall_seconds']} s wall, tiles {x['tiles_per_actor']}, "
+                f"engine busy {x['engine_busy_fraction']}, partials {x['median_partials_mb_per_case']} MB/case"
+                for x in r["runs"]] + ([f"incomplete: {r['incomplete']}"] if r.get("incomplete") else [])
     if s == "cpu_vs_nnunet":
         return [f"nnUNetv2 {r['nnunetv2_seconds']} s; " + "; ".join(
             f"{k} {v['median_seconds']} s ({v['speedup_vs_nnunet']}x, agree {v['voxel_agreement_vs_nnunet']:.5f})"

@@ -67,6 +67,7 @@ class InferenceActor:
         self.engine_seconds = 0.0  # inside the engine (with mirroring), synchronized
         self.tiles = 0
         self.started = time.time()
+        self.first_tile_at: float | None = None  # wall time of the first tile: busy fractions exclude start-up
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -97,6 +98,7 @@ class InferenceActor:
 
     def _infer_chunk(self, case_id: str, data: np.ndarray, all_starts, chunk_starts, prior_tiles: int) -> dict:
         t0 = time.perf_counter()
+        self.first_tile_at = self.first_tile_at or time.time()
         st = self._case(case_id, data, all_starts, prior_tiles)
         patch = self.model.patch_size
         bs = max(1, self.settings.batch_size)
@@ -168,6 +170,8 @@ class InferenceActor:
                 "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
                 "engine": self.engines[0].describe(), "busy_seconds": round(self.busy_seconds, 3),
                 "engine_seconds": round(self.engine_seconds, 3),
+                "engine_busy_since_first_tile": round(self.engine_seconds / (time.time() - self.first_tile_at), 4)
+                if self.first_tile_at else None,
                 "tiles": self.tiles, "alive_seconds": round(time.time() - self.started, 3), "pid": os.getpid(),
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated(self.device) / 2 ** 20, 1)

@@ -159,8 +159,12 @@ def test_ray_job_submit_to_a_ray_head(small_model, inputs, tmp_path):
     import ray
     if ray.is_initialized():
         ray.shutdown()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    bindir = os.path.dirname(sys.executable)
+    # the cluster's nodes have trtseg installed (a venv here, an image on a real cluster): its scripts on PATH,
+    # also when the tests run without an activated venv (make test)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+    ray_bin = os.path.join(bindir, "ray")
     port, dash = _free_port(), _free_port()
     subprocess.run([ray_bin, "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=4",
                     "--dashboard-host=127.0.0.1", "--disable-usage-stats"], check=True, env=env, capture_output=True)
