@@ -2,7 +2,6 @@
 predictor against the CPU predictor, and the Ray job's GPU actors."""
 from __future__ import annotations
 
-import os
 
 import nibabel as nib
 import numpy as np

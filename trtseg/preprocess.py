@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from trtseg import resample as rs
@@ -138,7 +137,3 @@ def preprocess(image: CaseImage, model: NnUNetModel, device: torch.device | str 
         data = rs.resample(data, new_shape, plan)
     return Preprocessed(data=data.contiguous(), shape_before_cropping=shape_before, bbox=box,  # type: ignore[arg-type]
                         shape_after_cropping=shape_after, spacing_transposed=spacing)  # type: ignore[arg-type]
-
-
-def as_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()

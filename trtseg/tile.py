@@ -1,7 +1,6 @@
 """Stage 3, tile: padding, sliding-window tile starts and the Gaussian importance map, as nnU-Net computes them."""
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 from itertools import product
 
@@ -74,7 +73,3 @@ def gaussian_importance(tile_size, device: torch.device | str = "cpu", sigma_sca
     if bool((g == 0).any()):
         g[g == 0] = g[g != 0].min()
     return g.to(device=device, dtype=torch.float32)
-
-
-def num_tiles(image_size, tile_size, step_size: float) -> int:
-    return math.prod(len(s) for s in compute_steps(image_size, tile_size, step_size))

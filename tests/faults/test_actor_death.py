@@ -10,7 +10,6 @@ import time
 
 import nibabel as nib
 import numpy as np
-import pytest
 
 from trtseg.cli import main
 

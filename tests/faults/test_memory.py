@@ -3,9 +3,7 @@ too large for the configured budget fails with a clear error before inference (i
 from __future__ import annotations
 
 import json
-import os
 
-import numpy as np
 import pytest
 import torch
 
