@@ -40,6 +40,7 @@ def main() -> None:
     os.makedirs(os.path.join(work, "in"))
     src = syn.save_nifti(os.path.join(work, "in", "ct_0000.nii.gz"), syn.ct_like_volume((128, 128, 60), seed=1),
                          syn.affine_for((0.9, 0.9, 2.5)))
+    os.makedirs(os.path.join(work, "nnunet"))
     nn = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
     nn.initialize_from_trained_model_folder(model_dir, use_folds=(0,))
     times = []
