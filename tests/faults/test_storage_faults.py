@@ -73,3 +73,73 @@ def test_s3_outages_are_ridden_out(small_model, tmp_path, monkeypatch):
             assert np.array_equal(a, b)
     finally:
         server.stop()
+
+
+def test_retry_policy(monkeypatch):
+    from trtseg import storage
+
+    monkeypatch.setattr(storage, "RETRY_BASE_SECONDS", 0.01)
+    calls = []
+
+    def flaky():
+        calls.append(time.perf_counter())
+        if len(calls) < 3:
+            raise ConnectionError("connection refused")
+        return "ok"
+
+    assert storage.retrying(flaky) == "ok" and len(calls) == 3
+    calls.clear()
+
+    def down():
+        calls.append(time.perf_counter())
+        raise ConnectionError("connection refused")
+
+    try:
+        storage.retrying(down)
+    except ConnectionError:
+        pass
+    assert len(calls) == storage.RETRY_ATTEMPTS, "a lasting fault is retried a bounded number of times"
+    gaps = np.diff(calls)
+    assert all(b > a for a, b in zip(gaps, gaps[1:])), f"backoff must grow: {gaps}"
+    calls.clear()
+
+    def missing():
+        calls.append(1)
+        raise FileNotFoundError("no such key")
+
+    try:
+        storage.retrying(missing)
+    except FileNotFoundError:
+        pass
+    assert calls == [1], "a missing file is not retried"
+
+
+def test_an_unreadable_s3_case_fails_alone_with_its_cause(small_model, tmp_path):
+    import boto3
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    opts = {"key": "AKIAFAULTS", "secret": "faults-secret", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}",
+                                                                            "region_name": "us-east-1"}}
+    try:
+        boto3.client("s3", endpoint_url=opts["client_kwargs"]["endpoint_url"], aws_access_key_id="x",
+                     aws_secret_access_key="x", region_name="us-east-1").create_bucket(Bucket="faults2")
+        fs = s3fs.S3FileSystem(**opts)
+        src = write_case(str(tmp_path / "src"), "good", (40, 36, 14), (1.0, 1.0, 2.0), seed=3)[0]
+        fs.put(src, "faults2/in/good_0000.nii.gz")
+        fs.pipe("faults2/in/broken_0000.nii.gz/part", b"x")  # listed as a case, but no object to read
+        out = tmp_path / "out"
+        rc = main(["predict", "-i", "s3://faults2/in", "-o", str(out), "-m", small_model, "--cpu-actors", "1",
+                   "--storage-options", json.dumps(opts), "--no-progress"])
+        assert rc == 1
+        by_id = {c["case_id"]: c for c in json.load(open(out / "run_report.json"))["cases"]}
+        assert by_id["good"]["status"] == "ok"
+        err = by_id["broken"]["error"]
+        assert by_id["broken"]["status"] == "failed" and "broken_0000.nii.gz" in err and "\n" not in err
+        assert "faults-secret" not in err
+        assert sorted(os.listdir(out)) == ["good.nii.gz", "run_report.json"]
+    finally:
+        server.stop()
