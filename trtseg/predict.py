@@ -140,7 +140,6 @@ class Predictor:
         return self.model.mirror_axes if self.settings.use_mirroring else None
 
     @torch.inference_mode()
-    @torch.inference_mode()
     def logits(self, data: torch.Tensor) -> torch.Tensor:
         """Sliding-window logits (k, z, y, x) float32 of preprocessed ``data`` (c, z, y, x), mean over folds."""
         padded, crop = pad_to_patch(data, self.model.patch_size)
@@ -161,7 +160,6 @@ class Predictor:
             total /= len(self.engines)
         return total
 
-    @torch.inference_mode()
     @torch.inference_mode()
     def predict_image(self, image: CaseImage, timer: Timer | None = None) -> Exported:
         timer = timer or Timer(self.device)
