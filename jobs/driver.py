@@ -27,6 +27,7 @@ import numpy as np
 from jobs.config import JobConfig
 from trtseg import storage
 from trtseg.dataset import Case, list_cases
+from trtseg.errors import one_line
 from trtseg.model import NnUNetModel, load_model_folder
 from trtseg.write import read_stamp
 
@@ -111,7 +112,7 @@ def _cause(e: BaseException) -> str:
     cause = getattr(e, "cause", None)
     if isinstance(cause, BaseException):
         e = cause
-    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+    return one_line(e, 300)
 
 
 class _CaseRun:

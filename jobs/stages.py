@@ -18,7 +18,7 @@ import torch
 
 from trtseg import storage
 from trtseg.dataset import Case
-from trtseg.errors import TrtsegError
+from trtseg.errors import TrtsegError, one_line
 from trtseg.export import empty_export
 from trtseg.model import NnUNetModel
 from trtseg.predict import Settings, check_budget
@@ -69,7 +69,7 @@ def prepare_case(case: Case, model: NnUNetModel, settings: Settings, storage_opt
         meta["error"] = storage.redact(str(e))
         return meta, None
     except Exception as e:
-        meta["error"] = storage.redact(f"{case.files[0]}: {type(e).__name__}: {' '.join(str(e).split())}")
+        meta["error"] = storage.redact(f"{case.files[0]}: {one_line(e)}")
         return meta, None
     meta["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     meta.update(pre={"shape_before_cropping": pre.shape_before_cropping, "bbox": pre.bbox,
@@ -97,7 +97,7 @@ def write_case(meta: dict, model: NnUNetModel, settings: Settings, output_url: s
             mask = empty_export(meta["shape_zyx"], model).mask
         write_mask(out_url, mask, meta["header"], None, settings.compresslevel, stamp(model, settings))
     except Exception as e:
-        return {"error": storage.redact(f"{meta['files'][0]}: {type(e).__name__}: {' '.join(str(e).split())}"),
+        return {"error": storage.redact(f"{meta['files'][0]}: {one_line(e)}"),
                 "seconds": {"write": time.perf_counter() - t}}
     return {"output": out_url, "seconds": {"write": time.perf_counter() - t},
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}

@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-from trtseg.errors import TrtsegError
+from trtseg.errors import TrtsegError, one_line
 
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:  # anything else that stops a run before its cases: one line, no secrets
         from trtseg import storage
-        print(storage.redact(f"trtseg: error: {type(e).__name__}: {' '.join(str(e).split())[:500]}"), file=sys.stderr)
+        print(storage.redact(f"trtseg: error: {one_line(e, 500)}"), file=sys.stderr)
         return 2
 
 

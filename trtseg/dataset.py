@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 
 from trtseg import storage
-from trtseg.errors import TrtsegError
+from trtseg.errors import TrtsegError, one_line
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})\.nii(\.gz)?$")
 _NIFTI = re.compile(r"^(?P<case>.+?)\.nii(\.gz)?$")
@@ -40,8 +40,8 @@ def list_cases(input_url: str, num_channels: int | None = None,
     except FileNotFoundError:
         raise
     except Exception as e:
-        raise TrtsegError(storage.redact(f"{input_url}: cannot list the input ({type(e).__name__}: "
-                                         f"{' '.join(str(e).split())[:300]})", storage_options)) from None
+        raise TrtsegError(storage.redact(f"{input_url}: cannot list the input ({one_line(e, 300)})",
+                                         storage_options)) from None
 
 
 def _list_cases(input_url: str, num_channels: int | None, storage_options) -> list[Case]:

@@ -2,6 +2,12 @@
 from __future__ import annotations
 
 
+def one_line(exc: BaseException, limit: int | None = None) -> str:
+    """``Type: message`` of an unexpected exception on one line (at most ``limit`` characters of message)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:limit] if limit else text}"
+
+
 class TrtsegError(Exception):
     """Base class of errors that trtseg raises on purpose (bad input, bad model, bad configuration)."""
 

@@ -19,7 +19,7 @@ from accel.engines import Engine, create_engines
 from trtseg import storage
 from trtseg.aggregate import Accumulator
 from trtseg.dataset import Case
-from trtseg.errors import CaseError, TrtsegError
+from trtseg.errors import CaseError, TrtsegError, one_line
 from trtseg.export import Exported, empty_export, export
 from trtseg.infer import predict_tiles
 from trtseg.model import NnUNetModel
@@ -195,7 +195,7 @@ class Predictor:
         except TrtsegError as e:
             return CaseResult(case.case_id, "failed", error=str(e), seconds=timer.seconds)
         except Exception as e:  # an unexpected failure still fails one case, named, not the run
-            return CaseResult(case.case_id, "failed", error=f"{case.files[0]}: {type(e).__name__}: {' '.join(str(e).split())}",
+            return CaseResult(case.case_id, "failed", error=f"{case.files[0]}: {one_line(e)}",
                               seconds=timer.seconds)
         return CaseResult(case.case_id, "ok", output=out_url, seconds=timer.seconds,
                           extra={"labels_present": [int(v) for v in np.unique(result.mask)]})

@@ -138,7 +138,7 @@ def remove_stale_parts(url: str, storage_options: StorageOptions | None = None) 
 
 def check_writable(url: str, storage_options: StorageOptions | None = None) -> None:
     """Writes and deletes a small probe under ``url``; raises TrtsegError naming the URL and the cause."""
-    from trtseg.errors import TrtsegError
+    from trtseg.errors import TrtsegError, one_line
 
     probe = join(url, f".trtseg-probe-{uuid.uuid4().hex}")
     try:
@@ -146,5 +146,5 @@ def check_writable(url: str, storage_options: StorageOptions | None = None) -> N
         fs, path = filesystem(probe, storage_options)
         fs.rm(path)
     except Exception as e:
-        raise TrtsegError(redact(f"{url}: output location is not writable ({type(e).__name__}: "
-                                 f"{' '.join(str(e).split())[:300]})", storage_options)) from None
+        raise TrtsegError(redact(f"{url}: output location is not writable ({one_line(e, 300)})",
+                                 storage_options)) from None
