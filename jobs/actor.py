@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
 import time
 
 import numpy as np
 import torch
 
 from accel.engines import create_engines
-from jobs.stages import chunk_region
+from jobs.stages import chunk_region, peak_rss_mb, worker_device
 from trtseg import storage
 from trtseg.aggregate import weight_map
 from trtseg.export import export
@@ -49,8 +48,8 @@ class InferenceActor:
                  storage_options=None):
         storage.set_default_options(storage_options)
         self.name = name
-        gpu = torch.cuda.is_available() and settings.device != "cpu"
-        self.device = torch.device("cuda", 0) if gpu else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES
+        self.device = worker_device(settings)
+        gpu = self.device.type == "cuda"
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.model = model
@@ -173,6 +172,6 @@ class InferenceActor:
                 "engine_busy_since_first_tile": round(self.engine_seconds / (time.time() - self.first_tile_at), 4)
                 if self.first_tile_at else None,
                 "tiles": self.tiles, "alive_seconds": round(time.time() - self.started, 3), "pid": os.getpid(),
-                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "peak_rss_mb": peak_rss_mb(),
                 "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated(self.device) / 2 ** 20, 1)
                 if self.device.type == "cuda" else None}

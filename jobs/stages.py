@@ -34,8 +34,14 @@ def stamp(model: NnUNetModel, settings: Settings) -> str:
     return f"{model.fingerprint} folds={','.join(model.folds)} step={f['step_size']} tta={int(f['use_mirroring'])}"
 
 
-def _device(settings: Settings) -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() and settings.device != "cpu" else torch.device("cpu")
+def worker_device(settings: Settings) -> torch.device:
+    """The device of a Ray worker: its GPU when Ray gave it one (CUDA_VISIBLE_DEVICES) and the job runs on GPUs."""
+    return torch.device("cuda", 0) if torch.cuda.is_available() and settings.device != "cpu" else torch.device("cpu")
+
+
+def peak_rss_mb() -> float:
+    """This worker process's peak resident memory, in MiB."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def prepare_case(case: Case, model: NnUNetModel, settings: Settings, storage_options=None) -> tuple[dict, Any]:
@@ -58,7 +64,7 @@ def prepare_case(case: Case, model: NnUNetModel, settings: Settings, storage_opt
             meta["empty"] = True
             return meta, None
         t = time.perf_counter()
-        device = _device(settings)
+        device = worker_device(settings)
         pre = preprocess(image, model, device)
         padded, crop = pad_to_patch(pre.data, model.patch_size)
         check_budget(settings, case.files[0], padded.shape[0], model.labels.num_heads, padded.shape[1:],
@@ -71,7 +77,7 @@ def prepare_case(case: Case, model: NnUNetModel, settings: Settings, storage_opt
     except Exception as e:
         meta["error"] = storage.redact(f"{case.files[0]}: {one_line(e)}")
         return meta, None
-    meta["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    meta["peak_rss_mb"] = peak_rss_mb()
     meta.update(pre={"shape_before_cropping": pre.shape_before_cropping, "bbox": pre.bbox,
                      "shape_after_cropping": pre.shape_after_cropping, "spacing_transposed": pre.spacing_transposed},
                 crop=[(s.start, s.stop) for s in crop], padded_shape=tuple(data.shape[1:]),
@@ -100,4 +106,4 @@ def write_case(meta: dict, model: NnUNetModel, settings: Settings, output_url: s
         return {"error": storage.redact(f"{meta['files'][0]}: {one_line(e)}"),
                 "seconds": {"write": time.perf_counter() - t}}
     return {"output": out_url, "seconds": {"write": time.perf_counter() - t},
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mb": peak_rss_mb()}
