@@ -49,27 +49,46 @@ class TorchEngine(Engine):
     network: an nn.Module in eval mode, deep supervision off
     device: "cpu" or "cuda[:N]"
     precision: "fp32", "fp16" or "bf16" (autocast; on CPU only fp32 is offered, as nnU-Net does)
-    compile: wrap the network in torch.compile (CUDA; the first batches of each shape pay the compile time)
+    compile: wrap the network in torch.compile (CUDA; the first batches of each shape pay the compile time); a
+        string is torch.compile's mode, e.g. "max-autotune-no-cudagraphs"
     cuda_graphs: capture one CUDA graph per batch shape and replay it (CUDA; static input/output buffers)
+    channels_last: keep weights and tiles in channels-last-3d memory order (b, z, y, x, c), which cuDNN's fp16
+        tensor-core convolutions prefer; values are unchanged
+    half_weights: with fp16, cast the network itself to fp16 instead of autocasting, keeping every normalization
+        layer in fp32 (its input is cast up and its output back), as the FP16 ONNX export does
     """
 
     name = "torch"
 
     def __init__(self, network: torch.nn.Module, device: torch.device | str = "cpu", precision: str = "fp32",
-                 compile: bool = False, cuda_graphs: bool = False):
+                 compile: bool | str = False, cuda_graphs: bool = False, channels_last: bool = False,
+                 half_weights: bool = False):
         self.device = torch.device(device)
         if precision not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
         if self.device.type == "cpu" and precision != "fp32":
             raise ValueError("the CPU engine runs fp32 only")
         self.precision = precision
-        self.network = network.to(self.device).eval()
+        if half_weights and precision != "fp16":
+            raise ValueError("half_weights needs precision fp16")
+        self.half_weights = half_weights
+        self.channels_last = channels_last
+        network = network.to(self.device).eval()
+        if half_weights:
+            network = _fp16_with_fp32_norms(network)
+        if channels_last:
+            network = network.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+        self.network = network
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed tile shapes: let cuDNN pick the fastest kernels, as nnU-Net does
         self._fn: Callable[[torch.Tensor], torch.Tensor] = self.network
         if compile:
-            self._fn = torch.compile(self.network)  # type: ignore[assignment]
-        self.compiled = compile
+            # static shapes: one graph per batch size (the full batch and a volume's last, short one). Left to detect
+            # dynamic shapes, torch.compile would recompile on the short batch with a symbolic batch dimension, and
+            # that slower graph then serves the full batches too
+            mode = compile if isinstance(compile, str) else None
+            self._fn = torch.compile(self.network, mode=mode, dynamic=False)  # type: ignore[assignment]
+        self.compiled = bool(compile)
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.cuda_graphs = cuda_graphs
@@ -94,23 +113,55 @@ class TorchEngine(Engine):
         graph.replay()
         return static_out.clone()
 
+    def _prepare(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.half_weights:
+            batch = batch.half()
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last_3d)
+        return batch
+
     def _autocast(self):
-        if self.precision == "fp32":
+        if self.precision == "fp32" or self.half_weights:
             return contextlib.nullcontext()
         dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
         return torch.autocast(self.device.type, dtype=dtype)
 
     @torch.inference_mode()
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = self._prepare(batch)
         if self.cuda_graphs:
-            return self._replay(batch).float()
+            return self._replay(batch).float().contiguous()
         with self._autocast():
             out = self._fn(batch)
-        return out.float()
+        return out.float().contiguous()
 
     def describe(self) -> dict:
         return {"engine": self.name, "device": str(self.device), "precision": self.precision, "compiled": self.compiled,
-                "cuda_graphs": self.cuda_graphs}
+                "cuda_graphs": self.cuda_graphs, "channels_last": self.channels_last, "half_weights": self.half_weights}
+
+
+class _Fp32Norm(torch.nn.Module):
+    """Runs a normalization layer in fp32 inside an fp16 network: InstanceNorm's variance loses accuracy in fp16."""
+
+    def __init__(self, norm: torch.nn.Module):
+        super().__init__()
+        self.norm = norm.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.float()).to(x.dtype)
+
+
+_NORMS = (torch.nn.modules.instancenorm._InstanceNorm, torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm,
+          torch.nn.LayerNorm)
+
+
+def _fp16_with_fp32_norms(network: torch.nn.Module) -> torch.nn.Module:
+    network = network.half()
+    for parent in list(network.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, _NORMS):
+                setattr(parent, name, _Fp32Norm(child))
+    return network
 
 
 class OnnxRuntimeEngine(Engine):
@@ -214,12 +265,13 @@ def onnx_for_fold(model, fold: str, cache_url: str, precision: str = "fp32", bat
 
 def create_engines(model, kind: str = "auto", device: torch.device | str = "cpu", precision: str | None = None,
                    compile: bool = False, cache_url: str | None = None, max_batch: int = 4,
-                   cuda_graphs: bool = False) -> list[Engine]:
+                   cuda_graphs: bool = False, channels_last: bool = False, half_weights: bool = False) -> list[Engine]:
     """One engine per fold of ``model``, of ``kind`` (see ``resolve_engine_kind``), on ``device``.
 
     precision: fp32, fp16 or bf16; None means fp16 on CUDA (nnU-Net's autocast) and fp32 on the CPU
     cache_url: where ONNX graphs and TensorRT engines are kept (default: ``default_cache()``)
     max_batch: the largest tile batch a TensorRT optimization profile covers
+    channels_last, half_weights: PyTorch engine options (see ``TorchEngine``)
     """
     device = torch.device(device)
     kind = resolve_engine_kind(kind, device)
@@ -228,7 +280,8 @@ def create_engines(model, kind: str = "auto", device: torch.device | str = "cpu"
     engines: list[Engine] = []
     for fold in model.folds:
         if kind == "torch":
-            engines.append(TorchEngine(model.build_network(fold), device, precision, compile, cuda_graphs))
+            engines.append(TorchEngine(model.build_network(fold), device, precision, compile, cuda_graphs,
+                                       channels_last, half_weights))
         elif kind == "onnxruntime":
             onnx_precision = "fp16" if precision == "fp16" else "fp32"
             engines.append(OnnxRuntimeEngine(onnx_for_fold(model, fold, cache_url, onnx_precision), device,

@@ -39,6 +39,10 @@ def main() -> None:
     ap.add_argument("--tiles-per-task", type=int, default=16)
     ap.add_argument("--max-cases-in-flight", type=int, default=3)
     ap.add_argument("--mirroring", action="store_true")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--fp16-weights", action="store_true")
+    ap.add_argument("--compress-level", type=int, default=6)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="trtseg_dataset_")
@@ -55,7 +59,9 @@ def main() -> None:
     gen_s = time.perf_counter() - t
     cfg = JobConfig(input=os.path.join(work, "in"), output=os.path.join(work, "out"), model=model,
                     settings=Settings(device="cuda", engine="torch", batch_size=args.batch_size,
-                                      use_mirroring=args.mirroring),
+                                      use_mirroring=args.mirroring, compile=args.compile,
+                                      channels_last=args.channels_last, half_weights=args.fp16_weights,
+                                      compresslevel=args.compress_level),
                     gpus_per_actor=args.gpus_per_actor, task_gpus=args.task_gpus, tiles_per_task=args.tiles_per_task,
                     max_cases_in_flight=args.max_cases_in_flight, progress=False)
     report = run_job(cfg)

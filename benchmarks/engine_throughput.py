@@ -1,6 +1,11 @@
 """Engine throughput: patches/s and achieved TFLOP/s of the network alone, per engine, precision and batch size.
 
-    python -m benchmarks.engine_throughput [--device cuda] [--batches 1 2 4 8] [--json results.json]
+    python -m benchmarks.engine_throughput [--device cuda] [--batches 1 2 4 8] [--configs fp16+compile+cl ...]
+                                           [--json results.json]
+
+A configuration is a precision (fp32, fp16, bf16) with options joined by "+": compile (torch.compile), max
+(torch.compile with mode "max-autotune-no-cudagraphs"), cl
+(channels-last-3d memory order), graphs (replay captured CUDA graphs), half (an fp16 network with fp32 normalization layers instead of autocast).
 
 Model: nnU-Net 3d_fullres for CT (PlainConvUNet 32->320, 6 stages, 128^3 patch, 4 labels). FLOPs per patch are
 counted with torch's FlopCounterMode (multiply-add = 2 FLOPs). Inputs are standard-normal patches (the
@@ -66,9 +71,12 @@ def main() -> None:
     result = {"scenario": "engine_throughput", "machine": machine(), "patch": patch, "gflop_per_patch": round(flops / 1e9, 1),
               "tensor_core_floor_patches_s": TENSOR_CORE_FLOOR_PATCHES_S, "runs": []}
     for cfg in args.configs:
-        precision, _, comp = cfg.partition("+")
+        precision, *opts = cfg.split("+")
         for b in args.batches:
-            engine = TorchEngine(model.build_network(), args.device, precision, compile=comp == "compile")
+            comp = "max-autotune-no-cudagraphs" if "max" in opts else "compile" in opts
+            torch._dynamo.reset()  # each configuration compiles afresh, for its batch size only
+            engine = TorchEngine(model.build_network(), args.device, precision, compile=comp,
+                                 channels_last="cl" in opts, half_weights="half" in opts, cuda_graphs="graphs" in opts)
             try:
                 rate, warm = time_engine(engine, b, patch, args.iters, args.repeats, warmup=3)
             except torch.OutOfMemoryError:

@@ -3,7 +3,8 @@
     python -m benchmarks.precision_masks [--shape 512 512 240] [--json results.json]
 
 The 3d_fullres 32->320 model (random weights, last layer spread so every label appears) segments one CT-like
-volume with fp32, fp16 autocast, bf16 autocast and fp16 under torch.compile; each mask is compared voxel by voxel
+volume with fp32, fp16 autocast, bf16 autocast, fp16 under torch.compile, with channels-last, and an fp16 network
+with fp32 normalization layers (--fp16-weights); each mask is compared voxel by voxel
 with the fp32 mask (the bar is 99.9 %).
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from trtseg.predict import Predictor, Settings
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", nargs=3, type=int, default=[512, 512, 240])
+    ap.add_argument("--only", nargs="+", default=None, help="these configurations (fp32 is always run)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="trtseg_prec_")
@@ -35,11 +37,16 @@ def main() -> None:
                    syn.affine_for((0.7, 0.7, 1.25)))
     case = list_cases(os.path.join(work, "in"), 1)[0]
     masks = {}
-    for name, s in {"fp32": Settings(device="cuda", engine="torch", precision="fp32", use_mirroring=False, batch_size=4),
-                    "fp16": Settings(device="cuda", engine="torch", precision="fp16", use_mirroring=False, batch_size=4),
-                    "bf16": Settings(device="cuda", engine="torch", precision="bf16", use_mirroring=False, batch_size=4),
-                    "fp16_compiled": Settings(device="cuda", engine="torch", precision="fp16", compile=True,
-                                              use_mirroring=False, batch_size=4)}.items():
+    base = dict(device="cuda", engine="torch", use_mirroring=False, batch_size=4)
+    configs = {"fp32": Settings(precision="fp32", **base), "fp16": Settings(precision="fp16", **base),
+               "bf16": Settings(precision="bf16", **base),
+               "fp16_compiled": Settings(precision="fp16", compile=True, **base),
+               "fp16_compiled_channels_last": Settings(precision="fp16", compile=True, channels_last=True, **base),
+               "fp16_weights_compiled_channels_last": Settings(precision="fp16", compile=True, channels_last=True,
+                                                               half_weights=True, **base)}
+    for name, s in configs.items():
+        if args.only and name != "fp32" and name not in args.only:
+            continue
         r = Predictor(model, s).predict_case(case, os.path.join(work, name))
         assert r.status == "ok", r.error
         masks[name] = np.asarray(nib.load(r.output).dataobj)

@@ -56,7 +56,8 @@ class InferenceActor:
         self.settings = settings
         self.engines = create_engines(model, settings.engine, self.device, settings.resolved_precision() if gpu else "fp32",
                                       settings.compile, settings.engine_cache, max(settings.batch_size, 1),
-                                      settings.cuda_graphs and gpu)
+                                      settings.cuda_graphs and gpu, settings.channels_last and gpu,
+                                      settings.half_weights and gpu)
         # the actor's own CUDA stream: its tiles, sums and exports queue there, apart from other processes' work
         self.stream = torch.cuda.Stream(self.device) if gpu else None
         self.gaussian = gaussian_importance(model.patch_size, self.device)

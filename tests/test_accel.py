@@ -87,6 +87,16 @@ def test_onnxruntime_engine_gives_the_pytorch_engines_masks(small_model, tmp_pat
         assert voxel_agreement(str(tmp_path / "torch" / f"{cid}.nii.gz"), str(tmp_path / "onnxruntime" / f"{cid}.nii.gz")) >= 0.999
 
 
+def test_channels_last_engine_gives_the_same_logits(small_model):
+    model = load_model_folder(small_model, ["0"])
+    x = torch.from_numpy(random_patches(model, 2))
+    a = TorchEngine(model.build_network("0"), "cpu").infer(x)
+    b = TorchEngine(model.build_network("0"), "cpu", channels_last=True).infer(x)
+    assert b.is_contiguous() and torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    with pytest.raises(ValueError, match="fp16"):
+        TorchEngine(model.build_network("0"), "cpu", half_weights=True)
+
+
 def test_card_model_predicts_and_rejects_contradictions(card_model, tmp_path, monkeypatch):
     card, weights = card_model
     # Ray workers import the card's network module like any user package: it must be on their path

@@ -31,6 +31,18 @@ def test_cuda_graphs_replay_gives_the_eager_logits(small_model):
     assert graphs.infer(x[:1]).shape == a[:1].shape  # a second batch shape gets its own graph
 
 
+def test_fp16_weights_keep_norms_fp32_and_track_autocast(small_model):
+    model = load_model_folder(small_model, ["0"])
+    x = torch.from_numpy(random_patches(model, 2)).cuda()
+    ref = TorchEngine(model.build_network("0"), "cuda", "fp32").infer(x)
+    fast = TorchEngine(model.build_network("0"), "cuda", "fp16", channels_last=True, half_weights=True)
+    norms = [m for m in fast.network.modules() if isinstance(m, torch.nn.InstanceNorm3d)]
+    assert norms and all(p.dtype == torch.float32 for m in norms for p in m.parameters())
+    out = fast.infer(x)
+    assert out.dtype == torch.float32 and out.is_contiguous()
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.999
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_cuda_predictor_gives_the_cpu_masks(small_model, tmp_path, precision):
     write_case(str(tmp_path / "in"), "g", (70, 61, 23), (0.8, 0.8, 3.1), oblique_deg=20, zero_border=3)

@@ -55,6 +55,8 @@ class Settings:
     precision: str | None = None
     compile: bool = False
     cuda_graphs: bool = False
+    channels_last: bool = False
+    half_weights: bool = False
     save_probabilities: bool = False
     compresslevel: int = 6
     memory_budget_gb: float | None = None
@@ -131,7 +133,7 @@ class Predictor:
         if engines is None:
             engines = create_engines(model, settings.engine, self.device, settings.resolved_precision(),
                                      settings.compile, settings.engine_cache, max(settings.batch_size, 1),
-                                     settings.cuda_graphs)
+                                     settings.cuda_graphs, settings.channels_last, settings.half_weights)
         self.engines = engines
         self.gaussian = gaussian_importance(model.patch_size, self.device)
 
