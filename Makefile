@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   installs (first time only) and runs `trtseg predict` on the embedded default (local Ray, CPU engine)
+#   make demo   installs (first time only), fetches the demo scans (scripts/demo_data.sh) and segments them with
+#               `trtseg demo`: `trtseg predict` on the embedded default (local Ray, CPU engine), QC pictures, Dice
 #   make test   installs (first time only) and runs the test suite; .ci/run calls exactly this
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,8 +12,12 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh
 	bash scripts/install.sh $(VENV)
 	touch $@
 
-demo: install
-	$(VENV)/bin/trtseg demo --output out/demo
+data/demo/.fetched: scripts/demo_data.sh
+	PYTHON=$(PY) bash scripts/demo_data.sh data/demo
+	touch $@
 
-test: install
+demo: install data/demo/.fetched
+	$(VENV)/bin/trtseg demo --data data/demo --output out/demo
+
+test: install data/demo/.fetched
 	$(PY) -m pytest -q tests

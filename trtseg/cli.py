@@ -5,7 +5,8 @@
     trtseg export  -m MODEL_FOLDER -o model.onnx [--precision fp32|fp16|int8] [--batch N | --dynamic-batch]
     trtseg build   --onnx model.onnx [--min-batch 1 --opt-batch 4 --max-batch 4] [--engine-cache URL]
     trtseg compare -m MODEL_FOLDER -i INPUT --a torch:fp32 --b onnxruntime:fp16
-    trtseg demo    [--output out/demo]
+    trtseg demo    [--data data/demo] [--output out/demo] [PREDICT OPTIONS]
+    trtseg qc      -i INPUT -o OUTPUT [--reference FOLDER]
 
 Models are nnU-Net v2 folders (-m) or a model card (--card) with a PyTorch network (--network
 package.module:callable [--weights FILE]) or an ONNX file (--onnx-model FILE); see README "Model cards".
@@ -53,6 +54,9 @@ def _add_predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"], help="engine precision (CUDA default fp16)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (PyTorch CUDA engine)")
     p.add_argument("--cuda-graphs", action="store_true", help="capture and replay CUDA graphs (PyTorch/TensorRT on CUDA)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last-3d weights and tiles (PyTorch CUDA engine)")
+    p.add_argument("--fp16-weights", action="store_true",
+                   help="with fp16: an fp16 network with fp32 normalization layers instead of autocast (PyTorch CUDA engine)")
     p.add_argument("--batch-size", type=int, default=2, help="tiles per engine call")
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE.npz/CASE.pkl as nnU-Net does")
     p.add_argument("--storage-options", default=None, help="JSON of fsspec storage options (credentials stay out of reports)")
@@ -80,7 +84,7 @@ def _settings(args):
     return Settings(step_size=args.step_size, use_mirroring=not args.disable_tta, device=args.device,
                     engine=args.engine, engine_cache=args.engine_cache, batch_size=args.batch_size,
                     precision=args.precision, compile=args.compile, cuda_graphs=args.cuda_graphs,
-                    save_probabilities=args.save_probabilities, memory_budget_gb=args.memory_budget_gb,
+                    channels_last=args.channels_last, half_weights=args.fp16_weights, save_probabilities=args.save_probabilities, memory_budget_gb=args.memory_budget_gb,
                     compresslevel=args.compress_level)
 
 
@@ -154,20 +158,41 @@ def cmd_compare(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Generates a small nnU-Net model folder and CT-like volumes, then runs `trtseg predict` on them."""
-    from trtseg import synthetic as syn
+    """Segments the demo's real MRI scans with the demo's trained model, then draws and scores the masks."""
+    from trtseg import demo
+    from trtseg.qc import qc_folder
     root = args.output.rstrip("/")
-    model = syn.make_model_folder(os.path.join(root, "model"), folds=(0,), patch_size=(32, 48, 48),
-                                  spacing=(2.5, 1.0, 1.0), features=(8, 16, 32, 64))
-    os.makedirs(os.path.join(root, "images"), exist_ok=True)
-    for i, shape in enumerate([(96, 96, 40), (80, 72, 33)]):
-        syn.save_nifti(os.path.join(root, "images", f"demo{i}_0000.nii.gz"), syn.ct_like_volume(shape, seed=i),
-                       syn.affine_for((0.9, 0.9, 2.5), oblique_deg=10 * i))
-    print(f"generated model {model} and 2 CT-like volumes in {root}/images (random weights: masks show the "
-          "pipeline, not anatomy)")
-    ns = argparse.Namespace(**{**vars(args), "input": os.path.join(root, "images"), "output": os.path.join(root, "masks"),
-                               "model": model})
-    return cmd_predict(ns)
+    cases = demo.prepare_inputs(args.data, root)
+    images, masks, refs = (os.path.join(root, d) for d in ("images", "masks", "reference"))
+    print(f"demo: {len(cases)} real T1 scans from {args.data} ({', '.join(c.case_id for c in cases)}), "
+          f"model {os.path.relpath(args.model or demo.MODEL_FOLDER)}")
+    model = args.model or demo.MODEL_FOLDER
+    ns = _predict_parser().parse_args(["-i", images, "-o", masks, "-m", model, *args.predict_args])
+    rc = cmd_predict(ns)
+    notes = {c.case_id: c.note for c in cases}
+    for r in qc_folder(images, masks, refs):
+        dice = f"Dice {r.dice:.4f}" if r.dice is not None else "no Dice"
+        print(f"  {r.case_id}: {r.status}, {dice} ({notes.get(r.case_id, '')}); picture {r.picture}")
+    print(f"QC page: {os.path.join(masks, 'qc', 'index.html')}")
+    return rc
+
+
+def cmd_qc(args) -> int:
+    from trtseg.qc import qc_folder
+    opts = json.loads(args.storage_options) if args.storage_options else None
+    results = qc_folder(args.input, args.output, args.reference, opts)
+    for r in results:
+        dice = f", Dice {r.dice:.4f}" if r.dice is not None else ""
+        print(f"{r.case_id}: {r.status}{dice}" + (f", {r.picture}" if r.picture else "") +
+              (f" ({r.error})" if r.error and r.status == "qc failed" else ""))
+    print(f"QC page: {args.output.rstrip('/')}/qc/index.html")
+    return 1 if any(r.status == "qc failed" for r in results) else 0
+
+
+def _predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trtseg predict")
+    _add_predict_args(p)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,16 +239,26 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--engine-cache", default=None)
     c.set_defaults(func=cmd_compare)
 
-    d = sub.add_parser("demo", help="generate a model and volumes, then predict them")
+    d = sub.add_parser("demo", help="segment real MRI scans with the demo's trained brain-extraction model",
+                       description="Segments the scans of --data (scripts/demo_data.sh) with demo/brain_model as "
+                                   "`trtseg predict` does, then writes QC pictures and prints Dice. Arguments after "
+                                   "the demo's own go to `trtseg predict` (e.g. --device cuda, --single-process).")
+    d.add_argument("--data", default="data/demo", help="folder filled by scripts/demo_data.sh")
     d.add_argument("--output", default="out/demo")
-    d.add_argument("--device", default=None)
-    d.add_argument("--engine", default="auto")
-    d.set_defaults(func=cmd_demo, folds=None, checkpoint="checkpoint_final.pth", step_size=0.5, disable_tta=False,
-                   precision=None, compile=False, cuda_graphs=False, batch_size=2, save_probabilities=False, storage_options=None,
-                   compress_level=6, memory_budget_gb=None, limit=None, dry_run=False, card=None, engine_cache=None, overwrite=False,
-                   address=None, cpu_actors=None, gpus_per_actor=1.0, task_gpus=0.0, max_cases_in_flight=3,
-                   tiles_per_task=8, partials="fp16", log_json=False, no_progress=False, single_process=False)
-    args = parser.parse_args(argv)
+    d.add_argument("--model", default=None, help="default: demo/brain_model of this checkout")
+    d.set_defaults(func=cmd_demo)
+
+    q = sub.add_parser("qc", help="pictures of masks over their images, an HTML page, and Dice against references")
+    q.add_argument("-i", "--input", required=True, help="the images folder given to trtseg predict")
+    q.add_argument("-o", "--output", required=True, help="the masks folder (with its run_report.json)")
+    q.add_argument("--reference", default=None, help="folder of reference masks CASE.nii.gz, for Dice and green outlines")
+    q.add_argument("--storage-options", default=None)
+    q.set_defaults(func=cmd_qc)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "demo":  # the demo passes every option it does not know on to `trtseg predict`
+        args.predict_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except (TrtsegError, FileNotFoundError) as e:

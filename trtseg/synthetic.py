@@ -113,32 +113,42 @@ def _spread_logits(net: torch.nn.Module, plans: dict, channels: int, logit_scale
         last.bias.copy_((last.bias - mu) * scale)
 
 
-def make_model_folder(folder: str, folds: Sequence[int | str] = (0,), seed: int = 0, logit_scale: float = 8.0,
-                      mirror_axes: Sequence[int] | None = (0, 1, 2), configuration: str = "3d_fullres",
-                      dataset_json: dict | None = None, **plans_kwargs) -> str:
-    """Writes an nnU-Net v2 trained-model folder with seeded random weights; returns its path."""
+def write_model_folder(folder: str, plans: dict, dataset_json: dict, weights: dict, configuration: str = "3d_fullres",
+                       mirror_axes: Sequence[int] | None = (0, 1, 2), trainer_name: str = "nnUNetTrainer") -> str:
+    """Writes an nnU-Net v2 trained-model folder as nnU-Net's trainer does: plans.json, dataset.json and, per fold of
+    ``weights`` (fold -> state dict), fold_N/checkpoint_final.pth. Returns ``folder``."""
     os.makedirs(folder, exist_ok=True)
-    plans = plans_dict(configuration=configuration, **plans_kwargs)
-    ds = dataset_json or dataset_dict(num_channels=len(plans_kwargs.get("normalization", ("CT",))))
     with open(os.path.join(folder, "plans.json"), "w") as f:
         json.dump(plans, f, indent=2)
     with open(os.path.join(folder, "dataset.json"), "w") as f:
-        json.dump(ds, f, indent=2)
-    for i, fold in enumerate(folds):
-        torch.manual_seed(seed + i)
-        net = build_network(plans, ds, configuration)
-        _spread_logits(net, plans, len(ds["channel_names"]), logit_scale, seed + i)
+        json.dump(dataset_json, f, indent=2)
+    for fold, state in weights.items():
         ckpt = {
-            "network_weights": net.state_dict(), "optimizer_state": None, "grad_scaler_state": None,
+            "network_weights": state, "optimizer_state": None, "grad_scaler_state": None,
             "logging": {}, "_best_ema": None, "current_epoch": 1000,
-            "init_args": {"plans": plans, "configuration": configuration, "fold": fold, "dataset_json": ds,
+            "init_args": {"plans": plans, "configuration": configuration, "fold": fold, "dataset_json": dataset_json,
                           "device": "cpu"},
-            "trainer_name": "nnUNetTrainer",
+            "trainer_name": trainer_name,
             "inference_allowed_mirroring_axes": tuple(mirror_axes) if mirror_axes is not None else None,
         }
         os.makedirs(os.path.join(folder, f"fold_{fold}"), exist_ok=True)
         torch.save(ckpt, os.path.join(folder, f"fold_{fold}", "checkpoint_final.pth"))
     return folder
+
+
+def make_model_folder(folder: str, folds: Sequence[int | str] = (0,), seed: int = 0, logit_scale: float = 8.0,
+                      mirror_axes: Sequence[int] | None = (0, 1, 2), configuration: str = "3d_fullres",
+                      dataset_json: dict | None = None, **plans_kwargs) -> str:
+    """Writes an nnU-Net v2 trained-model folder with seeded random weights; returns its path."""
+    plans = plans_dict(configuration=configuration, **plans_kwargs)
+    ds = dataset_json or dataset_dict(num_channels=len(plans_kwargs.get("normalization", ("CT",))))
+    weights = {}
+    for i, fold in enumerate(folds):
+        torch.manual_seed(seed + i)
+        net = build_network(plans, ds, configuration)
+        _spread_logits(net, plans, len(ds["channel_names"]), logit_scale, seed + i)
+        weights[fold] = net.state_dict()
+    return write_model_folder(folder, plans, ds, weights, configuration, mirror_axes)
 
 
 def ct_like_volume(shape_xyz: Sequence[int], seed: int = 0, zero_border: int = 0) -> np.ndarray:
