@@ -173,6 +173,16 @@ class InferenceActor:
                 "engine_busy_since_first_tile": round(self.engine_seconds / (time.time() - self.first_tile_at), 4)
                 if self.first_tile_at else None,
                 "tiles": self.tiles, "alive_seconds": round(time.time() - self.started, 3), "pid": os.getpid(),
+                "node_id": _node_id(),
                 "peak_rss_mb": peak_rss_mb(),
                 "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated(self.device) / 2 ** 20, 1)
                 if self.device.type == "cuda" else None}
+
+
+def _node_id() -> str | None:
+    """The Ray node this actor runs on (None outside Ray)."""
+    try:
+        import ray
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return None

@@ -16,6 +16,8 @@ class JobConfig:
     cpu_actors: run N CPU inference actors (the default where the cluster has no GPU: 1)
     gpus_per_actor: GPU share of each inference actor (fractions put several actors on one GPU)
     task_gpus: GPU share of each preprocessing/export task on GPU clusters (0: those run on the CPU)
+    actor_resources: custom Ray resources each inference actor needs, e.g. {"accelerator_h100": 1} to keep actors
+              on one node type of a mixed cluster (the launcher config and KubeRay groups declare such resources)
     max_cases_in_flight: volumes between reading and export at once (bounds host, GPU and object-store memory)
     tiles_per_task: tiles an actor takes in one call (smaller spreads a volume over more actors)
     partials: dtype of the partial logit sums the other actors ship to a case's owner actor ("fp16" halves the
@@ -34,6 +36,7 @@ class JobConfig:
     cpu_actors: int | None = None
     gpus_per_actor: float = 1.0
     task_gpus: float = 0.0
+    actor_resources: dict[str, float] | None = None
     max_cases_in_flight: int = 3
     tiles_per_task: int = 8
     partials: str = "fp16"

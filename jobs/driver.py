@@ -200,7 +200,10 @@ def _run(cfg: JobConfig, model: NnUNetModel, cases: list[Case], todo: list[Case]
     light_ref = ray.put(light)
     threads = max(1, (os.cpu_count() or 1) // n_actors) if cpu_mode else None
     actor_cls = ray.remote(InferenceActor)
+    # SPREAD: actors go to different nodes where they fit, so a multi-node cluster's GPUs (and the network links
+    # and CPUs beside them) all work; actor_resources pins them to nodes with a custom resource (a GPU type)
     actors = [actor_cls.options(name=f"trtseg-infer-{run_id}-{i}", num_cpus=1, num_gpus=0 if cpu_mode else cfg.gpus_per_actor,
+                                resources=cfg.actor_resources or None, scheduling_strategy="SPREAD",
                                 max_restarts=cfg.actor_restarts, max_task_retries=cfg.task_retries)
               .remote(model_ref, settings, f"infer-{i}", threads, cfg.storage_options) for i in range(n_actors)]
     task_gpus = 0 if cpu_mode else cfg.task_gpus

@@ -5,12 +5,14 @@
 # ships). Otherwise machines with an NVIDIA GPU get PyPI's default (CUDA) build, and machines without one get the
 # CPU build: TRTSEG_CPU_TORCH (default torch==2.13.0, which this workplace serves as a local CPU wheel) from
 # TRTSEG_TORCH_INDEX when set (e.g. https://download.pytorch.org/whl/cpu elsewhere).
+# TRTSEG_EXTRAS (default test) picks the extras: container images take s3,gcs,demo.
 # The installed torch version is then pinned as a constraint, so that no other package (timm via
 # dynamic-network-architectures, for instance) can swap it for another build.
 set -euo pipefail
 venv=${1:-.venv}
 extras=${TRTSEG_EXTRAS:-test}
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+# TRTSEG_VENV_ARGS=--system-site-packages lets the venv see an image's own torch and TensorRT (cluster/image/)
+[ -x "$venv/bin/python" ] || python3 -m venv ${TRTSEG_VENV_ARGS:-} "$venv"
 pip=("$venv/bin/python" -m pip)
 if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
@@ -21,5 +23,5 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
 fi
 "$venv/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$venv/torch-constraint.txt"
 "${pip[@]}" install -q -c "$venv/torch-constraint.txt" -e ".[${extras}]"
-bash "$(dirname "$0")/typestubs.sh" "$venv"
+case ",$extras," in *,test,*) bash "$(dirname "$0")/typestubs.sh" "$venv" ;; esac  # for mypy in the tests
 "$venv/bin/python" -c "import torch, trtseg; print('trtseg installed with torch', torch.__version__)"

@@ -70,6 +70,8 @@ def _add_predict_args(p: argparse.ArgumentParser) -> None:
     j.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     j.add_argument("--cpu-actors", type=int, default=None, help="N inference actors on CPUs (default where no GPU: 1)")
     j.add_argument("--gpus-per-actor", type=float, default=1.0, help="GPU share per inference actor (0.5: two per GPU)")
+    j.add_argument("--actor-resources", default=None,
+                   help='JSON of custom Ray resources each inference actor needs, e.g. \'{"accelerator_h100": 1}\'')
     j.add_argument("--task-gpus", type=float, default=0.0, help="GPU share of preprocessing/export tasks (0: on CPUs)")
     j.add_argument("--max-cases-in-flight", type=int, default=3, help="volumes between reading and writing at once")
     j.add_argument("--tiles-per-task", type=int, default=8, help="tiles an actor takes per call")
@@ -105,6 +107,7 @@ def cmd_predict(args) -> int:
             input=args.input, output=args.output, model=args.model, folds=args.folds, checkpoint=args.checkpoint,
             model_card=card, settings=_settings(args), storage_options=opts, address=args.address,
             cpu_actors=args.cpu_actors, gpus_per_actor=args.gpus_per_actor, task_gpus=args.task_gpus,
+            actor_resources=json.loads(args.actor_resources) if args.actor_resources else None,
             max_cases_in_flight=args.max_cases_in_flight, tiles_per_task=args.tiles_per_task, partials=args.partials,
             overwrite=args.overwrite, dry_run=args.dry_run, limit=args.limit, progress=not args.no_progress,
             log_json=args.log_json))
