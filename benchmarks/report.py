@@ -20,6 +20,20 @@ COMMANDS = {
     "scaling": "python -m benchmarks.scaling --cases 8",
 }
 
+# result files written by a command other than their scenario's plain one (the exact command, run on the H100 with
+# shared/device's base bundle and the isal wheel on PYTHONPATH)
+FILE_COMMANDS = {
+    "h100_case_latency_compile_igzip1.json": "python -m benchmarks.case_latency --device cuda --compile --compress-level 1",
+    "h100_case_latency_eager_igzip1.json": "python -m benchmarks.case_latency --device cuda --compress-level 1 --mirroring off",
+    "h100_case_latency_fast.json": "python -m benchmarks.case_latency --device cuda --compile --channels-last "
+                                   "--fp16-weights --compress-level 1",
+    "h100_engine_throughput_fast.json": "python -m benchmarks.engine_throughput --batches 4 8 --configs fp16+compile "
+                                        "fp16+compile+cl+half",
+    "h100_dataset_throughput_fast.json": "python -m benchmarks.dataset_throughput --cases 16 --compile --channels-last "
+                                         "--fp16-weights --compress-level 1 --max-cases-in-flight 8",
+    "h100_precision_masks_fast.json": "python -m benchmarks.precision_masks --only fp16_weights_compiled_channels_last",
+}
+
 
 def _machine(r: dict) -> str:
     m = r.get("machine", {})
@@ -39,7 +53,8 @@ def rows(r: dict) -> list[str]:
                 f"({x.get('fraction_of_floor')} of the {r['tensor_core_floor_patches_s']} patches/s floor)" for x in r["runs"]]
     if s == "dataset_throughput":
         return [f"{r['cases']} volumes {r['shape_xyz']}: {r['wall_seconds']} s wall, {r['volumes_per_gpu_hour']} volumes/GPU-hour, "
-                f"engine busy {r['engine_busy_fraction']}, stage medians {r['median_stage_seconds']}, object store MB/case "
+                f"engine busy {r['engine_busy_fraction']} (since its first tile "
+                f"{r.get('engine_busy_since_first_tile', 'not measured')}), stage medians {r['median_stage_seconds']}, object store MB/case "
                 f"{r['median_object_store_mb_per_case']}"]
     if s == "precision_masks":
         return [f"agreement with fp32 masks: {r['agreement_vs_fp32']}"]
@@ -63,7 +78,7 @@ def main() -> None:
              "the JSON; figures are medians over repeats.", ""]
     for path in sorted(glob.glob(os.path.join(HERE, "results", "*.json"))):
         r = json.load(open(path))
-        lines += [f"## {os.path.basename(path)}", "", f"- command: `{COMMANDS.get(r['scenario'], '?')}`",
+        lines += [f"## {os.path.basename(path)}", "", f"- command: `{FILE_COMMANDS.get(os.path.basename(path)) or COMMANDS.get(r['scenario'], '?')}`",
                   f"- machine: {_machine(r)}", ""] + [f"- {x}" for x in rows(r)] + [""]
     with open(os.path.join(os.path.dirname(HERE), "BENCHMARKS.md"), "w") as f:
         f.write("\n".join(lines))
