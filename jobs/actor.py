@@ -26,7 +26,7 @@ from trtseg.infer import predict_tiles
 from trtseg.model import NnUNetModel
 from trtseg.predict import Settings
 from trtseg.preprocess import Preprocessed
-from trtseg.tile import gaussian_importance
+from trtseg.tile import model_gaussian
 
 
 class _CaseState:
@@ -60,7 +60,7 @@ class InferenceActor:
                                       settings.half_weights and gpu)
         # the actor's own CUDA stream: its tiles, sums and exports queue there, apart from other processes' work
         self.stream = torch.cuda.Stream(self.device) if gpu else None
-        self.gaussian = gaussian_importance(model.patch_size, self.device)
+        self.gaussian = model_gaussian(model, self.device)
         self.mirror_axes = model.mirror_axes if settings.use_mirroring else None
         self._cases: dict[str, _CaseState] = {}
         self.busy_seconds = 0.0  # inside infer_chunk and finalize
@@ -107,7 +107,7 @@ class InferenceActor:
                 starts = chunk_starts[i:i + bs]
                 tiles = torch.stack([st.volume[(slice(None), *(slice(s, s + p) for s, p in zip(t, patch)))] for t in starts])
                 te = time.perf_counter()
-                logits = predict_tiles(engine, tiles, self.mirror_axes)
+                logits = predict_tiles(engine, tiles, self.mirror_axes, self.model.nnunet_version == 1)
                 self._sync()
                 self.engine_seconds += time.perf_counter() - te
                 for tl, t in zip(logits, starts):

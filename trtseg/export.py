@@ -1,5 +1,6 @@
 """Stage 6, export: logits at the model's spacing -> the mask on the input's voxel grid, as nnU-Net's
-convert_predicted_logits_to_segmentation_with_correct_shape.
+convert_predicted_logits_to_segmentation_with_correct_shape (v1: save_segmentation_nifti_from_softmax, which gets
+aggregated probabilities instead of logits; resampling and argmax are the same).
 
 resample logits to the cropped shape (the plans' probability resampling: order 1, separate-z rule) -> argmax, or
 sigmoid > 0.5 painted in regions_class_order -> paste into the crop box -> transpose_backward.
@@ -30,8 +31,12 @@ def export(logits: torch.Tensor, pre: Preprocessed, model: NnUNetModel, with_pro
     """logits: (k, z, y, x) float32 at the model's spacing, in the model's axis order."""
     spec = model.resampling_probabilities
     if spec.kind != "none":
-        plan = rs.plan_resize(spec.kind, spec.order, spec.order_z, spec.force_separate_z, model.spacing,
-                              pre.spacing_transposed, spec.anisotropy_threshold)
+        # which spacing decides the separate-z axis first: v2 the model's, v1 the input's (save_segmentation_nifti_
+        # from_softmax); the axis only, the resize itself is the same
+        first, second = (pre.spacing_transposed, model.spacing) if model.nnunet_version == 1 else \
+            (model.spacing, pre.spacing_transposed)
+        plan = rs.plan_resize(spec.kind, spec.order, spec.order_z, spec.force_separate_z, first, second,
+                              spec.anisotropy_threshold)
         logits = rs.resample(logits.float(), pre.shape_after_cropping, plan)
     labels = model.labels
     probs = None

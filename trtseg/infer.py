@@ -1,4 +1,5 @@
-"""Stage 4, infer: one batch of tiles through an engine, with nnU-Net's mirroring test-time augmentation."""
+"""Stage 4, infer: one batch of tiles through an engine, with nnU-Net's mirroring test-time augmentation (v2 averages
+logits over the mirrorings, v1 softmax probabilities)."""
 from __future__ import annotations
 
 import itertools
@@ -39,15 +40,21 @@ def run_engine(engine: Engine, batch: torch.Tensor) -> torch.Tensor:
             engine.oom_batch_limit = limit  # type: ignore[attr-defined]
 
 
-def predict_tiles(engine: Engine, tiles: torch.Tensor, mirror_axes: tuple[int, ...] | None) -> torch.Tensor:
+def predict_tiles(engine: Engine, tiles: torch.Tensor, mirror_axes: tuple[int, ...] | None,
+                  probabilities: bool = False) -> torch.Tensor:
     """Logits of ``tiles`` (b, c, z, y, x): the plain prediction, averaged with every mirrored one when enabled.
 
+    probabilities: softmax each prediction before averaging, as nnU-Net v1 does (it aggregates probabilities)
     Returns (b, k, z, y, x) float32 on the engine's device.
     """
+    def run(x: torch.Tensor) -> torch.Tensor:
+        out = run_engine(engine, x)
+        return torch.softmax(out, dim=1) if probabilities else out
+
     combos = mirror_combinations(mirror_axes)
-    pred = run_engine(engine, tiles)
+    pred = run(tiles)
     for dims in combos:
-        pred += torch.flip(run_engine(engine, torch.flip(tiles, dims)), dims)
+        pred += torch.flip(run(torch.flip(tiles, dims)), dims)
     if combos:
         pred /= len(combos) + 1
     return pred

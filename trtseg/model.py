@@ -135,6 +135,8 @@ class NnUNetModel:
     network_factory: Callable[[str], torch.nn.Module] | None = field(default=None, repr=False)
     #: models given as ONNX (card + .onnx): the graph each fold runs, for ONNX Runtime and TensorRT engines
     onnx_urls: dict[str, str] = field(default_factory=dict)
+    #: 1 for nnU-Net v1 folders (trtseg/model_v1.py): v1's preprocessing order, probability aggregation and export
+    nnunet_version: int = 2
 
     def with_folds(self, folds: list[str]) -> "NnUNetModel":
         """The same model restricted to ``folds``."""
@@ -201,6 +203,14 @@ class NnUNetModel:
         if not self._arch:
             raise ModelFolderError(self.folder, "this model is an ONNX graph: run it with --engine onnxruntime or tensorrt")
         arch = self._arch
+        if "generic_unet_v1" in arch:
+            from trtseg.generic_unet import GenericUNet
+            net = GenericUNet(**arch["generic_unet_v1"])
+            try:
+                net.load_state_dict(self.fold_weights[fold])
+            except RuntimeError as e:
+                raise ModelFolderError(self.folder, f"v1 checkpoint weights do not fit the Generic_UNet its plans describe: {str(e)[:300]}") from None
+            return net.eval()
         cls = _locate(arch["network_class_name"], self.folder)
         kwargs = copy.deepcopy(arch["arch_kwargs"])
         for key in arch.get("_kw_requires_import", []):
@@ -319,13 +329,18 @@ def _load_checkpoint(url: str, where: str) -> dict:
 
 def load_model_folder(folder: str, folds: list[str] | None = None,
                       checkpoint_name: str = "checkpoint_final.pth") -> NnUNetModel:
-    """Loads an nnU-Net v2 trained model folder.
+    """Loads an nnU-Net v2 trained model folder, or a v1 one (plans.pkl, fold_N/*.model: trtseg/model_v1.py).
 
     folder: URL of the folder holding dataset.json, plans.json and fold_N/ (the trainer's output folder)
     folds: e.g. ["0", "1"] or ["all"]; None detects every fold that holds ``checkpoint_name``
-    checkpoint_name: checkpoint_final.pth, or checkpoint_best.pth on request
+    checkpoint_name: checkpoint_final.pth, or checkpoint_best.pth on request (v1: model_final_checkpoint by
+        default, or model_best)
     """
     folder = str(folder).rstrip("/")
+    from trtseg import model_v1
+    if not storage.exists(storage.join(folder, "plans.json")) and model_v1.is_v1_folder(folder):
+        v1_name = model_v1.V1_CHECKPOINT if checkpoint_name == "checkpoint_final.pth" else checkpoint_name
+        return model_v1.load_v1_model_folder(folder, folds, v1_name)
     dataset_json = _read_json(storage.join(folder, "dataset.json"), folder)
     plans = _read_json(storage.join(folder, "plans.json"), folder)
     if folds is None:

@@ -25,7 +25,7 @@ from trtseg.infer import predict_tiles
 from trtseg.model import NnUNetModel
 from trtseg.preprocess import Preprocessed, preprocess
 from trtseg.read import CaseImage, read_case
-from trtseg.tile import gaussian_importance, pad_to_patch, tile_starts
+from trtseg.tile import model_gaussian, pad_to_patch, tile_starts
 from trtseg.write import write_mask, write_probabilities
 
 
@@ -135,7 +135,7 @@ class Predictor:
                                      settings.compile, settings.engine_cache, max(settings.batch_size, 1),
                                      settings.cuda_graphs, settings.channels_last, settings.half_weights)
         self.engines = engines
-        self.gaussian = gaussian_importance(model.patch_size, self.device)
+        self.gaussian = model_gaussian(model, self.device)
 
     @property
     def mirror_axes(self) -> tuple[int, ...] | None:
@@ -154,7 +154,8 @@ class Predictor:
                 chunk = starts[i:i + bs]
                 tiles = torch.stack([padded[(slice(None), *(slice(s, s + p) for s, p in zip(st, self.model.patch_size)))]
                                      for st in chunk])
-                acc.add(predict_tiles(engine, tiles.to(engine.device), self.mirror_axes), chunk)
+                acc.add(predict_tiles(engine, tiles.to(engine.device), self.mirror_axes,
+                                      self.model.nnunet_version == 1), chunk)
             fold_logits = acc.result(crop)
             total = fold_logits if total is None else total.add_(fold_logits)
         assert total is not None

@@ -1,7 +1,8 @@
 """Stage 2, preprocess: CaseImage -> Preprocessed, exactly nnU-Net's DefaultPreprocessor.run_case_npy.
 
 Order, as nnU-Net: transpose_forward -> crop to the nonzero bounding box -> normalize -> resample to the plans'
-spacing. All of it runs on torch tensors on ``device`` (the GPU when there is one).
+spacing (nnU-Net v1 resamples before it normalizes; its z-score mask is then the resampled nonzero mask). All of it
+runs on torch tensors on ``device`` (the GPU when there is one).
 """
 from __future__ import annotations
 
@@ -96,6 +97,11 @@ def normalize(data: torch.Tensor, nonzero: torch.Tensor | None, model: NnUNetMod
             else:
                 xd = x.double()
                 out[c] = (x - float(xd.mean())) / max(float(xd.std(unbiased=False)), 1e-8)
+        elif scheme == "ZScoreNormalizationV1":  # nnU-Net v1's 'nonCT': std + 1e-8, zero outside the mask
+            sel = x[nonzero] if model.use_mask_for_norm[c] and nonzero is not None else x.reshape(-1)
+            mean, std = (float(sel.double().mean()), float(sel.double().std(unbiased=False))) if sel.numel() else (0.0, 0.0)
+            z = (x - mean) / (std + 1e-8)
+            out[c] = torch.where(nonzero, z, torch.zeros_like(z)) if model.use_mask_for_norm[c] and nonzero is not None else z
         elif scheme == "NoNormalization":
             out[c] = x
         elif scheme == "RescaleTo01Normalization":
@@ -123,17 +129,30 @@ def preprocess(image: CaseImage, model: NnUNetModel, device: torch.device | str 
     box = bbox_of(nonzero)
     sl = tuple(slice(a, b) for a, b in box)
     data = data[(slice(None), *sl)]
-    need_mask = any(m and s == "ZScoreNormalization" for m, s in zip(model.use_mask_for_norm, model.normalization_schemes))
+    need_mask = any(m and s.startswith("ZScoreNormalization")
+                    for m, s in zip(model.use_mask_for_norm, model.normalization_schemes))
     mask = fill_holes(nonzero[sl]) if need_mask else None
     shape_after = tuple(int(s) for s in data.shape[1:])
 
-    data = normalize(data, mask, model, where)
     target = model.spacing
     new_shape = rs.compute_new_shape(shape_after, spacing, target)
     spec = model.resampling_data
-    if spec.kind != "none":
-        plan = rs.plan_resize(spec.kind, spec.order, spec.order_z, spec.force_separate_z, spacing, target,
-                              spec.anisotropy_threshold)
-        data = rs.resample(data, new_shape, plan)
+    plan = rs.plan_resize(spec.kind, spec.order, spec.order_z, spec.force_separate_z, spacing, target,
+                          spec.anisotropy_threshold) if spec.kind != "none" else None
+    if model.nnunet_version == 1:
+        # v1 resamples first, then normalizes; its mask is the nonzero mask resampled as a segmentation (linear,
+        # nearest along a separate z, then >= 0.5)
+        if plan is not None:
+            data = rs.resample(data, new_shape, plan)
+            if mask is not None:
+                seg_plan = rs.Plan((1, 1, 1) if plan.separate_axis is None else
+                                   tuple(0 if ax == plan.separate_axis else 1 for ax in range(3)),  # type: ignore[arg-type]
+                                   plan.separate_axis, clip=False)
+                mask = rs.resample(mask[None].float(), new_shape, seg_plan)[0] >= 0.5
+        data = normalize(data, mask, model, where)
+    else:
+        data = normalize(data, mask, model, where)
+        if plan is not None:
+            data = rs.resample(data, new_shape, plan)
     return Preprocessed(data=data.contiguous(), shape_before_cropping=shape_before, bbox=box,  # type: ignore[arg-type]
                         shape_after_cropping=shape_after, spacing_transposed=spacing)  # type: ignore[arg-type]

@@ -191,3 +191,70 @@ def save_nifti(path: str, vol_xyz: np.ndarray, affine: np.ndarray, dtype=np.int1
     img.set_sform(affine, code=2)
     nib.save(img, path)
     return path
+
+
+def make_v1_model_folder(folder: str, folds: Sequence[int] = (0,), seed: int = 0, logit_scale: float = 3.0,
+                         patch_size: Sequence[int] = (24, 32, 40), spacing: Sequence[float] = (2.0, 1.0, 1.0),
+                         base_num_features: int = 4, pool_op_kernel_sizes=((1, 2, 2), (2, 2, 2)),
+                         conv_kernel_sizes=((1, 3, 3), (3, 3, 3), (3, 3, 3)), num_classes: int = 2,
+                         normalization: Sequence[str] = ("CT",), use_mask_for_norm: Sequence[bool] = (False,),
+                         transpose_forward: Sequence[int] = (0, 1, 2), stage: int = 0) -> str:
+    """Writes an nnU-Net v1 trainer output folder (nnUNetTrainerV2__nnUNetPlansv2.1 layout) with seeded random
+    weights, in the pickled formats v1 writes: plans.pkl (numpy arrays, OrderedDicts), fold_N/
+    model_final_checkpoint.model (torch.save of epoch, state_dict, optimizer/scheduler state, plot_stuff,
+    best_stuff, amp_grad_scaler) and its .model.pkl (init args, trainer name and class, plans). Spacing and patch are (z, y, x) after
+    transpose_forward; normalization per modality is v1's 'CT' or 'nonCT'."""
+    import pickle
+    from collections import OrderedDict
+
+    from trtseg.generic_unet import GenericUNet
+    os.makedirs(folder, exist_ok=True)
+    n_mod = len(normalization)
+    tb = [int(i) for i in np.argsort(transpose_forward)]
+    intensity = OrderedDict((c, OrderedDict(median=60.0, mean=80.0, sd=300.0, mn=-1000.0, mx=1500.0,
+                                            percentile_99_5=1200.0, percentile_00_5=-950.0, local_props=OrderedDict()))
+                            for c in range(n_mod))
+    stage_plans = {
+        "batch_size": 2, "num_pool_per_axis": [int(sum(1 for p in pool_op_kernel_sizes if p[a] > 1)) for a in range(3)],
+        "patch_size": np.array(patch_size), "median_patient_size_in_voxels": np.array([64, 64, 64]),
+        "current_spacing": np.array(spacing, dtype=float), "original_spacing": np.array(spacing, dtype=float),
+        "do_dummy_2D_data_aug": False, "pool_op_kernel_sizes": [list(p) for p in pool_op_kernel_sizes],
+        "conv_kernel_sizes": [list(k) for k in conv_kernel_sizes],
+    }
+    classes = list(range(1, num_classes + 1))
+    plans = {
+        "num_stages": stage + 1, "num_modalities": n_mod, "modalities": {c: ("CT" if s == "CT" else "MR") for c, s in enumerate(normalization)},
+        "normalization_schemes": OrderedDict((c, s) for c, s in enumerate(normalization)),
+        "dataset_properties": {"all_sizes": [[64, 64, 64]], "all_spacings": [list(spacing)], "all_classes": classes,
+                               "modalities": {c: "CT" for c in range(n_mod)}, "intensityproperties": intensity,
+                               "size_reductions": OrderedDict()},
+        "list_of_npz_files": [], "original_spacings": [np.array(spacing)], "original_sizes": [np.array([64, 64, 64])],
+        "preprocessed_data_folder": folder, "num_classes": num_classes, "all_classes": classes,
+        "base_num_features": base_num_features, "use_mask_for_norm": OrderedDict((c, bool(m)) for c, m in enumerate(use_mask_for_norm)),
+        "keep_only_largest_region": None, "min_region_size_per_class": None, "min_size_per_class": None,
+        "transpose_forward": list(transpose_forward), "transpose_backward": tb,
+        "data_identifier": "nnUNetData_plans_v2.1", "plans_per_stage": {s: stage_plans for s in range(stage + 1)},
+        "preprocessor_name": "GenericPreprocessor", "conv_per_stage": 2,
+    }
+    with open(os.path.join(folder, "plans.pkl"), "wb") as f:
+        pickle.dump(plans, f)
+    for i, fold in enumerate(folds):
+        torch.manual_seed(seed + i)
+        net = GenericUNet(n_mod, base_num_features, num_classes + 1, pool_op_kernel_sizes, conv_kernel_sizes)
+        with torch.no_grad():
+            net.seg_outputs[-1].weight.mul_(logit_scale)
+        out = os.path.join(folder, f"fold_{fold}")
+        os.makedirs(out, exist_ok=True)
+        ckpt = {"epoch": 2, "state_dict": OrderedDict(net.state_dict()), "optimizer_state_dict": None,
+                "lr_scheduler_state_dict": None, "plot_stuff": ([1.0, 0.9], [1.0, 0.9], [], [0.1, 0.2]),
+                "best_stuff": (1, 0.9, 0.2),
+                "amp_grad_scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                    "growth_interval": 2000, "_growth_tracker": 0}}
+        torch.save(ckpt, os.path.join(out, "model_final_checkpoint.model"))
+        info = OrderedDict(init=(os.path.join(folder, "plans.pkl"), fold, out, folder, False, stage, True, False, True),
+                           name="nnUNetTrainerV2",
+                           plans=plans)
+        info["class"] = "<class 'nnunet.training.network_training.nnUNetTrainerV2.nnUNetTrainerV2'>"
+        with open(os.path.join(out, "model_final_checkpoint.model.pkl"), "wb") as f:
+            pickle.dump(info, f)
+    return folder

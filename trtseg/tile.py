@@ -63,13 +63,21 @@ def _gaussian_np(tile_size: tuple[int, ...], sigma_scale: float, value_scaling_f
 
 
 def gaussian_importance(tile_size, device: torch.device | str = "cpu", sigma_scale: float = 1.0 / 8,
-                        value_scaling_factor: float = 10.0) -> torch.Tensor:
+                        value_scaling_factor: float = 10.0, half: bool = True) -> torch.Tensor:
     """nnU-Net's compute_gaussian: (z, y, x) weights, max ``value_scaling_factor``, zeros raised to the minimum.
 
-    nnU-Net keeps the map in float16; we take its float16 values (so weights are identical) as float32.
+    nnU-Net v2 keeps the map in float16; we take its float16 values (so weights are identical) as float32.
+    ``half=False, value_scaling_factor=1`` is v1's _get_gaussian (float32, maximum 1).
     """
     g = torch.from_numpy(_gaussian_np(tuple(int(t) for t in tile_size), sigma_scale, value_scaling_factor))
-    g = g.to(torch.float16)
+    g = g.to(torch.float16 if half else torch.float32)
     if bool((g == 0).any()):
         g[g == 0] = g[g != 0].min()
     return g.to(device=device, dtype=torch.float32)
+
+
+def model_gaussian(model, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The Gaussian importance map the model's nnU-Net version uses, as float32 on ``device``."""
+    if getattr(model, "nnunet_version", 2) == 1:
+        return gaussian_importance(model.patch_size, device, value_scaling_factor=1.0, half=False)
+    return gaussian_importance(model.patch_size, device)
