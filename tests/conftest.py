@@ -31,6 +31,20 @@ def nnunet_predict(model_dir: str, cases: list[list[str]], out_dir: str, folds, 
     return [o + ".nii.gz" for o in outs]
 
 
+def run_ray_cli(args, *, attempts: int = 6, **kwargs) -> "subprocess.CompletedProcess[str]":
+    """Runs a `ray ...` command line (subprocess.run arguments); a `ray job submit` refused because the head's job
+    agent has not registered yet (Ray waits only 10 s for it, which a loaded 2-core machine can exceed) is tried
+    again, since the refusal happens before any job exists. Any other outcome is returned as it is."""
+    import subprocess
+    import time
+    for _ in range(attempts):
+        r = subprocess.run(args, capture_output=True, text=True, **kwargs)
+        if r.returncode == 0 or "No available agent to submit job" not in r.stdout + r.stderr:
+            return r
+        time.sleep(5)
+    return r
+
+
 def voxel_agreement(a_path: str, b_path: str) -> float:
     a = np.asarray(nib.load(a_path).dataobj)
     b = np.asarray(nib.load(b_path).dataobj)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import write_case
+from conftest import run_ray_cli, write_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER = os.path.join(ROOT, "cluster")
@@ -178,7 +178,7 @@ def test_two_node_cluster_places_actors_on_both_nodes_and_gives_one_process_mask
     *run, stop = _guide_block()
     try:
         for line in run:
-            r = subprocess.run(["bash", "-c", line], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+            r = run_ray_cli(["bash", "-c", line], cwd=ROOT, env=env, timeout=600)
             assert r.returncode == 0, f"{line}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     finally:
         subprocess.run(["bash", "-c", stop], env=env, capture_output=True)

@@ -14,7 +14,7 @@ import pytest
 
 from trtseg.cli import main
 
-from conftest import write_case
+from conftest import run_ray_cli, write_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -172,7 +172,7 @@ def test_ray_job_submit_to_a_ray_head(small_model, inputs, tmp_path):
         out = tmp_path / "out"
         cmd = [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".", "--",
                "trtseg", "predict", "-i", inputs, "-o", str(out), "-m", small_model, "--cpu-actors", "2", "--no-progress"]
-        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        r = run_ray_cli(cmd, cwd=ROOT, env=env, timeout=600)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert "succeeded" in (r.stdout + r.stderr).lower()
         report = json.load(open(out / "run_report.json"))

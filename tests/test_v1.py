@@ -108,6 +108,14 @@ def test_v1_folder_through_export_ray_job_and_tensorrt_builder(v1_models, tmp_pa
                  "--partials", "fp32", "--no-progress"]) == 0  # the Ray job, ONNX Runtime engine
     for case in ("a", "b"):
         assert voxel_agreement(str(tmp_path / "one" / f"{case}.nii.gz"), str(tmp_path / "ray" / f"{case}.nii.gz")) >= 0.9999
+    # reduced precision with accuracy reports on the real volumes (INT8 calibrated on them). Random weights leave
+    # many near-ties between labels, which INT8 flips, so only FP16 is gated here
+    for precision, gate in (("fp16", ["--max-dice-drop", "0.5"]), ("int8", [])):
+        out = str(tmp_path / f"v1.{precision}.onnx")
+        assert main(["export", "-m", folder, "-o", out, "--precision", precision, "--dynamic-batch",
+                     "--calibration", inp, *gate]) == 0
+        acc = json.load(open(out + ".report.json"))["accuracy_vs_fp32"]
+        assert {c["case"] for c in acc["cases"]} == {"a", "b"} and set(acc["mean_dice_vs_fp32"]) == {"1", "2", "3"}
     if importlib.util.find_spec("tensorrt_rtx") is None:
         pytest.skip("tensorrt-rtx wheels not installed (they are in the test extra)")
     monkeypatch.setenv("TRTSEG_TENSORRT_MODULE", "tensorrt_rtx")
