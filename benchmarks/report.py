@@ -31,6 +31,8 @@ FILE_COMMANDS = {
                                         "fp16+compile+cl+half",
     "h100_dataset_throughput_fast.json": "python -m benchmarks.dataset_throughput --cases 16 --compile --channels-last "
                                          "--fp16-weights --compress-level 1 --max-cases-in-flight 8",
+    "h100_engine_throughput_max_autotune.json": "python -m benchmarks.engine_throughput --batches 4 --configs "
+                                                "fp16+max+cl+half --iters 10 --repeats 3",
     "h100_precision_masks_fast.json": "python -m benchmarks.precision_masks --only fp16_weights_compiled_channels_last",
 }
 
