@@ -21,14 +21,17 @@ from torch import nn
 MAX_NUM_FILTERS_3D = 320
 
 
+def _t3(v: Sequence[int] | int) -> tuple[int, int, int]:
+    a, b, c = (v, v, v) if isinstance(v, int) else (int(x) for x in v)
+    return a, b, c
+
+
 class ConvNormNonlin(nn.Module):
     """conv -> InstanceNorm3d -> LeakyReLU, named as v1's ConvDropoutNormNonlin (its dropout has p = 0)."""
 
     def __init__(self, cin: int, cout: int, kernel: Sequence[int], stride: Sequence[int] | int = 1):
         super().__init__()
-        padding = [1 if k == 3 else 0 for k in kernel]
-        self.conv = nn.Conv3d(cin, cout, tuple(kernel), tuple(stride) if not isinstance(stride, int) else stride,
-                              tuple(padding), bias=True)
+        self.conv = nn.Conv3d(cin, cout, _t3(kernel), _t3(stride), _t3([1 if k == 3 else 0 for k in kernel]), bias=True)
         self.instnorm = nn.InstanceNorm3d(cout, eps=1e-5, affine=True, momentum=0.1)
         self.lrelu = nn.LeakyReLU(negative_slope=1e-2, inplace=True)
 
@@ -83,7 +86,7 @@ class GenericUNet(nn.Module):
         down = bottleneck_out
         for u in range(num_pool):
             skip = self._channels(context[-(2 + u)])
-            tu.append(nn.ConvTranspose3d(down, skip, pools[-(u + 1)], pools[-(u + 1)], bias=False))
+            tu.append(nn.ConvTranspose3d(down, skip, _t3(pools[-(u + 1)]), _t3(pools[-(u + 1)]), bias=False))
             kernel = kernels[-(u + 1)]
             local.append(nn.Sequential(StackedConvLayers(2 * skip, skip, conv_per_stage - 1, kernel),
                                        StackedConvLayers(skip, skip, 1, kernel)))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
-import re
 from typing import Any
 
 import numpy as np
@@ -68,16 +67,6 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def detect_v1_folds(folder: str, checkpoint: str) -> list[str]:
-    fs, path = storage.filesystem(folder)
-    folds = []
-    for e in fs.ls(path, detail=False):
-        m = re.fullmatch(r"fold_(\d+|all)", e.rstrip("/").rsplit("/", 1)[-1])
-        if m and fs.exists(f"{e.rstrip('/')}/{checkpoint}.model"):
-            folds.append(m.group(1))
-    return sorted(folds, key=lambda f: (f == "all", int(f) if f != "all" else 0))
-
-
 def v2_view(plans: dict, stage: int, where: str) -> tuple[dict, dict, dict]:
     """(plans, configuration, dataset_json) in v2's vocabulary, for the shared pipeline, from v1 ``plans``."""
     try:
@@ -88,7 +77,7 @@ def v2_view(plans: dict, stage: int, where: str) -> tuple[dict, dict, dict]:
         if unknown:
             raise ModelFolderError(where, f"v1 normalization {unknown} is not supported (CT, nonCT, noNorm are)")
         intensity = plans["dataset_properties"].get("intensityproperties") or {}
-        configuration = {
+        configuration: dict[str, Any] = {
             "patch_size": [int(p) for p in sp["patch_size"]],
             "spacing": [float(s) for s in sp["current_spacing"]],
             "normalization_schemes": [NORMALIZATION[s] for s in schemes],
@@ -135,11 +124,11 @@ def load_v1_model_folder(folder: str, folds: list[str] | None = None, checkpoint
 
     checkpoint: the checkpoint's base name, model_final_checkpoint (default) or model_best
     """
-    from trtseg.model import LabelScheme, NnUNetModel
+    from trtseg.model import LabelScheme, NnUNetModel, detect_folds
     folder = str(folder).rstrip("/")
     checkpoint = checkpoint.removesuffix(".model")
     if folds is None:
-        folds = detect_v1_folds(folder, checkpoint)
+        folds = detect_folds(folder, checkpoint + ".model")
         if not folds:
             raise ModelFolderError(folder, f"no fold_N/{checkpoint}.model found")
     folds = [str(f) for f in folds]

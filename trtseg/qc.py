@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import nibabel as nib
 import numpy as np
 
-from trtseg import storage
+from trtseg import codec, storage
 from trtseg.dataset import list_cases
 
 
@@ -38,16 +38,11 @@ class CaseQC:
 def load_ras(url: str, storage_options: storage.StorageOptions | None = None) -> tuple[np.ndarray, tuple]:
     """A NIfTI file's first volume as a float32 (x, y, z) array reoriented to RAS (voxel axes only, no
     resampling), and its voxel sizes (x, y, z) in mm."""
-    img = nib.Nifti1Image.from_bytes(_gunzip(storage.read_bytes(url, storage_options)))
+    raw = storage.read_bytes(url, storage_options)
+    img = nib.Nifti1Image.from_bytes(codec.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
     img = nib.as_closest_canonical(img)
     data = np.asarray(img.dataobj, dtype=np.float32)
     return (data[..., 0] if data.ndim == 4 else data), tuple(float(z) for z in img.header.get_zooms()[:3])
-
-
-def _gunzip(data: bytes) -> bytes:
-    import gzip
-
-    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
 
 
 def dice(mask: np.ndarray, reference: np.ndarray) -> float:

@@ -78,6 +78,6 @@ def gaussian_importance(tile_size, device: torch.device | str = "cpu", sigma_sca
 
 def model_gaussian(model, device: torch.device | str = "cpu") -> torch.Tensor:
     """The Gaussian importance map the model's nnU-Net version uses, as float32 on ``device``."""
-    if getattr(model, "nnunet_version", 2) == 1:
+    if model.nnunet_version == 1:
         return gaussian_importance(model.patch_size, device, value_scaling_factor=1.0, half=False)
     return gaussian_importance(model.patch_size, device)
