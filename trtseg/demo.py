@@ -40,7 +40,8 @@ def prepare_inputs(data_dir: str, root: str) -> list[DemoCase]:
     head, brain = (os.path.join(data_dir, f) for f in COLIN)
     if os.path.exists(head) and os.path.exists(brain):
         shutil.copyfile(head, os.path.join(images, "colin27_0000.nii.gz"))
-        _save_mask(os.path.join(refs, "colin27.nii.gz"), np.asarray(nib.load(brain).dataobj) > 0, nib.load(brain))
+        bet = nib.load(brain)
+        _save_mask(os.path.join(refs, "colin27.nii.gz"), np.asarray(bet.dataobj) > 0, bet)
         cases.append(DemoCase("colin27", "held-out test: reference is ch2bet > 0"))
         _save_thick_slices(head, brain, os.path.join(images, "colin27_3mm_0000.nii.gz"),
                            os.path.join(refs, "colin27_3mm.nii.gz"))
