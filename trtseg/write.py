@@ -30,7 +30,9 @@ def encode_mask(mask_zyx: np.ndarray, header: nib.Nifti1Header, compresslevel: i
     hdr.set_data_dtype(mask_zyx.dtype)
     hdr.set_slope_inter(1.0, 0.0)
     cls = nib.Nifti2Image if isinstance(hdr, nib.Nifti2Header) else nib.Nifti1Image
-    img = cls(np.ascontiguousarray(mask_zyx.transpose(2, 1, 0)), None, header=hdr)
+    # the (x, y, z) view of a C-ordered (z, y, x) array is Fortran-ordered, which is NIfTI's on-disk order: nibabel
+    # then writes its bytes as they are, without the two full transposed copies a C-ordered (x, y, z) array costs
+    img = cls(mask_zyx.transpose(2, 1, 0), None, header=hdr)
     img.set_qform(header.get_qform(), code=int(header["qform_code"]))
     img.set_sform(header.get_sform(), code=int(header["sform_code"]))
     raw = img.to_bytes()

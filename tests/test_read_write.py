@@ -1,0 +1,54 @@
+"""Reading and writing NIfTI: the fast paths (integer cast, Fortran-ordered write) give exactly nibabel's values."""
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from trtseg.predict import labels_present
+from trtseg.read import read_case
+from trtseg.write import write_mask
+
+AFFINE = np.array([[0.0, -0.8, 0.0, 10.0], [0.0, 0.0, 1.3, -5.0], [-0.7, 0.0, 0.0, 3.0], [0, 0, 0, 1]])
+
+
+@pytest.mark.parametrize("dtype,slope,inter", [(np.int16, None, None), (np.uint8, None, None), (np.int32, None, None),
+                                               (np.int16, 2.0, -1024.0), (np.float32, None, None),
+                                               (np.float64, 0.5, 3.0)])
+def test_read_matches_nibabel_get_fdata(tmp_path, dtype, slope, inter):
+    rng = np.random.default_rng(0)
+    xyz = (rng.normal(0, 300, (7, 9, 5)) + (100 if dtype == np.uint8 else 0)).clip(0 if dtype == np.uint8 else -2000)
+    img = nib.Nifti1Image(xyz.astype(dtype), AFFINE)
+    img.header.set_data_dtype(dtype)
+    if slope is not None:
+        img.header.set_slope_inter(slope, inter)
+    url = str(tmp_path / "case_0000.nii.gz")
+    nib.save(img, url)
+    case = read_case([url], 1)
+    expected = nib.load(url).get_fdata(dtype=np.float32).transpose(2, 1, 0)
+    assert case.data.dtype == np.float32 and case.data.flags["C_CONTIGUOUS"]
+    assert case.data.shape == (1, 5, 9, 7)
+    np.testing.assert_array_equal(case.data[0], expected)
+    if slope is not None:  # scaling applied, as SimpleITK does
+        assert not np.array_equal(case.data[0], np.asarray(nib.load(url).dataobj.get_unscaled()).transpose(2, 1, 0))
+
+
+def test_written_mask_reads_back_with_the_input_geometry(tmp_path):
+    img = nib.Nifti1Image(np.zeros((7, 9, 5), np.int16), AFFINE)
+    img.header.set_qform(AFFINE, code=1)
+    img.header.set_sform(AFFINE, code=2)
+    mask_zyx = np.random.default_rng(1).integers(0, 4, (5, 9, 7)).astype(np.uint8)
+    url = str(tmp_path / "out" / "case.nii.gz")
+    write_mask(url, mask_zyx, img.header, compresslevel=1)
+    back = nib.load(url)
+    np.testing.assert_array_equal(np.asarray(back.dataobj).transpose(2, 1, 0), mask_zyx)
+    assert back.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(back.affine, AFFINE)
+    assert int(back.header["qform_code"]) == 1 and int(back.header["sform_code"]) == 2
+
+
+def test_labels_present():
+    assert labels_present(np.array([[0, 3], [3, 7]], np.uint8)) == [0, 3, 7]
+    assert labels_present(np.array([2, 2], np.uint16)) == [2]
+    assert labels_present(np.array([1, 5], np.int32)) == [1, 5]
+    assert labels_present(np.zeros((0,), np.uint8)) == []
