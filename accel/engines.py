@@ -28,10 +28,22 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
-        """(b, c, z, y, x) float32 on ``device`` -> (b, k, z, y, x) float32 on ``device``."""
+        """(b, c, z, y, x) float32 on ``device`` -> (b, k, z, y, x) float32 on ``device``, a tensor the caller
+        owns: no later call may reuse its memory (trtseg.infer adds mirrored predictions into it in place)."""
 
     def close(self) -> None:
         """Releases the backend's resources."""
+
+    def warm_up(self, batch_shape: tuple[int, ...]) -> float:
+        """Runs one batch of zeros of ``batch_shape`` (b, c, z, y, x): compiles, autotunes and allocates before the
+        first real tile. Returns the seconds it took."""
+        import time
+
+        t0 = time.perf_counter()
+        self.infer(torch.zeros(batch_shape, dtype=torch.float32, device=self.device))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
 
     def __enter__(self) -> "Engine":
         return self
@@ -43,6 +55,12 @@ class Engine(abc.ABC):
         return {"engine": self.name, "device": str(self.device)}
 
 
+def pad_batch(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """``batch`` (b, ...) with zero tiles appended up to ``size`` (unchanged when b >= size)."""
+    n = batch.shape[0]
+    return batch if n >= size else torch.cat([batch, batch.new_zeros((size - n, *batch.shape[1:]))])
+
+
 class TorchEngine(Engine):
     """The network itself under PyTorch: CPU in float32, or CUDA with fp16/bf16 autocast and optional compile.
 
@@ -50,19 +68,23 @@ class TorchEngine(Engine):
     device: "cpu" or "cuda[:N]"
     precision: "fp32", "fp16" or "bf16" (autocast; on CPU only fp32 is offered, as nnU-Net does)
     compile: wrap the network in torch.compile (CUDA; the first batches of each shape pay the compile time); a
-        string is torch.compile's mode, e.g. "max-autotune-no-cudagraphs"
+        string is torch.compile's mode; "max-autotune" means "max-autotune-no-cudagraphs" (CUDA graph trees are
+        bound to one thread, and a job's actor warms up in another thread than the one that runs its tiles)
     cuda_graphs: capture one CUDA graph per batch shape and replay it (CUDA; static input/output buffers)
     channels_last: keep weights and tiles in channels-last-3d memory order (b, z, y, x, c), which cuDNN's fp16
         tensor-core convolutions prefer; values are unchanged
     half_weights: with fp16, cast the network itself to fp16 instead of autocasting, keeping every normalization
         layer in fp32 (its input is cast up and its output back), as the FP16 ONNX export does
+    static_batch: with compile or CUDA graphs, pad a shorter batch with zero tiles to this size, so that one
+        compiled graph serves every batch; without it, each new short batch size (a volume's last batch) compiles
+        or captures another graph, some 15 s each under torch.compile
     """
 
     name = "torch"
 
     def __init__(self, network: torch.nn.Module, device: torch.device | str = "cpu", precision: str = "fp32",
                  compile: bool | str = False, cuda_graphs: bool = False, channels_last: bool = False,
-                 half_weights: bool = False):
+                 half_weights: bool = False, static_batch: int | None = None):
         self.device = torch.device(device)
         if precision not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
@@ -87,12 +109,16 @@ class TorchEngine(Engine):
             # dynamic shapes, torch.compile would recompile on the short batch with a symbolic batch dimension, and
             # that slower graph then serves the full batches too
             mode = compile if isinstance(compile, str) else None
+            mode = "max-autotune-no-cudagraphs" if mode == "max-autotune" else mode
             self._fn = torch.compile(self.network, mode=mode, dynamic=False)  # type: ignore[assignment]
         self.compiled = bool(compile)
+        self.compile_mode = (compile if isinstance(compile, str) else "default") if compile else None
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[tuple, tuple] = {}  # batch shape -> (graph, static input, static output)
+        self.static_batch = static_batch if (compile or cuda_graphs) else None
+        self.max_batch = self.static_batch
 
     def _replay(self, batch: torch.Tensor) -> torch.Tensor:
         key = tuple(batch.shape)
@@ -128,15 +154,19 @@ class TorchEngine(Engine):
 
     @torch.inference_mode()
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        n = batch.shape[0]
+        if self.static_batch:  # after an out-of-memory halving (trtseg.infer.run_engine), the smaller size is static
+            batch = pad_batch(batch, min(self.static_batch, getattr(self, "oom_batch_limit", None) or self.static_batch))
         batch = self._prepare(batch)
         if self.cuda_graphs:
-            return self._replay(batch).float().contiguous()
+            return self._replay(batch)[:n].float().contiguous()
         with self._autocast():
             out = self._fn(batch)
-        return out.float().contiguous()
+        return out[:n].float().contiguous()
 
     def describe(self) -> dict:
         return {"engine": self.name, "device": str(self.device), "precision": self.precision, "compiled": self.compiled,
+                "compile_mode": self.compile_mode,
                 "cuda_graphs": self.cuda_graphs, "channels_last": self.channels_last, "half_weights": self.half_weights}
 
 
@@ -196,8 +226,8 @@ class OnnxRuntimeEngine(Engine):
 
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
         n = batch.shape[0]
-        if self.max_batch is not None and n < self.max_batch:  # a fixed-batch graph: pad the last, short batch
-            batch = torch.cat([batch, batch.new_zeros((self.max_batch - n, *batch.shape[1:]))])
+        if self.max_batch is not None:  # a fixed-batch graph: pad the last, short batch
+            batch = pad_batch(batch, self.max_batch)
         if self.device.type == "cuda":
             out = self._infer_cuda(batch.contiguous())
         else:
@@ -264,13 +294,14 @@ def onnx_for_fold(model, fold: str, cache_url: str, precision: str = "fp32", bat
 
 
 def create_engines(model, kind: str = "auto", device: torch.device | str = "cpu", precision: str | None = None,
-                   compile: bool = False, cache_url: str | None = None, max_batch: int = 4,
+                   compile: bool | str = False, cache_url: str | None = None, max_batch: int = 4,
                    cuda_graphs: bool = False, channels_last: bool = False, half_weights: bool = False) -> list[Engine]:
     """One engine per fold of ``model``, of ``kind`` (see ``resolve_engine_kind``), on ``device``.
 
     precision: fp32, fp16 or bf16; None means fp16 on CUDA (nnU-Net's autocast) and fp32 on the CPU
     cache_url: where ONNX graphs and TensorRT engines are kept (default: ``default_cache()``)
-    max_batch: the largest tile batch a TensorRT optimization profile covers
+    max_batch: the largest tile batch a TensorRT optimization profile covers; compiled PyTorch engines pad shorter
+        batches to it (see ``TorchEngine``)
     channels_last, half_weights: PyTorch engine options (see ``TorchEngine``)
     """
     device = torch.device(device)
@@ -281,7 +312,7 @@ def create_engines(model, kind: str = "auto", device: torch.device | str = "cpu"
     for fold in model.folds:
         if kind == "torch":
             engines.append(TorchEngine(model.build_network(fold), device, precision, compile, cuda_graphs,
-                                       channels_last, half_weights))
+                                       channels_last, half_weights, static_batch=max_batch))
         elif kind == "onnxruntime":
             onnx_precision = "fp16" if precision == "fp16" else "fp32"
             engines.append(OnnxRuntimeEngine(onnx_for_fold(model, fold, cache_url, onnx_precision), device,

@@ -14,12 +14,14 @@ import os
 import tempfile
 import time
 
+import nibabel as nib
 import numpy as np
 import torch
 
 from benchmarks.common import machine, median_stages, save
 from trtseg import codec
 from trtseg import synthetic as syn
+from trtseg.cli import compile_setting
 from trtseg.dataset import list_cases
 from trtseg.model import load_model_folder
 from trtseg.predict import Predictor, Settings
@@ -40,7 +42,7 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--precision", default=None)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile", nargs="?", const="default", default=None, choices=["default", "max-autotune"])
     ap.add_argument("--cuda-graphs", action="store_true")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--fp16-weights", action="store_true")
@@ -66,7 +68,7 @@ def main() -> None:
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.mirroring]
     for mirror in modes:
         settings = Settings(device=args.device, engine="torch", precision=args.precision, batch_size=args.batch_size,
-                            compile=args.compile, cuda_graphs=args.cuda_graphs, use_mirroring=mirror,
+                            compile=compile_setting(args.compile), cuda_graphs=args.cuda_graphs, use_mirroring=mirror,
                             channels_last=args.channels_last, half_weights=args.fp16_weights,
                             compresslevel=args.compress_level)
         pred = Predictor(model, settings)
@@ -81,12 +83,12 @@ def main() -> None:
             walls.append(time.perf_counter() - t)
             runs.append(r.seconds)
         entry = {"settings": {"device": str(settings.resolved_device()), "precision": settings.resolved_precision(),
-                              "batch_size": args.batch_size, "compile": args.compile, "cuda_graphs": args.cuda_graphs,
+                              "batch_size": args.batch_size, "compile": args.compile or False, "cuda_graphs": args.cuda_graphs,
                               "channels_last": args.channels_last, "fp16_weights": args.fp16_weights,
                               "mirroring": mirror, "compress_level": args.compress_level, "gzip": codec.backend()},
                  "warmup_seconds_excluded": round(warm_s, 3), "median_stage_seconds": median_stages(runs),
                  "median_wall_seconds": round(float(np.median(walls)), 3), "repeats": args.repeats,
-                 "labels_present": r.extra.get("labels_present")}
+                 "labels_present": [int(v) for v in np.unique(np.asarray(nib.load(r.output).dataobj))]}
         if torch.cuda.is_available():
             entry["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
         result["runs"]["mirroring_on" if mirror else "mirroring_off"] = entry

@@ -97,6 +97,23 @@ def test_channels_last_engine_gives_the_same_logits(small_model):
         TorchEngine(model.build_network("0"), "cpu", half_weights=True)
 
 
+def test_compiled_engine_pads_short_batches_to_its_static_batch(small_model):
+    """A volume's last, short batch runs through the full batch's compiled graph (no second compile), and only the
+    real tiles' logits come back, equal to an unpadded run."""
+    model = load_model_folder(small_model, ["0"])
+    x = torch.from_numpy(random_patches(model, 3))
+    plain = TorchEngine(model.build_network("0"), "cpu")
+    engine = TorchEngine(model.build_network("0"), "cpu", compile=True, static_batch=4)
+    seen = []
+    engine._fn = lambda b: (seen.append(tuple(b.shape)), plain.network(b))[1]  # the graph, not its compilation
+    out = engine.infer(x)
+    assert seen == [(4, *x.shape[1:])] and out.shape[0] == 3
+    assert torch.allclose(out, plain.infer(x), atol=1e-5)
+    assert engine.max_batch == 4 and TorchEngine(model.build_network("0"), "cpu", static_batch=4).max_batch is None
+    engine.warm_up((4, *x.shape[1:]))
+    assert seen[-1] == (4, *x.shape[1:])
+
+
 def test_card_model_predicts_and_rejects_contradictions(card_model, tmp_path, monkeypatch):
     card, weights = card_model
     # Ray workers import the card's network module like any user package: it must be on their path

@@ -5,7 +5,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from trtseg.predict import labels_present
 from trtseg.read import read_case
 from trtseg.write import write_mask
 
@@ -46,9 +45,3 @@ def test_written_mask_reads_back_with_the_input_geometry(tmp_path):
     np.testing.assert_allclose(back.affine, AFFINE)
     assert int(back.header["qform_code"]) == 1 and int(back.header["sform_code"]) == 2
 
-
-def test_labels_present():
-    assert labels_present(np.array([[0, 3], [3, 7]], np.uint8)) == [0, 3, 7]
-    assert labels_present(np.array([2, 2], np.uint16)) == [2]
-    assert labels_present(np.array([1, 5], np.int32)) == [1, 5]
-    assert labels_present(np.zeros((0,), np.uint8)) == []

@@ -52,7 +52,9 @@ def _add_predict_args(p: argparse.ArgumentParser) -> None:
                    help="auto: TensorRT if it imports and a GPU exists, then PyTorch CUDA, then ONNX Runtime (CPU)")
     p.add_argument("--engine-cache", default=None, help="URL for exported ONNX and built engines (default ~/.cache/trtseg)")
     p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"], help="engine precision (CUDA default fp16)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network (PyTorch CUDA engine)")
+    p.add_argument("--compile", nargs="?", const="default", default=None, choices=["default", "max-autotune"],
+                   help="torch.compile the network (PyTorch CUDA engine); max-autotune also times Triton kernels "
+                        "against cuDNN's, minutes of compile that Inductor's cache keeps for later runs")
     p.add_argument("--cuda-graphs", action="store_true", help="capture and replay CUDA graphs (PyTorch/TensorRT on CUDA)")
     p.add_argument("--channels-last", action="store_true", help="channels-last-3d weights and tiles (PyTorch CUDA engine)")
     p.add_argument("--fp16-weights", action="store_true",
@@ -81,11 +83,16 @@ def _add_predict_args(p: argparse.ArgumentParser) -> None:
     j.add_argument("--single-process", action="store_true", help="no Ray: every stage in this process")
 
 
+def compile_setting(mode: str | None) -> bool | str:
+    """--compile's value as Settings.compile: False (absent), True (default mode) or the mode's name."""
+    return False if mode is None else True if mode == "default" else mode
+
+
 def _settings(args):
     from trtseg.predict import Settings
     return Settings(step_size=args.step_size, use_mirroring=not args.disable_tta, device=args.device,
                     engine=args.engine, engine_cache=args.engine_cache, batch_size=args.batch_size,
-                    precision=args.precision, compile=args.compile, cuda_graphs=args.cuda_graphs,
+                    precision=args.precision, compile=compile_setting(args.compile), cuda_graphs=args.cuda_graphs,
                     channels_last=args.channels_last, half_weights=args.fp16_weights, save_probabilities=args.save_probabilities, memory_budget_gb=args.memory_budget_gb,
                     compresslevel=args.compress_level)
 

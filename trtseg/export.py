@@ -49,10 +49,12 @@ def export(logits: torch.Tensor, pre: Preprocessed, model: NnUNetModel, with_pro
         seg = torch.argmax(logits, dim=0).to(torch.int32)
         if with_probabilities:
             probs = torch.softmax(logits, dim=0)
-    full = torch.zeros(pre.shape_before_cropping, dtype=torch.int32, device=seg.device)
+    # the mask gets its file's dtype on the device: a quarter of int32's bytes cross to the host, and no host cast
+    dtype = torch.uint8 if labels.mask_dtype == "uint8" else torch.int32
+    full = torch.zeros(pre.shape_before_cropping, dtype=dtype, device=seg.device)
     box = tuple(slice(a, b) for a, b in pre.bbox)
-    full[box] = seg
-    mask = full.permute(*model.transpose_backward).cpu().numpy().astype(labels.mask_dtype)
+    full[box] = seg.to(dtype)
+    mask = full.permute(*model.transpose_backward).contiguous().cpu().numpy().astype(labels.mask_dtype, copy=False)
     out_probs = None
     if with_probabilities:
         assert probs is not None

@@ -30,6 +30,8 @@ def run_engine(engine: Engine, batch: torch.Tensor) -> torch.Tensor:
     limit = min(batch.shape[0], engine.max_batch or batch.shape[0], getattr(engine, "oom_batch_limit", None) or batch.shape[0])
     while True:
         try:
+            if limit >= batch.shape[0]:
+                return engine.infer(batch)
             return torch.cat([engine.infer(batch[i:i + limit]) for i in range(0, batch.shape[0], limit)])
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not _is_oom(e) or limit == 1:
@@ -40,6 +42,7 @@ def run_engine(engine: Engine, batch: torch.Tensor) -> torch.Tensor:
             engine.oom_batch_limit = limit  # type: ignore[attr-defined]
 
 
+@torch.inference_mode()
 def predict_tiles(engine: Engine, tiles: torch.Tensor, mirror_axes: tuple[int, ...] | None,
                   probabilities: bool = False) -> torch.Tensor:
     """Logits of ``tiles`` (b, c, z, y, x): the plain prediction, averaged with every mirrored one when enabled.

@@ -42,6 +42,7 @@ class Settings:
             tensorrt, torch, onnxruntime or pycuda
     engine_cache: URL where exported ONNX graphs and TensorRT engines are kept (default $TRTSEG_CACHE or
             ~/.cache/trtseg)
+    compile: torch.compile the PyTorch engine: True, or "max-autotune" (Triton kernels timed against cuDNN's)
     memory_budget_gb: a case whose volume and logits would need more (see ``case_bytes``) fails with a clear error
             instead of running out of memory midway; None: no limit
     """
@@ -53,7 +54,7 @@ class Settings:
     device: str | None = None
     batch_size: int = 2
     precision: str | None = None
-    compile: bool = False
+    compile: bool | str = False
     cuda_graphs: bool = False
     channels_last: bool = False
     half_weights: bool = False
@@ -115,7 +116,6 @@ class CaseResult:
     output: str | None = None
     error: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -200,18 +200,7 @@ class Predictor:
         except Exception as e:  # an unexpected failure still fails one case, named, not the run
             return CaseResult(case.case_id, "failed", error=f"{case.files[0]}: {one_line(e)}",
                               seconds=timer.seconds)
-        return CaseResult(case.case_id, "ok", output=out_url, seconds=timer.seconds,
-                          extra={"labels_present": labels_present(result.mask)})
-
-
-def labels_present(mask: np.ndarray) -> list[int]:
-    """The label values that occur in ``mask`` (a count per value: linear time, unlike np.unique's sort)."""
-    flat = mask.ravel()
-    if flat.size == 0:
-        return []
-    if flat.dtype.kind == "u" and flat.dtype.itemsize <= 2:
-        return [int(v) for v in np.flatnonzero(np.bincount(flat))]
-    return [int(v) for v in np.unique(flat)]
+        return CaseResult(case.case_id, "ok", output=out_url, seconds=timer.seconds)
 
 
 def predict_folder(input_url: str, output_url: str, model_folder: "str | NnUNetModel", folds: list[str] | None = None,
