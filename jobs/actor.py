@@ -7,14 +7,26 @@ and, per case, an accumulator of Gaussian-weighted logits on its own device.
 Per case, tiles arrive in chunks (``infer_chunk``). One actor owns the case: the others send it their partial sums
 once (``take_partial``, already divided by the volume's weight map, fp16 by default), and the owner adds them to
 its own, exports on its device and returns only the mask (``finalize``). With one actor no logits move at all.
+
+Keeping the GPU fed:
+- the engine is warmed up (compiled, autotuned) when the actor starts, while the first volumes are read;
+- ``prefetch`` copies a case's volume to the GPU on a third thread and stream before its first chunk runs;
+- ``infer_chunk`` returns once its chunk is queued on the actor's stream and the previous chunk has finished, so
+  the GPU works through one chunk while Ray delivers the next call; engine time is measured with CUDA events,
+  never by synchronizing each batch;
+- ``finalize`` and ``take_partial`` run in their own concurrency group ("export"), on a second thread and a
+  second CUDA stream, so one case's export overlaps the next case's tiles.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
+from concurrent.futures import Future
 
 import numpy as np
+import ray
 import torch
 
 from accel.engines import create_engines
@@ -27,6 +39,9 @@ from trtseg.model import NnUNetModel
 from trtseg.predict import Settings
 from trtseg.preprocess import Preprocessed
 from trtseg.tile import model_gaussian
+
+EXPORT_GROUP, UPLOAD_GROUP = "export", "upload"
+CONCURRENCY_GROUPS = {EXPORT_GROUP: 1, UPLOAD_GROUP: 1}  # ray.remote(concurrency_groups=...) of the actor class
 
 
 class _CaseState:
@@ -58,16 +73,37 @@ class InferenceActor:
                                       settings.compile, settings.engine_cache, max(settings.batch_size, 1),
                                       settings.cuda_graphs and gpu, settings.channels_last and gpu,
                                       settings.half_weights and gpu)
-        # the actor's own CUDA stream: its tiles, sums and exports queue there, apart from other processes' work
+        # the actor's own CUDA streams, apart from other processes' work: tiles and sums queue on one, exports on
+        # the other (a second thread, see finalize)
         self.stream = torch.cuda.Stream(self.device) if gpu else None
+        self.export_stream = torch.cuda.Stream(self.device) if gpu else None
+        self.copy_stream = torch.cuda.Stream(self.device) if gpu else None
         self.gaussian = model_gaussian(model, self.device)
         self.mirror_axes = model.mirror_axes if settings.use_mirroring else None
         self._cases: dict[str, _CaseState] = {}
+        self._uploads: dict[str, Future] = {}  # case -> (volume on the device, copy-done event), from prefetch
+        # cases whose volume the tile thread took (kept for the actor's life, a few bytes each: a prefetch that
+        # arrives after its case was finished or dropped does nothing); a redone case comes back under a new key
+        self._taken: set[str] = set()
+        self._lock = threading.Lock()
         self.busy_seconds = 0.0  # inside infer_chunk and finalize
-        self.engine_seconds = 0.0  # inside the engine (with mirroring), synchronized
+        self.engine_seconds = 0.0  # inside the engine (with mirroring): CUDA event time on a GPU
+        self._events: list = []  # (start, end, kind) CUDA events of engine calls not yet added to engine_seconds
+        self._first_event = self._last_event = None  # the first engine call's start, the latest one's end
+        self._prev_end = None  # the end event of the latest engine call already counted
+        # GPU time between one engine call's end and the next one's start, by where the next call stands: the first
+        # batch of a case (volume upload, weight map), of a chunk (a Ray call), or any other batch (tile gather and
+        # accumulation)
+        self.gap_seconds = {"case": 0.0, "chunk": 0.0, "batch": 0.0}
+        self._chunk_done = None  # CUDA event: the end of the latest chunk's work
         self.tiles = 0
         self.started = time.time()
         self.first_tile_at: float | None = None  # wall time of the first tile: busy fractions exclude start-up
+        self.warmup_seconds = 0.0
+        if gpu:  # compile / autotune now, while the driver's first prepare tasks read volumes
+            shape = (max(settings.batch_size, 1), model.num_input_channels, *model.patch_size)
+            with self._on_stream(), torch.inference_mode():
+                self.warmup_seconds = sum(e.warm_up(shape) for e in self.engines)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -78,10 +114,47 @@ class InferenceActor:
         if have != prior_tiles:
             raise CaseStateLost(f"{self.name} holds {have} tiles of {case_id}, expected {prior_tiles} (it restarted)")
         if case_id not in self._cases:
-            x = torch.from_numpy(data).to(self.device, non_blocking=True)
+            x = self._take_upload(case_id, data)
             self._cases[case_id] = _CaseState(x, weight_map(x.shape[1:], all_starts, self.gaussian),
                                               self.model.labels.num_heads)
         return self._cases[case_id]
+
+    @ray.method(concurrency_group=UPLOAD_GROUP)
+    def prefetch(self, case_id: str, data: np.ndarray) -> None:
+        """Copies a case's volume to the device ahead of its first chunk, on the upload thread and the copy stream,
+        while the tile thread works on earlier cases. A no-op on a CPU actor."""
+        if self.copy_stream is None:
+            return
+        with self._lock:
+            if case_id in self._taken or case_id in self._uploads:
+                return  # the tile thread got there first, or a duplicate call
+            pending: Future = Future()
+            self._uploads[case_id] = pending
+        try:
+            pending.set_result(self._copy_to_device(data))
+        except BaseException as e:  # the case's first chunk raises it
+            pending.set_exception(e)
+
+    def _copy_to_device(self, data: np.ndarray) -> tuple[torch.Tensor, torch.cuda.Event]:
+        assert self.copy_stream is not None
+        with torch.cuda.stream(self.copy_stream):
+            x = torch.from_numpy(data).to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.copy_stream)
+        return x, done
+
+    def _take_upload(self, case_id: str, data: np.ndarray) -> torch.Tensor:
+        """The case's volume on the device: the prefetched copy (waiting for a prefetch under way), else copied now
+        on the copy stream. The tile stream waits for the copy on the GPU, not the host."""
+        if self.copy_stream is None:
+            return torch.from_numpy(data).to(self.device)
+        with self._lock:
+            pending = self._uploads.pop(case_id, None)
+            self._taken.add(case_id)
+        x, done = pending.result() if pending is not None else self._copy_to_device(data)
+        self.stream.wait_event(done)
+        x.record_stream(self.stream)
+        return x
 
     def _on_stream(self):
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
@@ -99,25 +172,73 @@ class InferenceActor:
     def _infer_chunk(self, case_id: str, data: np.ndarray, all_starts, chunk_starts, prior_tiles: int) -> dict:
         t0 = time.perf_counter()
         self.first_tile_at = self.first_tile_at or time.time()
+        new_case = case_id not in self._cases
         st = self._case(case_id, data, all_starts, prior_tiles)
         patch = self.model.patch_size
         bs = max(1, self.settings.batch_size)
+        kind = "case" if new_case else "chunk"
         for engine in self.engines:
             for i in range(0, len(chunk_starts), bs):
                 starts = chunk_starts[i:i + bs]
                 tiles = torch.stack([st.volume[(slice(None), *(slice(s, s + p) for s, p in zip(t, patch)))] for t in starts])
-                te = time.perf_counter()
-                logits = predict_tiles(engine, tiles, self.mirror_axes, self.model.nnunet_version == 1)
-                self._sync()
-                self.engine_seconds += time.perf_counter() - te
+                with self._engine_timer(kind):
+                    logits = predict_tiles(engine, tiles, self.mirror_axes, self.model.nnunet_version == 1)
+                kind = "batch"
                 for tl, t in zip(logits, starts):
                     st.sum[(slice(None), *(slice(s, s + p) for s, p in zip(t, patch)))] += tl * self.gaussian
         st.starts += list(chunk_starts)
-        self._sync()
+        self._wait_previous_chunk()
         seconds = time.perf_counter() - t0
         self.busy_seconds += seconds
         self.tiles += len(chunk_starts)
         return {"actor": self.name, "tiles": len(chunk_starts), "seconds": seconds, "pid": os.getpid()}
+
+    @contextlib.contextmanager
+    def _engine_timer(self, kind: str):
+        """Adds the engine's time to engine_seconds: CUDA events on a GPU (no synchronization), wall time on a CPU.
+        kind: "case", "chunk" or "batch", where the gap before this call is counted (see gap_seconds)."""
+        if self.stream is None:
+            t = time.perf_counter()
+            yield
+            self.engine_seconds += time.perf_counter() - t
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(self.stream)
+        yield
+        end.record(self.stream)
+        self._events.append((start, end, kind))
+        self._first_event = self._first_event or start
+        self._last_event = end
+
+    def _collect_engine_time(self, wait: bool = False) -> None:
+        while self._events and (wait or self._events[0][1].query()):
+            start, end, kind = self._events.pop(0)
+            end.synchronize()
+            self.engine_seconds += start.elapsed_time(end) / 1000
+            if self._prev_end is not None:
+                self.gap_seconds[kind] += self._prev_end.elapsed_time(start) / 1000
+            self._prev_end = end
+
+    def _wait_previous_chunk(self) -> None:
+        """Leaves this chunk queued on the GPU and waits for the previous one: the GPU always has work in hand while
+        Ray delivers the next call, and at most two chunks are queued."""
+        if self.stream is None:
+            return
+        previous, self._chunk_done = self._chunk_done, torch.cuda.Event()
+        self._chunk_done.record(self.stream)
+        if previous is not None:
+            previous.synchronize()
+        self._collect_engine_time()
+
+    def _export_stream(self, st: _CaseState):
+        """Runs a case's export on the export stream, after everything queued for it on the tile stream; its tensors
+        stay allocated until the export stream is done with them."""
+        if self.export_stream is None:
+            return contextlib.nullcontext()
+        self.export_stream.wait_stream(self.stream)
+        for t in (st.sum, st.weights, st.volume):
+            t.record_stream(self.export_stream)
+        return torch.cuda.stream(self.export_stream)
 
     def _normalized(self, st: _CaseState, region: tuple[slice, ...]) -> torch.Tensor:
         out = st.sum[(slice(None), *region)] / st.weights[region]
@@ -134,27 +255,33 @@ class InferenceActor:
     def drop(self, case_id: str) -> None:
         """Forgets a case (the driver redoes it elsewhere)."""
         self._cases.pop(case_id, None)
+        with self._lock:
+            self._uploads.pop(case_id, None)
+            self._taken.add(case_id)
 
+    @ray.method(concurrency_group=EXPORT_GROUP)
     @torch.inference_mode()
     def take_partial(self, case_id: str, expected_tiles: int, dtype: str = "fp16") -> tuple:
         """This actor's share of a case, for the owner: (origin, (k, dz, dy, dx) numpy), divided by the weight map."""
         st = self._pop(case_id, expected_tiles)
-        origin, shape = chunk_region(st.starts, self.model.patch_size)
-        region = tuple(slice(o, o + n) for o, n in zip(origin, shape))
-        part = self._normalized(st, region).to(torch.float16 if dtype == "fp16" else torch.float32)
-        return origin, part.cpu().numpy()
+        with self._export_stream(st):
+            origin, shape = chunk_region(st.starts, self.model.patch_size)
+            region = tuple(slice(o, o + n) for o, n in zip(origin, shape))
+            part = self._normalized(st, region).to(torch.float16 if dtype == "fp16" else torch.float32)
+            return origin, part.cpu().numpy()
 
+    @ray.method(concurrency_group=EXPORT_GROUP)
     @torch.inference_mode()
     def finalize(self, case_id: str, expected_tiles: int, meta: dict, light_model: NnUNetModel, *partials):
         """Own sum + the other actors' partials -> export on this device -> (stats, the mask (z, y, x) numpy)."""
-        with self._on_stream():
-            return self._finalize(case_id, expected_tiles, meta, light_model, *partials)
-
-    def _finalize(self, case_id: str, expected_tiles: int, meta: dict, light_model: NnUNetModel, *partials):
         t0 = time.perf_counter()
         st = self._pop(case_id, expected_tiles)
-        logits = self._normalized(st, tuple(slice(0, n) for n in st.sum.shape[1:]))
-        del st
+        with self._export_stream(st):
+            logits = self._normalized(st, tuple(slice(0, n) for n in st.sum.shape[1:]))
+            del st  # the volume and the sums are freed before the export allocates
+            return self._export(logits, t0, meta, light_model, *partials)
+
+    def _export(self, logits: torch.Tensor, t0: float, meta: dict, light_model: NnUNetModel, *partials):
         for origin, arr in partials:
             region = tuple(slice(o, o + n) for o, n in zip(origin, arr.shape[1:]))
             logits[(slice(None), *region)] += torch.from_numpy(arr).to(self.device, torch.float32)
@@ -166,12 +293,21 @@ class InferenceActor:
                 "owner": self.name}, mask
 
     def stats(self) -> dict:
+        """The actor's counters. engine_busy_in_span: engine time over the GPU's own time from the first engine
+        call's start to the last one's end (start-up, warm-up and the last case's export and write excluded)."""
+        self._sync()
+        self._collect_engine_time(wait=True)
+        span = (self._first_event.elapsed_time(self._last_event) / 1000
+                if self._first_event is not None and self._last_event is not None else None)
         return {"actor": self.name, "device": str(self.device),
                 "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
                 "engine": self.engines[0].describe(), "busy_seconds": round(self.busy_seconds, 3),
-                "engine_seconds": round(self.engine_seconds, 3),
+                "engine_seconds": round(self.engine_seconds, 3), "warmup_seconds": round(self.warmup_seconds, 3),
                 "engine_busy_since_first_tile": round(self.engine_seconds / (time.time() - self.first_tile_at), 4)
                 if self.first_tile_at else None,
+                "engine_busy_in_span": round(self.engine_seconds / span, 4) if span else None,
+                "engine_span_seconds": round(span, 3) if span else None,
+                "engine_gap_seconds": {k: round(v, 3) for k, v in self.gap_seconds.items()} if span else None,
                 "tiles": self.tiles, "alive_seconds": round(time.time() - self.started, 3), "pid": os.getpid(),
                 "node_id": _node_id(),
                 "peak_rss_mb": peak_rss_mb(),

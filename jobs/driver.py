@@ -186,7 +186,7 @@ def _run(cfg: JobConfig, model: NnUNetModel, cases: list[Case], todo: list[Case]
     """Schedules the cases of ``todo`` on a connected Ray; ``results`` already holds the skipped ones."""
     import ray
 
-    from jobs.actor import InferenceActor
+    from jobs.actor import CONCURRENCY_GROUPS, InferenceActor
     from jobs.stages import prepare_case, write_case
 
     n_gpus = float(ray.cluster_resources().get("GPU", 0)) if not cpu_mode else 0.0
@@ -199,7 +199,7 @@ def _run(cfg: JobConfig, model: NnUNetModel, cases: list[Case], todo: list[Case]
     light = model.without_weights()
     light_ref = ray.put(light)
     threads = max(1, (os.cpu_count() or 1) // n_actors) if cpu_mode else None
-    actor_cls = ray.remote(InferenceActor)
+    actor_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(InferenceActor)
     # SPREAD: actors go to different nodes where they fit, so a multi-node cluster's GPUs (and the network links
     # and CPUs beside them) all work; actor_resources pins them to nodes with a custom resource (a GPU type)
     actors = [actor_cls.options(name=f"trtseg-infer-{run_id}-{i}", num_cpus=1, num_gpus=0 if cpu_mode else cfg.gpus_per_actor,
@@ -242,6 +242,8 @@ def _run(cfg: JobConfig, model: NnUNetModel, cases: list[Case], todo: list[Case]
         run.assigned = defaultdict(int)
         for n, chunk in enumerate(_chunks(starts, size)):
             i = run.owner if n == 0 else min(live, key=lambda k: load[k])
+            if i not in run.assigned:  # the volume goes to the actor's device while it works on earlier cases
+                actors[i].prefetch.remote(run.key, run.data)
             load[i] += len(chunk)
             ref = actors[i].infer_chunk.remote(run.key, run.data, starts, chunk, run.assigned[i])
             run.assigned[i] += len(chunk)
@@ -365,7 +367,8 @@ def _run(cfg: JobConfig, model: NnUNetModel, cases: list[Case], todo: list[Case]
         "summary": {"total": len(ordered), "ok": sum(r["status"] == "ok" for r in ordered),
                     "failed": sum(r["status"] == "failed" for r in ordered),
                     "skipped": sum(r["status"] == "skipped" for r in ordered), "wall_seconds": round(wall, 3),
-                    "engine_busy_fraction": {a["actor"]: round(a["engine_seconds"] / wall, 4) for a in actor_stats}},
+                    "engine_busy_fraction": {a["actor"]: round(a["engine_seconds"] / wall, 4) for a in actor_stats},
+                    "engine_busy_in_span": {a["actor"]: a["engine_busy_in_span"] for a in actor_stats}},
     }
     for a in actors:
         ray.kill(a)

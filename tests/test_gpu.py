@@ -54,3 +54,51 @@ def test_cuda_predictor_gives_the_cpu_masks(small_model, tmp_path, precision):
     a = np.asarray(nib.load(cpu.output).dataobj)
     b = np.asarray(nib.load(gpu.output).dataobj)
     assert (a == b).mean() >= 0.999
+
+
+def _masks(folder) -> dict:
+    import os
+    return {f: np.asarray(nib.load(os.path.join(folder, f)).dataobj) for f in sorted(os.listdir(folder))
+            if f.endswith(".nii.gz")}
+
+
+def test_ray_job_gpu_actors_give_the_single_process_masks(small_model, tmp_path):
+    """The GPU actors' queued chunks, CUDA-event timing and export on a second stream and thread: two actors sharing
+    the GPU (partial sums cross between them) and one compiled actor (short batches padded to the compiled batch)
+    give the single-process masks; the report says how busy the engine was and what warm-up cost."""
+    import json
+
+    import ray
+
+    from trtseg.cli import main
+
+    inputs = str(tmp_path / "in")
+    for i, (shape, spacing) in enumerate([((90, 80, 30), (0.8, 0.8, 2.5)), ((30, 28, 12), (1.0, 1.0, 2.0)),
+                                          ((64, 70, 41), (0.9, 0.9, 1.5))]):
+        write_case(inputs, f"c{i}", shape, spacing, oblique_deg=10 * i, seed=40 + i)
+    common = ["-i", inputs, "-m", small_model, "--device", "cuda", "--engine", "torch", "--precision", "fp32",
+              "--batch-size", "3", "--no-progress"]
+    assert main(["predict", *common, "-o", str(tmp_path / "single"), "--single-process"]) == 0
+    ray.init(address="local", num_cpus=8, num_gpus=1, include_dashboard=False, logging_level="ERROR",
+             log_to_driver=False)
+    try:
+        assert main(["predict", *common, "-o", str(tmp_path / "two"), "--gpus-per-actor", "0.5", "--partials", "fp32",
+                     "--tiles-per-task", "2", "--max-cases-in-flight", "3"]) == 0
+        assert main(["predict", *common, "-o", str(tmp_path / "compiled"), "--compile", "--tiles-per-task", "4"]) == 0
+    finally:
+        ray.shutdown()
+    single, two, compiled = _masks(tmp_path / "single"), _masks(tmp_path / "two"), _masks(tmp_path / "compiled")
+    assert set(single) == set(two) == set(compiled) == {"c0.nii.gz", "c1.nii.gz", "c2.nii.gz"}
+    # cuDNN may pick other kernels in another process, and fp32 convolutions run in TF32 by default: agreement, not
+    # bit equality (one missing or doubly counted tile would change far more than 0.1 % of a volume)
+    for name in single:
+        assert (single[name] == two[name]).mean() >= 0.999, name
+        assert (single[name] == compiled[name]).mean() >= 0.999, name
+    report = json.load(open(tmp_path / "two" / "run_report.json"))
+    assert report["summary"]["ok"] == 3 and len(report["actors"]) == 2
+    assert any(len(c["actors"]) == 2 and c["object_store_bytes"]["partials"] > 0 for c in report["cases"])
+    for a in report["actors"]:
+        assert 0 < a["engine_busy_in_span"] <= 1 and a["engine_seconds"] > 0 and a["warmup_seconds"] > 0, a
+        assert set(a["engine_gap_seconds"]) == {"case", "chunk", "batch"}, a
+    comp = json.load(open(tmp_path / "compiled" / "run_report.json"))
+    assert comp["actors"][0]["engine"]["compiled"] and comp["actors"][0]["warmup_seconds"] > 0
