@@ -7,9 +7,14 @@ make --cases; the model is 3d_fullres
 32->320 at 128^3. The job starts a local Ray. Reported: volumes/s (and per GPU), each actor's engine-busy
 fraction (time inside the engine, synchronized, over the job's wall time), median per-stage seconds, object-store
 bytes per case, peak RSS of the workers and peak GPU memory of the actors. The first volumes include the actors'
-start-up (engine creation, cuDNN autotuning): that is part of a job's real cost, and is stated. The engine-busy
-fraction since the first tile leaves that start-up out: an actor's engine time over the time from its first tile
-to the end of the job.
+start-up (engine creation, warm-up: compile and cuDNN autotuning): that is part of a job's real cost, and is
+stated, with each actor's warm-up seconds. Three engine-busy fractions:
+- over the job's wall time (start-up included);
+- since the first tile: an actor's engine time over the time from its first tile to the end of the job;
+- in span: engine time over the GPU's own clock from the first engine call's start to the last one's end (CUDA
+  events), which leaves out start-up and the last case's export and write.
+volumes_per_gpu_hour_in_span: the volumes over the longest actor span, the rate once start-up is over (with one GPU;
+with several it is per GPU only when each actor has a whole GPU).
 """
 from __future__ import annotations
 
@@ -20,13 +25,19 @@ import shutil
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 from benchmarks.case_latency import make_fullres_model
 from benchmarks.common import machine, save
 from jobs.config import JobConfig
 from jobs.driver import run_job
 from trtseg import synthetic as syn
+from trtseg.cli import compile_setting
 from trtseg.predict import Settings
+
+
+def _write_volume(dest: str, shape_xyz, seed: int) -> None:
+    syn.save_nifti(dest, syn.ct_like_volume(shape_xyz, seed=seed), syn.affine_for((0.7, 0.7, 1.25)))
 
 
 def main() -> None:
@@ -39,7 +50,7 @@ def main() -> None:
     ap.add_argument("--tiles-per-task", type=int, default=16)
     ap.add_argument("--max-cases-in-flight", type=int, default=3)
     ap.add_argument("--mirroring", action="store_true")
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile", nargs="?", const="default", default=None, choices=["default", "max-autotune"])
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--fp16-weights", action="store_true")
     ap.add_argument("--compress-level", type=int, default=6)
@@ -50,16 +61,15 @@ def main() -> None:
     os.makedirs(os.path.join(work, "in"))
     t = time.perf_counter()
     x, y, z = args.shape
-    for i in range(args.cases):  # four distinct volumes (sizes differ by 8 slices), copied to fill --cases
-        dest = os.path.join(work, "in", f"ct{i:03d}_0000.nii.gz")
-        if i < 4:
-            syn.save_nifti(dest, syn.ct_like_volume((x, y, z - 8 * i), seed=100 + i), syn.affine_for((0.7, 0.7, 1.25)))
-        else:
-            shutil.copyfile(os.path.join(work, "in", f"ct{i % 4:03d}_0000.nii.gz"), dest)
+    dests = [os.path.join(work, "in", f"ct{i:03d}_0000.nii.gz") for i in range(args.cases)]
+    with ProcessPoolExecutor(4) as pool:  # four distinct volumes (sizes differ by 8 slices), copied to fill --cases
+        list(pool.map(_write_volume, dests[:4], [(x, y, z - 8 * i) for i in range(4)], range(100, 104)))
+    for i in range(4, args.cases):
+        shutil.copyfile(dests[i % 4], dests[i])
     gen_s = time.perf_counter() - t
     cfg = JobConfig(input=os.path.join(work, "in"), output=os.path.join(work, "out"), model=model,
                     settings=Settings(device="cuda", engine="torch", batch_size=args.batch_size,
-                                      use_mirroring=args.mirroring, compile=args.compile,
+                                      use_mirroring=args.mirroring, compile=compile_setting(args.compile),
                                       channels_last=args.channels_last, half_weights=args.fp16_weights,
                                       compresslevel=args.compress_level),
                     gpus_per_actor=args.gpus_per_actor, task_gpus=args.task_gpus, tiles_per_task=args.tiles_per_task,
@@ -75,7 +85,13 @@ def main() -> None:
            "volumes_per_s": round(len(ok) / wall, 4), "volumes_per_gpu_hour": round(3600 * len(ok) / wall / max(1, math.ceil(n_gpu_actors * args.gpus_per_actor)), 1),
            "engine_busy_fraction": report["summary"]["engine_busy_fraction"],
            "engine_busy_since_first_tile": {a["actor"]: a["engine_busy_since_first_tile"] for a in report["actors"]},
+           "engine_busy_in_span": {a["actor"]: a["engine_busy_in_span"] for a in report["actors"]},
+           "warmup_seconds": {a["actor"]: a["warmup_seconds"] for a in report["actors"]},
+           "engine_gap_seconds": {a["actor"]: a["engine_gap_seconds"] for a in report["actors"]},
            "first_mask_after_seconds": done[0]["done_at_s"] if done else None,
+           "engine_span_seconds": {a["actor"]: a["engine_span_seconds"] for a in report["actors"]},
+           "volumes_per_gpu_hour_in_span": round(3600 * len(ok) / max(a["engine_span_seconds"] or 0 for a in report["actors"]), 1)
+           if report["actors"] and max(a["engine_span_seconds"] or 0 for a in report["actors"]) > 0 else None,
            "median_stage_seconds": {k: round(statistics.median(c["seconds"].get(k, 0) for c in ok), 3) for k in stages},
            "median_object_store_mb_per_case": {k: round(statistics.median(c["object_store_bytes"][k] for c in ok) / 2 ** 20, 1)
                                                for k in ("volume", "partials", "mask")},

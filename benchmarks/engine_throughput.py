@@ -5,7 +5,8 @@
 
 A configuration is a precision (fp32, fp16, bf16) with options joined by "+": compile (torch.compile), max
 (torch.compile with mode "max-autotune-no-cudagraphs"), cl
-(channels-last-3d memory order), graphs (replay captured CUDA graphs), half (an fp16 network with fp32 normalization layers instead of autocast).
+(channels-last-3d memory order), graphs (replay captured CUDA graphs), half (an fp16 network with fp32 normalization
+layers instead of autocast), freeze (Inductor's freezing: weights folded into the compiled graph as constants).
 
 Model: nnU-Net 3d_fullres for CT (PlainConvUNet 32->320, 6 stages, 128^3 patch, 4 labels). FLOPs per patch are
 counted with torch's FlopCounterMode (multiply-add = 2 FLOPs). Inputs are standard-normal patches (the
@@ -75,6 +76,7 @@ def main() -> None:
         for b in args.batches:
             comp = "max-autotune-no-cudagraphs" if "max" in opts else "compile" in opts
             torch._dynamo.reset()  # each configuration compiles afresh, for its batch size only
+            torch._inductor.config.freezing = "freeze" in opts
             engine = TorchEngine(model.build_network(), args.device, precision, compile=comp,
                                  channels_last="cl" in opts, half_weights="half" in opts, cuda_graphs="graphs" in opts)
             try:
