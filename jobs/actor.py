@@ -11,9 +11,9 @@ its own, exports on its device and returns only the mask (``finalize``). With on
 Keeping the GPU fed:
 - the engine is warmed up (compiled, autotuned) when the actor starts, while the first volumes are read;
 - ``prefetch`` copies a case's volume to the GPU on a third thread and stream before its first chunk runs;
-- ``infer_chunk`` returns once its chunk is queued on the actor's stream and the previous chunk has finished, so
-  the GPU works through one chunk while Ray delivers the next call; engine time is measured with CUDA events,
-  never by synchronizing each batch;
+- ``infer_chunk`` returns once its chunk is queued on the actor's stream and the chunk QUEUED_CHUNKS before it has
+  finished, so the GPU has work while Ray delivers the next call; engine time is measured with CUDA events, never
+  by synchronizing each batch;
 - ``finalize`` and ``take_partial`` run in their own concurrency group ("export"), on a second thread and a
   second CUDA stream, so one case's export overlaps the next case's tiles.
 """
@@ -23,6 +23,7 @@ import contextlib
 import os
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 
 import numpy as np
@@ -40,16 +41,18 @@ from trtseg.predict import Settings
 from trtseg.preprocess import Preprocessed
 from trtseg.tile import model_gaussian
 
+QUEUED_CHUNKS = 2  # chunks an actor leaves queued on its GPU when infer_chunk returns
 EXPORT_GROUP, UPLOAD_GROUP = "export", "upload"
 CONCURRENCY_GROUPS = {EXPORT_GROUP: 1, UPLOAD_GROUP: 1}  # ray.remote(concurrency_groups=...) of the actor class
 
 
 class _CaseState:
-    """What an actor holds for one case: the volume, the weight map, the running sum and the tiles it covered."""
+    """What an actor holds for one case: the volume, the running sum, the tiles it covered, and every tile start of
+    the volume (the weight map is made from them when the sum is normalized, on the export thread)."""
 
-    def __init__(self, volume: torch.Tensor, weights: torch.Tensor, num_classes: int):
+    def __init__(self, volume: torch.Tensor, all_starts: list, num_classes: int):
         self.volume = volume
-        self.weights = weights
+        self.all_starts = all_starts
         self.sum = torch.zeros((num_classes, *volume.shape[1:]), dtype=torch.float32, device=volume.device)
         self.starts: list = []
 
@@ -95,7 +98,7 @@ class InferenceActor:
         # batch of a case (volume upload, weight map), of a chunk (a Ray call), or any other batch (tile gather and
         # accumulation)
         self.gap_seconds = {"case": 0.0, "chunk": 0.0, "batch": 0.0}
-        self._chunk_done = None  # CUDA event: the end of the latest chunk's work
+        self._chunks_done: deque = deque()  # CUDA events: the ends of the chunks still queued on the GPU
         self.tiles = 0
         self.started = time.time()
         self.first_tile_at: float | None = None  # wall time of the first tile: busy fractions exclude start-up
@@ -115,8 +118,7 @@ class InferenceActor:
             raise CaseStateLost(f"{self.name} holds {have} tiles of {case_id}, expected {prior_tiles} (it restarted)")
         if case_id not in self._cases:
             x = self._take_upload(case_id, data)
-            self._cases[case_id] = _CaseState(x, weight_map(x.shape[1:], all_starts, self.gaussian),
-                                              self.model.labels.num_heads)
+            self._cases[case_id] = _CaseState(x, all_starts, self.model.labels.num_heads)
         return self._cases[case_id]
 
     @ray.method(concurrency_group=UPLOAD_GROUP)
@@ -220,14 +222,15 @@ class InferenceActor:
             self._prev_end = end
 
     def _wait_previous_chunk(self) -> None:
-        """Leaves this chunk queued on the GPU and waits for the previous one: the GPU always has work in hand while
-        Ray delivers the next call, and at most two chunks are queued."""
+        """Leaves this chunk queued on the GPU and waits for the one QUEUED_CHUNKS before it: the GPU always has work
+        in hand while Ray delivers the next call and the next case starts (a case's last chunk can be a few tiles)."""
         if self.stream is None:
             return
-        previous, self._chunk_done = self._chunk_done, torch.cuda.Event()
-        self._chunk_done.record(self.stream)
-        if previous is not None:
-            previous.synchronize()
+        done = torch.cuda.Event()
+        done.record(self.stream)
+        self._chunks_done.append(done)
+        while len(self._chunks_done) > QUEUED_CHUNKS:
+            self._chunks_done.popleft().synchronize()
         self._collect_engine_time()
 
     def _export_stream(self, st: _CaseState):
@@ -236,12 +239,13 @@ class InferenceActor:
         if self.export_stream is None:
             return contextlib.nullcontext()
         self.export_stream.wait_stream(self.stream)
-        for t in (st.sum, st.weights, st.volume):
+        for t in (st.sum, st.volume):
             t.record_stream(self.export_stream)
         return torch.cuda.stream(self.export_stream)
 
     def _normalized(self, st: _CaseState, region: tuple[slice, ...]) -> torch.Tensor:
-        out = st.sum[(slice(None), *region)] / st.weights[region]
+        weights = weight_map(st.volume.shape[1:], st.all_starts, self.gaussian)  # 1 launch a tile: off the tile thread
+        out = st.sum[(slice(None), *region)] / weights[region]
         return out / len(self.engines) if len(self.engines) > 1 else out
 
     def _pop(self, case_id: str, expected_tiles: int) -> _CaseState:

@@ -133,6 +133,31 @@ class _CaseRun:
         return f"{self.case.case_id}#{self.attempt}"
 
 
+def gpu_actor_count(n_gpus: float, gpus_per_actor: float, task_gpus: float) -> int:
+    """Inference actors for a cluster with ``n_gpus`` GPUs: as many as fit while one GPU keeps ``task_gpus`` free for
+    the prepare tasks, which cannot run at all otherwise (every case would wait for ever).
+
+    Fractional actors pack within a GPU (Ray never splits one over two): with 0.2 GPU each and task_gpus 0.1, one
+    GPU holds 4 actors, not 5. Actors of one or more GPUs take whole GPUs, and then a GPU share for the tasks costs
+    one GPU's actors.
+    """
+    eps = 1e-9
+    if gpus_per_actor <= 0:
+        raise ValueError(f"gpus_per_actor must be positive, got {gpus_per_actor}")
+    whole = math.floor(n_gpus + eps)
+    if gpus_per_actor < 1:
+        per_gpu = math.floor(1 / gpus_per_actor + eps)
+        n = (whole - 1) * per_gpu + math.floor((1 - task_gpus) / gpus_per_actor + eps) if task_gpus > 0 else \
+            whole * per_gpu
+    else:
+        n = math.floor((whole - (1 if task_gpus > 0 else 0)) / gpus_per_actor + eps)
+    if n < 1:
+        raise ValueError(f"--gpus-per-actor {gpus_per_actor:g} and --task-gpus {task_gpus:g} do not fit on "
+                         f"{n_gpus:g} GPU(s): lower --gpus-per-actor (e.g. {max(0.1, 1 - task_gpus):g}) or set "
+                         f"--task-gpus 0")
+    return n
+
+
 def _chunks(starts: list, n: int) -> list[list]:
     return [starts[i:i + n] for i in range(0, len(starts), n)]
 
@@ -192,7 +217,7 @@ def _run(cfg: JobConfig, model: NnUNetModel, cases: list[Case], todo: list[Case]
     n_gpus = float(ray.cluster_resources().get("GPU", 0)) if not cpu_mode else 0.0
     if n_gpus == 0:
         cpu_mode = True
-    n_actors = (cfg.cpu_actors or 1) if cpu_mode else max(1, math.floor(n_gpus / cfg.gpus_per_actor + 1e-9))
+    n_actors = (cfg.cpu_actors or 1) if cpu_mode else gpu_actor_count(n_gpus, cfg.gpus_per_actor, cfg.task_gpus)
     run_id = uuid.uuid4().hex[:6]
     settings = dataclasses.replace(cfg.settings, device="cpu" if cpu_mode else cfg.settings.device)
     model_ref = ray.put(model)
