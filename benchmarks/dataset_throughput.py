@@ -13,6 +13,9 @@ stated, with each actor's warm-up seconds. Three engine-busy fractions:
 - since the first tile: an actor's engine time over the time from its first tile to the end of the job;
 - in span: engine time over the GPU's own clock from the first engine call's start to the last one's end (CUDA
   events), which leaves out start-up and the last case's export and write.
+gpu_utilization_nvml: NVML's utilization of GPU 0 (share of time any kernel ran: engine, accumulation, export),
+sampled by nvidia-smi every 100 ms and averaged over the job, from the first tile to the end, and over the actor's
+engine span (its first tile's wall time plus the span).
 volumes_per_gpu_hour_in_span: the volumes over the longest actor span, the rate once start-up is over (with one GPU;
 with several it is per GPU only when each actor has a whole GPU).
 """
@@ -23,7 +26,9 @@ import math
 import os
 import shutil
 import statistics
+import subprocess
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -34,6 +39,35 @@ from jobs.driver import run_job
 from trtseg import synthetic as syn
 from trtseg.cli import compile_setting
 from trtseg.predict import Settings
+
+
+class NvmlSampler:
+    """GPU 0's NVML utilization (the share of time one or more kernels ran, any kernel: engine, accumulation,
+    export) every 100 ms, from nvidia-smi, with the wall time of each sample."""
+
+    def __init__(self):
+        self.samples: list[tuple[float, float]] = []
+        try:
+            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                          "-i", "0", "-lms", "100"], stdout=subprocess.PIPE, text=True)
+        except OSError:
+            self.proc = None
+            return
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.strip().isdigit():
+                self.samples.append((time.time(), float(line)))
+
+    def mean(self, start: float, end: float) -> float | None:
+        inside = [u for t, u in self.samples if start <= t <= end]
+        return round(sum(inside) / len(inside) / 100, 4) if inside else None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
 
 
 def _write_volume(dest: str, shape_xyz, seed: int) -> None:
@@ -74,7 +108,14 @@ def main() -> None:
                                       compresslevel=args.compress_level),
                     gpus_per_actor=args.gpus_per_actor, task_gpus=args.task_gpus, tiles_per_task=args.tiles_per_task,
                     max_cases_in_flight=args.max_cases_in_flight, progress=False)
+    sampler = NvmlSampler()
+    t_job = time.time()
     report = run_job(cfg)
+    t_end = time.time()
+    sampler.stop()
+    first_tile = min((a["first_tile_at"] for a in report["actors"] if a.get("first_tile_at")), default=None)
+    span_end = max((a["first_tile_at"] + a["engine_span_seconds"] for a in report["actors"]
+                    if a.get("first_tile_at") and a.get("engine_span_seconds")), default=None)
     ok = [c for c in report["cases"] if c["status"] == "ok"]
     wall = report["summary"]["wall_seconds"]
     n_gpu_actors = report["job"]["actors"]
@@ -90,6 +131,10 @@ def main() -> None:
            "engine_gap_seconds": {a["actor"]: a["engine_gap_seconds"] for a in report["actors"]},
            "first_mask_after_seconds": done[0]["done_at_s"] if done else None,
            "engine_span_seconds": {a["actor"]: a["engine_span_seconds"] for a in report["actors"]},
+           "gpu_utilization_nvml": {"job": sampler.mean(t_job, t_end),
+                                    "first_tile_to_end": sampler.mean(first_tile, t_end) if first_tile else None,
+                                    "engine_span": sampler.mean(first_tile, span_end) if first_tile and span_end else None,
+                                    "samples": len(sampler.samples)},
            "volumes_per_gpu_hour_in_span": round(3600 * len(ok) / max(a["engine_span_seconds"] or 0 for a in report["actors"]), 1)
            if report["actors"] and max(a["engine_span_seconds"] or 0 for a in report["actors"]) > 0 else None,
            "median_stage_seconds": {k: round(statistics.median(c["seconds"].get(k, 0) for c in ok), 3) for k in stages},

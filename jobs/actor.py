@@ -308,7 +308,7 @@ class InferenceActor:
                 "engine": self.engines[0].describe(), "busy_seconds": round(self.busy_seconds, 3),
                 "engine_seconds": round(self.engine_seconds, 3), "warmup_seconds": round(self.warmup_seconds, 3),
                 "engine_busy_since_first_tile": round(self.engine_seconds / (time.time() - self.first_tile_at), 4)
-                if self.first_tile_at else None,
+                if self.first_tile_at else None, "first_tile_at": self.first_tile_at,
                 "engine_busy_in_span": round(self.engine_seconds / span, 4) if span else None,
                 "engine_span_seconds": round(span, 3) if span else None,
                 "engine_gap_seconds": {k: round(v, 3) for k, v in self.gap_seconds.items()} if span else None,
