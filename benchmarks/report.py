@@ -18,6 +18,8 @@ COMMANDS = {
     "gpu_parity": "python -m benchmarks.gpu_parity",
     "cpu_vs_nnunet": "python -m benchmarks.cpu_vs_nnunet",
     "scaling": "python -m benchmarks.scaling --cases 8",
+    "engine_profile": "python -m benchmarks.engine_profile",
+    "gzip_read": "python -m benchmarks.gzip_read",
 }
 
 # result files written by a command other than their scenario's plain one (the exact command, run on the H100 with
@@ -34,6 +36,21 @@ FILE_COMMANDS = {
     "h100_engine_throughput_max_autotune.json": "python -m benchmarks.engine_throughput --batches 4 --configs "
                                                 "fp16+max+cl+half --iters 10 --repeats 3",
     "h100_precision_masks_fast.json": "python -m benchmarks.precision_masks --only fp16_weights_compiled_channels_last",
+    "h100_engine_throughput_freeze.json": "python -m benchmarks.engine_throughput --batches 4 --configs "
+                                          "fp16+compile+cl+half fp16+compile+cl+half+freeze",
+    "h100_case_latency_max_autotune.json": "python -m benchmarks.case_latency --device cuda --compile max-autotune "
+                                           "--channels-last --fp16-weights --compress-level 1",
+    "h100_case_latency_max_autotune_cached.json": "the same with --mirroring on, run right after it in a second process "
+                                                  "(Inductor's cache warm); measured before the mask crossed to the host "
+                                                  "as uint8 (export 0.26 s, now 0.05 s)",
+    "h100_dataset_throughput_fast_warm_cache.json": "python -m benchmarks.dataset_throughput --cases 16 --compile "
+                                                    "--channels-last --fp16-weights --compress-level 1 "
+                                                    "--max-cases-in-flight 8, run again right after the first "
+                                                    "(Inductor's cache warm)",
+    "h100_dataset_throughput_queued4.json": "TRTSEG_QUEUED_CHUNKS=4 python -m benchmarks.dataset_throughput --cases 16 "
+                                            "--compile --channels-last --fp16-weights --compress-level 1 "
+                                            "--max-cases-in-flight 8",
+    "h100_dataset_throughput_queued8.json": "TRTSEG_QUEUED_CHUNKS=8, otherwise as queued4 (Inductor's cache warm)",
 }
 
 
@@ -54,19 +71,31 @@ def rows(r: dict) -> list[str]:
         return [f"{x['config']} batch {x['batch']}: {x.get('patches_per_s')} patches/s, {x.get('tflop_per_s')} TFLOP/s "
                 f"({x.get('fraction_of_floor')} of the {r['tensor_core_floor_patches_s']} patches/s floor)" for x in r["runs"]]
     if s == "dataset_throughput":
-        return [f"{r['cases']} volumes {r['shape_xyz']}: {r['wall_seconds']} s wall, {r['volumes_per_gpu_hour']} volumes/GPU-hour, "
-                f"engine busy {r['engine_busy_fraction']} (since its first tile "
-                f"{r.get('engine_busy_since_first_tile', 'not measured')}), stage medians {r['median_stage_seconds']}, object store MB/case "
-                f"{r['median_object_store_mb_per_case']}"]
+        out = [f"{r['cases']} volumes {r['shape_xyz']}: {r['wall_seconds']} s wall, {r['volumes_per_gpu_hour']} volumes/GPU-hour, "
+               f"engine busy {r['engine_busy_fraction']} (since its first tile "
+               f"{r.get('engine_busy_since_first_tile', 'not measured')}), stage medians {r['median_stage_seconds']}, object store MB/case "
+               f"{r['median_object_store_mb_per_case']}"]
+        if "engine_busy_in_span" in r:
+            out.append(f"in the GPU span: engine busy {r['engine_busy_in_span']}, {r.get('volumes_per_gpu_hour_in_span')} "
+                       f"volumes/GPU-hour, idle gaps {r.get('engine_gap_seconds')} s; warm-up {r.get('warmup_seconds')} s; "
+                       f"NVML utilization {r.get('gpu_utilization_nvml', 'not measured')}")
+        return out
+    if s == "engine_profile":
+        return [f"{r['config']} batch {r['batch']}: {r['gpu_ms_per_batch']} ms of GPU kernels per batch, by kind "
+                f"{r['by_kind_ms_per_batch']}"]
+    if s == "gzip_read":
+        return [f"{r['compressed_mb']} MB -> {r['raw_mb']} MB: decompress {r['decompress_seconds']} s; read_case "
+                f"{r['read_case_seconds']} s"]
     if s == "precision_masks":
         return [f"agreement with fp32 masks: {r['agreement_vs_fp32']}"]
     if s == "gpu_parity":
         return [f"{c['model']}/{c['case']}: cuda fp32 {c['agreement_cuda_fp32_vs_cpu']:.5f}, cuda fp16 "
                 f"{c['agreement_cuda_fp16_vs_cpu']:.5f} vs cpu" for c in r["cases"]]
     if s == "scaling":
-        return [f"{x['actors']} actor(s) at {x['gpus_per_actor']} GPU: {x['wall_seconds']} s wall, tiles {x['tiles_per_actor']}, "
-                f"engine busy {x['engine_busy_fraction']}, partials {x['median_partials_mb_per_case']} MB/case"
-                for x in r["runs"]] + ([f"incomplete: {r['incomplete']}"] if r.get("incomplete") else [])
+        return [f"{x['actors']} actor(s) at {x['gpus_per_actor']} GPU: {x['wall_seconds']} s wall, "
+                f"{x.get('volumes_per_s_in_span')} volumes/s in the GPU span, tiles {x['tiles_per_actor']}, "
+                f"engine busy in span {x.get('engine_busy_in_span')}, partials {x['median_partials_mb_per_case']} MB/case"
+                for x in r["runs"]]
     if s == "cpu_vs_nnunet":
         return [f"nnUNetv2 {r['nnunetv2_seconds']} s; " + "; ".join(
             f"{k} {v['median_seconds']} s ({v['speedup_vs_nnunet']}x, agree {v['voxel_agreement_vs_nnunet']:.5f})"

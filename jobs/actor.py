@@ -41,7 +41,9 @@ from trtseg.predict import Settings
 from trtseg.preprocess import Preprocessed
 from trtseg.tile import model_gaussian
 
-QUEUED_CHUNKS = 2  # chunks an actor leaves queued on its GPU when infer_chunk returns
+# chunks an actor leaves queued on its GPU when infer_chunk returns; 4 and 8 measured worse on the H100
+# (benchmarks/results/h100_dataset_throughput_queued*.json)
+QUEUED_CHUNKS = int(os.environ.get("TRTSEG_QUEUED_CHUNKS", "2"))
 EXPORT_GROUP, UPLOAD_GROUP = "export", "upload"
 CONCURRENCY_GROUPS = {EXPORT_GROUP: 1, UPLOAD_GROUP: 1}  # ray.remote(concurrency_groups=...) of the actor class
 
