@@ -51,6 +51,10 @@ FILE_COMMANDS = {
                                             "--compile --channels-last --fp16-weights --compress-level 1 "
                                             "--max-cases-in-flight 8",
     "h100_dataset_throughput_queued8.json": "TRTSEG_QUEUED_CHUNKS=8, otherwise as queued4 (Inductor's cache warm)",
+    "h100_dataset_throughput_tile_priority.json": "TRTSEG_TILE_STREAM_PRIORITY=-1 python -m benchmarks.dataset_throughput "
+                                                  "--cases 16 --compile --channels-last --fp16-weights "
+                                                  "--compress-level 1 --max-cases-in-flight 8",
+    "h100_dataset_throughput_tile_priority_warm_cache.json": "the same, run again right after it (Inductor's cache warm)",
 }
 
 

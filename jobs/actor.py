@@ -80,7 +80,10 @@ class InferenceActor:
                                       settings.half_weights and gpu)
         # the actor's own CUDA streams, apart from other processes' work: tiles and sums queue on one, exports on
         # the other (a second thread, see finalize)
-        self.stream = torch.cuda.Stream(self.device) if gpu else None
+        # TRTSEG_TILE_STREAM_PRIORITY=-1 gives the tile stream the higher priority over the export's; on the H100 it
+        # changed nothing (benchmarks/results/h100_dataset_throughput_tile_priority*.json), so both share one
+        self.stream = torch.cuda.Stream(self.device, priority=int(os.environ.get("TRTSEG_TILE_STREAM_PRIORITY", "0"))) \
+            if gpu else None
         self.export_stream = torch.cuda.Stream(self.device) if gpu else None
         self.copy_stream = torch.cuda.Stream(self.device) if gpu else None
         self.gaussian = model_gaussian(model, self.device)
