@@ -81,7 +81,8 @@ class InferenceActor:
         # the actor's own CUDA streams, apart from other processes' work: tiles and sums queue on one, exports on
         # the other (a second thread, see finalize)
         # TRTSEG_TILE_STREAM_PRIORITY=-1 gives the tile stream the higher priority over the export's; on the H100 it
-        # changed nothing (benchmarks/results/h100_dataset_throughput_tile_priority*.json), so both share one
+        # changed nothing (benchmarks/results/h100_dataset_throughput_tile_priority*.json), so by default both streams
+        # have the same priority
         self.stream = torch.cuda.Stream(self.device, priority=int(os.environ.get("TRTSEG_TILE_STREAM_PRIORITY", "0"))) \
             if gpu else None
         self.export_stream = torch.cuda.Stream(self.device) if gpu else None
@@ -100,8 +101,8 @@ class InferenceActor:
         self._first_event = self._last_event = None  # the first engine call's start, the latest one's end
         self._prev_end = None  # the end event of the latest engine call already counted
         # GPU time between one engine call's end and the next one's start, by where the next call stands: the first
-        # batch of a case (volume upload, weight map), of a chunk (a Ray call), or any other batch (tile gather and
-        # accumulation)
+        # batch of a case (the wait for its volume, its sum's allocation), of a chunk (a Ray call), or any other batch
+        # (tile gather and accumulation)
         self.gap_seconds = {"case": 0.0, "chunk": 0.0, "batch": 0.0}
         self._chunks_done: deque = deque()  # CUDA events: the ends of the chunks still queued on the GPU
         self.tiles = 0
