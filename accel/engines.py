@@ -61,6 +61,10 @@ def pad_batch(batch: torch.Tensor, size: int) -> torch.Tensor:
     return batch if n >= size else torch.cat([batch, batch.new_zeros((size - n, *batch.shape[1:]))])
 
 
+# --compile's names -> torch.compile's modes
+_TORCH_COMPILE_MODES: dict[str, str | None] = {"default": None, "max-autotune": "max-autotune-no-cudagraphs"}
+
+
 class TorchEngine(Engine):
     """The network itself under PyTorch: CPU in float32, or CUDA with fp16/bf16 autocast and optional compile.
 
@@ -104,15 +108,14 @@ class TorchEngine(Engine):
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed tile shapes: let cuDNN pick the fastest kernels, as nnU-Net does
         self._fn: Callable[[torch.Tensor], torch.Tensor] = self.network
+        self.compile_mode = (compile if isinstance(compile, str) else "default") if compile else None
         if compile:
-            # static shapes: one graph per batch size (the full batch and a volume's last, short one). Left to detect
-            # dynamic shapes, torch.compile would recompile on the short batch with a symbolic batch dimension, and
-            # that slower graph then serves the full batches too
-            mode = compile if isinstance(compile, str) else None
-            mode = "max-autotune-no-cudagraphs" if mode == "max-autotune" else mode
+            # static shapes: one graph per batch size (with static_batch, short batches are padded to the full one).
+            # Left to detect dynamic shapes, torch.compile would recompile on a short batch with a symbolic batch
+            # dimension, and that slower graph then serves the full batches too
+            mode = _TORCH_COMPILE_MODES.get(self.compile_mode, self.compile_mode)  # type: ignore[arg-type]
             self._fn = torch.compile(self.network, mode=mode, dynamic=False)  # type: ignore[assignment]
         self.compiled = bool(compile)
-        self.compile_mode = (compile if isinstance(compile, str) else "default") if compile else None
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.cuda_graphs = cuda_graphs

@@ -21,7 +21,7 @@ import torch
 from benchmarks.common import machine, median_stages, save
 from trtseg import codec
 from trtseg import synthetic as syn
-from trtseg.cli import compile_setting
+from trtseg.cli import add_compile_option, compile_setting
 from trtseg.dataset import list_cases
 from trtseg.model import load_model_folder
 from trtseg.predict import Predictor, Settings
@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--precision", default=None)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--compile", nargs="?", const="default", default=None, choices=["default", "max-autotune"])
+    add_compile_option(ap)
     ap.add_argument("--cuda-graphs", action="store_true")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--fp16-weights", action="store_true")

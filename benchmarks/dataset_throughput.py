@@ -37,7 +37,7 @@ from benchmarks.common import machine, save
 from jobs.config import JobConfig
 from jobs.driver import run_job
 from trtseg import synthetic as syn
-from trtseg.cli import compile_setting
+from trtseg.cli import add_compile_option, compile_setting
 from trtseg.predict import Settings
 
 
@@ -47,6 +47,7 @@ class NvmlSampler:
 
     def __init__(self):
         self.samples: list[tuple[float, float]] = []
+        self.proc: subprocess.Popen[str] | None
         try:
             self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
                                           "-i", "0", "-lms", "100"], stdout=subprocess.PIPE, text=True)
@@ -84,7 +85,7 @@ def main() -> None:
     ap.add_argument("--tiles-per-task", type=int, default=16)
     ap.add_argument("--max-cases-in-flight", type=int, default=3)
     ap.add_argument("--mirroring", action="store_true")
-    ap.add_argument("--compile", nargs="?", const="default", default=None, choices=["default", "max-autotune"])
+    add_compile_option(ap)
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--fp16-weights", action="store_true")
     ap.add_argument("--compress-level", type=int, default=6)
@@ -116,6 +117,7 @@ def main() -> None:
     first_tile = min((a["first_tile_at"] for a in report["actors"] if a.get("first_tile_at")), default=None)
     span_end = max((a["first_tile_at"] + a["engine_span_seconds"] for a in report["actors"]
                     if a.get("first_tile_at") and a.get("engine_span_seconds")), default=None)
+    longest_span = max((a["engine_span_seconds"] or 0 for a in report["actors"]), default=0)
     ok = [c for c in report["cases"] if c["status"] == "ok"]
     wall = report["summary"]["wall_seconds"]
     n_gpu_actors = report["job"]["actors"]
@@ -135,8 +137,7 @@ def main() -> None:
                                     "first_tile_to_end": sampler.mean(first_tile, t_end) if first_tile else None,
                                     "engine_span": sampler.mean(first_tile, span_end) if first_tile and span_end else None,
                                     "samples": len(sampler.samples)},
-           "volumes_per_gpu_hour_in_span": round(3600 * len(ok) / max(a["engine_span_seconds"] or 0 for a in report["actors"]), 1)
-           if report["actors"] and max(a["engine_span_seconds"] or 0 for a in report["actors"]) > 0 else None,
+           "volumes_per_gpu_hour_in_span": round(3600 * len(ok) / longest_span, 1) if longest_span > 0 else None,
            "median_stage_seconds": {k: round(statistics.median(c["seconds"].get(k, 0) for c in ok), 3) for k in stages},
            "median_object_store_mb_per_case": {k: round(statistics.median(c["object_store_bytes"][k] for c in ok) / 2 ** 20, 1)
                                                for k in ("volume", "partials", "mask")},

@@ -97,8 +97,8 @@ class InferenceActor:
         self._lock = threading.Lock()
         self.busy_seconds = 0.0  # inside infer_chunk and finalize
         self.engine_seconds = 0.0  # inside the engine (with mirroring): CUDA event time on a GPU
-        self._events: list = []  # (start, end, kind) CUDA events of engine calls not yet added to engine_seconds
-        self._first_event = self._last_event = None  # the first engine call's start, the latest one's end
+        self._events: deque = deque()  # (start, end, kind) CUDA events of engine calls not yet in engine_seconds
+        self._first_event = None  # the first engine call's start
         self._prev_end = None  # the end event of the latest engine call already counted
         # GPU time between one engine call's end and the next one's start, by where the next call stands: the first
         # batch of a case (the wait for its volume, its sum's allocation), of a chunk (a Ray call), or any other batch
@@ -195,7 +195,7 @@ class InferenceActor:
                 for tl, t in zip(logits, starts):
                     st.sum[(slice(None), *(slice(s, s + p) for s, p in zip(t, patch)))] += tl * self.gaussian
         st.starts += list(chunk_starts)
-        self._wait_previous_chunk()
+        self._keep_chunks_queued()
         seconds = time.perf_counter() - t0
         self.busy_seconds += seconds
         self.tiles += len(chunk_starts)
@@ -216,18 +216,17 @@ class InferenceActor:
         end.record(self.stream)
         self._events.append((start, end, kind))
         self._first_event = self._first_event or start
-        self._last_event = end
 
     def _collect_engine_time(self, wait: bool = False) -> None:
         while self._events and (wait or self._events[0][1].query()):
-            start, end, kind = self._events.pop(0)
+            start, end, kind = self._events.popleft()
             end.synchronize()
             self.engine_seconds += start.elapsed_time(end) / 1000
             if self._prev_end is not None:
                 self.gap_seconds[kind] += self._prev_end.elapsed_time(start) / 1000
             self._prev_end = end
 
-    def _wait_previous_chunk(self) -> None:
+    def _keep_chunks_queued(self) -> None:
         """Leaves this chunk queued on the GPU and waits for the one QUEUED_CHUNKS before it: the GPU always has work
         in hand while Ray delivers the next call and the next case starts (a case's last chunk can be a few tiles)."""
         if self.stream is None:
@@ -307,8 +306,8 @@ class InferenceActor:
         call's start to the last one's end (start-up, warm-up and the last case's export and write excluded)."""
         self._sync()
         self._collect_engine_time(wait=True)
-        span = (self._first_event.elapsed_time(self._last_event) / 1000
-                if self._first_event is not None and self._last_event is not None else None)
+        span = (self._first_event.elapsed_time(self._prev_end) / 1000  # every engine call is counted by now
+                if self._first_event is not None and self._prev_end is not None else None)
         return {"actor": self.name, "device": str(self.device),
                 "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
                 "engine": self.engines[0].describe(), "busy_seconds": round(self.busy_seconds, 3),

@@ -52,9 +52,7 @@ def _add_predict_args(p: argparse.ArgumentParser) -> None:
                    help="auto: TensorRT if it imports and a GPU exists, then PyTorch CUDA, then ONNX Runtime (CPU)")
     p.add_argument("--engine-cache", default=None, help="URL for exported ONNX and built engines (default ~/.cache/trtseg)")
     p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"], help="engine precision (CUDA default fp16)")
-    p.add_argument("--compile", nargs="?", const="default", default=None, choices=["default", "max-autotune"],
-                   help="torch.compile the network (PyTorch CUDA engine); max-autotune also times Triton kernels "
-                        "against cuDNN's, minutes of compile that Inductor's cache keeps for later runs")
+    add_compile_option(p)
     p.add_argument("--cuda-graphs", action="store_true", help="capture and replay CUDA graphs (PyTorch/TensorRT on CUDA)")
     p.add_argument("--channels-last", action="store_true", help="channels-last-3d weights and tiles (PyTorch CUDA engine)")
     p.add_argument("--fp16-weights", action="store_true",
@@ -81,6 +79,13 @@ def _add_predict_args(p: argparse.ArgumentParser) -> None:
     j.add_argument("--log-json", action="store_true", help="structured JSON log lines on stderr")
     j.add_argument("--no-progress", action="store_true")
     j.add_argument("--single-process", action="store_true", help="no Ray: every stage in this process")
+
+
+def add_compile_option(p: argparse.ArgumentParser) -> None:
+    """--compile [default|max-autotune], for `trtseg predict` and the benchmarks; see compile_setting."""
+    p.add_argument("--compile", nargs="?", const="default", default=None, choices=["default", "max-autotune"],
+                   help="torch.compile the network (PyTorch CUDA engine); max-autotune also times Triton kernels "
+                        "against cuDNN's, minutes of compile that Inductor's cache keeps for later runs")
 
 
 def compile_setting(mode: str | None) -> bool | str:

@@ -6,7 +6,7 @@ twice as fast as zlib and compresses 10 to 20 times faster at its levels 1 to 3 
 BENCHMARKS.md). Levels: 0-3 use igzip where available (its range), 4-9 use zlib. nnU-Net (SimpleITK) writes
 zlib level 6, which stays the default.
 
-Decompression of one gzip stream is serial in igzip and zlib. rapidgzip (optional, the `fast-gzip` extra) splits a
+Decompression of one gzip stream is serial in igzip and zlib. rapidgzip (a core dependency beside isal) splits a
 stream at deflate block boundaries and decompresses the pieces on several threads, checking the CRC32; it is used
 for streams of at least PARALLEL_MIN_BYTES when TRTSEG_GZIP_THREADS (default: the cores this process may use, at
 most 8) is 4 or more. Its result is trusted only when its length matches the stream's own size field (ISIZE):
