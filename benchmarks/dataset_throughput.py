@@ -129,13 +129,22 @@ def main() -> None:
            "engine_busy_fraction": report["summary"]["engine_busy_fraction"],
            "engine_busy_since_first_tile": {a["actor"]: a["engine_busy_since_first_tile"] for a in report["actors"]},
            "engine_busy_in_span": {a["actor"]: a["engine_busy_in_span"] for a in report["actors"]},
+           "gpu_busy_in_span": {a["actor"]: a.get("gpu_busy_in_span") for a in report["actors"]},
+           "tile_work_in_span": {a["actor"]: a.get("tile_work_in_span") for a in report["actors"]},
            "warmup_seconds": {a["actor"]: a["warmup_seconds"] for a in report["actors"]},
            "engine_gap_seconds": {a["actor"]: a["engine_gap_seconds"] for a in report["actors"]},
+           "case_gap_seconds": {a["actor"]: a.get("case_gap_seconds") for a in report["actors"]},
+           "case_start_host_seconds": {a["actor"]: a.get("case_start_host_seconds") for a in report["actors"]},
+           "cuda_allocator": {a["actor"]: a.get("cuda_allocator") for a in report["actors"]},
            "first_mask_after_seconds": done[0]["done_at_s"] if done else None,
            "engine_span_seconds": {a["actor"]: a["engine_span_seconds"] for a in report["actors"]},
            "gpu_utilization_nvml": {"job": sampler.mean(t_job, t_end),
                                     "first_tile_to_end": sampler.mean(first_tile, t_end) if first_tile else None,
                                     "engine_span": sampler.mean(first_tile, span_end) if first_tile and span_end else None,
+                                    # NVML averages over its own window (up to a second): the span's first and last
+                                    # second mix in the idle time just outside it
+                                    "engine_span_inner": sampler.mean(first_tile + 1, span_end - 1)
+                                    if first_tile and span_end and span_end - first_tile > 4 else None,
                                     "samples": len(sampler.samples)},
            "volumes_per_gpu_hour_in_span": round(3600 * len(ok) / longest_span, 1) if longest_span > 0 else None,
            "median_stage_seconds": {k: round(statistics.median(c["seconds"].get(k, 0) for c in ok), 3) for k in stages},
@@ -146,7 +155,9 @@ def main() -> None:
                            "write_workers": max(c["peak_rss_mb"]["write_worker"] or 0 for c in ok)},
            "peak_gpu_memory_mb_actors": [a["peak_gpu_memory_mb"] for a in report["actors"]],
            "failed": [c for c in report["cases"] if c["status"] == "failed"],
-           "note": "wall time includes Ray start-up and actor start-up (engine creation)"}
+           "note": "wall time includes Ray start-up and actor start-up (engine creation)",
+           **({"trace": {a["actor"]: a["trace"] for a in report["actors"]}}
+              if any("trace" in a for a in report["actors"]) else {})}
     save(out, args.json)
 
 

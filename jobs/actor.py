@@ -15,7 +15,8 @@ Keeping the GPU fed:
   finished, so the GPU has work while Ray delivers the next call; engine time is measured with CUDA events, never
   by synchronizing each batch;
 - ``finalize`` and ``take_partial`` run in their own concurrency group ("export"), on a second thread and a
-  second CUDA stream, so one case's export overlaps the next case's tiles.
+  second CUDA stream, so one case's export overlaps the next case's tiles;
+- its GPU time (engine, gaps, busy share) is read from CUDA events (jobs/timeline.py) and reported by ``stats``.
 """
 from __future__ import annotations
 
@@ -32,17 +33,18 @@ import torch
 
 from accel.engines import create_engines
 from jobs.stages import chunk_region, peak_rss_mb, worker_device
+from jobs.timeline import GpuTimeline
 from trtseg import storage
 from trtseg.aggregate import weight_map
-from trtseg.export import export
+from trtseg.export import export_on_device, to_host
 from trtseg.infer import predict_tiles
 from trtseg.model import NnUNetModel
 from trtseg.predict import Settings
 from trtseg.preprocess import Preprocessed
 from trtseg.tile import model_gaussian
 
-# chunks an actor leaves queued on its GPU when infer_chunk returns; 4 and 8 measured worse on the H100
-# (benchmarks/results/h100_dataset_throughput_queued*.json)
+# chunks an actor leaves queued on its GPU when infer_chunk returns: enough to cover a Ray call between chunks
+# (the engine is busy 0.976 of the GPU's span with 2 on the H100, benchmarks/results/h100_dataset_throughput_fast*.json)
 QUEUED_CHUNKS = int(os.environ.get("TRTSEG_QUEUED_CHUNKS", "2"))
 EXPORT_GROUP, UPLOAD_GROUP = "export", "upload"
 CONCURRENCY_GROUPS = {EXPORT_GROUP: 1, UPLOAD_GROUP: 1}  # ray.remote(concurrency_groups=...) of the actor class
@@ -80,11 +82,7 @@ class InferenceActor:
                                       settings.half_weights and gpu)
         # the actor's own CUDA streams, apart from other processes' work: tiles and sums queue on one, exports on
         # the other (a second thread, see finalize)
-        # TRTSEG_TILE_STREAM_PRIORITY=-1 gives the tile stream the higher priority over the export's; on the H100 it
-        # changed nothing (benchmarks/results/h100_dataset_throughput_tile_priority*.json), so by default both streams
-        # have the same priority
-        self.stream = torch.cuda.Stream(self.device, priority=int(os.environ.get("TRTSEG_TILE_STREAM_PRIORITY", "0"))) \
-            if gpu else None
+        self.stream = torch.cuda.Stream(self.device) if gpu else None
         self.export_stream = torch.cuda.Stream(self.device) if gpu else None
         self.copy_stream = torch.cuda.Stream(self.device) if gpu else None
         self.gaussian = model_gaussian(model, self.device)
@@ -96,17 +94,17 @@ class InferenceActor:
         self._taken: set[str] = set()
         self._lock = threading.Lock()
         self.busy_seconds = 0.0  # inside infer_chunk and finalize
-        self.engine_seconds = 0.0  # inside the engine (with mirroring): CUDA event time on a GPU
-        self._events: deque = deque()  # (start, end, kind) CUDA events of engine calls not yet in engine_seconds
-        self._first_event = None  # the first engine call's start
-        self._prev_end = None  # the end event of the latest engine call already counted
-        # GPU time between one engine call's end and the next one's start, by where the next call stands: the first
-        # batch of a case (the wait for its volume, its sum's allocation), of a chunk (a Ray call), or any other batch
-        # (tile gather and accumulation)
-        self.gap_seconds = {"case": 0.0, "chunk": 0.0, "batch": 0.0}
+        self.timeline = GpuTimeline(self.stream)  # engine time, gaps and GPU-busy share, from CUDA events
+        # host seconds at case starts: from the previous infer_chunk's return to the new case's call, and in its set-up
+        self.case_start_host_seconds = {"between_calls": 0.0, "setup": 0.0}
+        self._returned_at: float | None = None
+        self._threads: dict[str, str] = {}  # the thread that last ran tiles, exports and uploads (three, in Ray)
+        # TRTSEG_ACTOR_TRACE=1: host times of case starts and exports in stats()["trace"], to study the GPU's gaps
+        self._trace: list | None = [] if os.environ.get("TRTSEG_ACTOR_TRACE") == "1" else None
         self._chunks_done: deque = deque()  # CUDA events: the ends of the chunks still queued on the GPU
         self.tiles = 0
         self.started = time.time()
+        self._t0 = time.perf_counter()
         self.first_tile_at: float | None = None  # wall time of the first tile: busy fractions exclude start-up
         self.warmup_seconds = 0.0
         if gpu:  # compile / autotune now, while the driver's first prepare tasks read volumes
@@ -131,6 +129,7 @@ class InferenceActor:
     def prefetch(self, case_id: str, data: np.ndarray) -> None:
         """Copies a case's volume to the device ahead of its first chunk, on the upload thread and the copy stream,
         while the tile thread works on earlier cases. A no-op on a CPU actor."""
+        self._threads[UPLOAD_GROUP] = threading.current_thread().name
         if self.copy_stream is None:
             return
         with self._lock:
@@ -180,51 +179,37 @@ class InferenceActor:
     def _infer_chunk(self, case_id: str, data: np.ndarray, all_starts, chunk_starts, prior_tiles: int) -> dict:
         t0 = time.perf_counter()
         self.first_tile_at = self.first_tile_at or time.time()
+        self._threads["tiles"] = threading.current_thread().name
         new_case = case_id not in self._cases
+        entry = self.timeline.mark() if new_case else None
         st = self._case(case_id, data, all_starts, prior_tiles)
+        if new_case and self._returned_at is not None:
+            self.case_start_host_seconds["between_calls"] += t0 - self._returned_at
+            self.case_start_host_seconds["setup"] += time.perf_counter() - t0
+            if self._trace is not None:
+                self._trace.append(("case", case_id, round(self._returned_at - self._t0, 4), round(t0 - self._t0, 4),
+                                    round(time.perf_counter() - self._t0, 4)))
         patch = self.model.patch_size
         bs = max(1, self.settings.batch_size)
         kind = "case" if new_case else "chunk"
         for engine in self.engines:
             for i in range(0, len(chunk_starts), bs):
                 starts = chunk_starts[i:i + bs]
-                tiles = torch.stack([st.volume[(slice(None), *(slice(s, s + p) for s, p in zip(t, patch)))] for t in starts])
-                with self._engine_timer(kind):
-                    logits = predict_tiles(engine, tiles, self.mirror_axes, self.model.nnunet_version == 1)
+                with self.timeline.batch(kind, entry if kind == "case" else None) as engine_timer:
+                    tiles = torch.stack([st.volume[(slice(None), *(slice(s, s + p) for s, p in zip(t, patch)))]
+                                         for t in starts])
+                    with engine_timer():
+                        logits = predict_tiles(engine, tiles, self.mirror_axes, self.model.nnunet_version == 1)
+                    for tl, t in zip(logits, starts):
+                        st.sum[(slice(None), *(slice(s, s + p) for s, p in zip(t, patch)))] += tl * self.gaussian
                 kind = "batch"
-                for tl, t in zip(logits, starts):
-                    st.sum[(slice(None), *(slice(s, s + p) for s, p in zip(t, patch)))] += tl * self.gaussian
         st.starts += list(chunk_starts)
         self._keep_chunks_queued()
-        seconds = time.perf_counter() - t0
+        self._returned_at = time.perf_counter()
+        seconds = self._returned_at - t0
         self.busy_seconds += seconds
         self.tiles += len(chunk_starts)
         return {"actor": self.name, "tiles": len(chunk_starts), "seconds": seconds, "pid": os.getpid()}
-
-    @contextlib.contextmanager
-    def _engine_timer(self, kind: str):
-        """Adds the engine's time to engine_seconds: CUDA events on a GPU (no synchronization), wall time on a CPU.
-        kind: "case", "chunk" or "batch", where the gap before this call is counted (see gap_seconds)."""
-        if self.stream is None:
-            t = time.perf_counter()
-            yield
-            self.engine_seconds += time.perf_counter() - t
-            return
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(self.stream)
-        yield
-        end.record(self.stream)
-        self._events.append((start, end, kind))
-        self._first_event = self._first_event or start
-
-    def _collect_engine_time(self, wait: bool = False) -> None:
-        while self._events and (wait or self._events[0][1].query()):
-            start, end, kind = self._events.popleft()
-            end.synchronize()
-            self.engine_seconds += start.elapsed_time(end) / 1000
-            if self._prev_end is not None:
-                self.gap_seconds[kind] += self._prev_end.elapsed_time(start) / 1000
-            self._prev_end = end
 
     def _keep_chunks_queued(self) -> None:
         """Leaves this chunk queued on the GPU and waits for the one QUEUED_CHUNKS before it: the GPU always has work
@@ -236,7 +221,7 @@ class InferenceActor:
         self._chunks_done.append(done)
         while len(self._chunks_done) > QUEUED_CHUNKS:
             self._chunks_done.popleft().synchronize()
-        self._collect_engine_time()
+        self.timeline.collect()
 
     def _export_stream(self, st: _CaseState):
         """Runs a case's export on the export stream, after everything queued for it on the tile stream; its tensors
@@ -268,60 +253,85 @@ class InferenceActor:
             self._uploads.pop(case_id, None)
             self._taken.add(case_id)
 
+    # no decorator goes under @ray.method: with one (torch.inference_mode) Ray 2.60 ran the method in the default
+    # group, on the tile thread, behind every chunk queued there (the GPU ran dry at each case start)
     @ray.method(concurrency_group=EXPORT_GROUP)
-    @torch.inference_mode()
     def take_partial(self, case_id: str, expected_tiles: int, dtype: str = "fp16") -> tuple:
         """This actor's share of a case, for the owner: (origin, (k, dz, dy, dx) numpy), divided by the weight map."""
+        self._threads[EXPORT_GROUP] = threading.current_thread().name
         st = self._pop(case_id, expected_tiles)
-        with self._export_stream(st):
+        with self._export_stream(st), torch.inference_mode():
+            started = self.timeline.export_started(self.export_stream)
             origin, shape = chunk_region(st.starts, self.model.patch_size)
             region = tuple(slice(o, o + n) for o, n in zip(origin, shape))
             part = self._normalized(st, region).to(torch.float16 if dtype == "fp16" else torch.float32)
+            self.timeline.export_done(started, self.export_stream)
             return origin, part.cpu().numpy()
 
     @ray.method(concurrency_group=EXPORT_GROUP)
-    @torch.inference_mode()
     def finalize(self, case_id: str, expected_tiles: int, meta: dict, light_model: NnUNetModel, *partials):
         """Own sum + the other actors' partials -> export on this device -> (stats, the mask (z, y, x) numpy)."""
         t0 = time.perf_counter()
+        self._threads[EXPORT_GROUP] = threading.current_thread().name
         st = self._pop(case_id, expected_tiles)
-        with self._export_stream(st):
+        with self._export_stream(st), torch.inference_mode():
+            started = self.timeline.export_started(self.export_stream)
             logits = self._normalized(st, tuple(slice(0, n) for n in st.sum.shape[1:]))
             del st  # the volume and the sums are freed before the export allocates
-            return self._export(logits, t0, meta, light_model, *partials)
+            return self._export(logits, t0, started, meta, light_model, *partials)
 
-    def _export(self, logits: torch.Tensor, t0: float, meta: dict, light_model: NnUNetModel, *partials):
+    def _export(self, logits: torch.Tensor, t0: float, started, meta: dict, light_model: NnUNetModel, *partials):
         for origin, arr in partials:
             region = tuple(slice(o, o + n) for o, n in zip(origin, arr.shape[1:]))
             logits[(slice(None), *region)] += torch.from_numpy(arr).to(self.device, torch.float32)
         logits = logits[(slice(None), *(slice(a, b) for a, b in meta["crop"]))]
-        mask = export(logits, Preprocessed(data=torch.empty(0), **meta["pre"]), light_model).mask
+        on_device = export_on_device(logits, Preprocessed(data=torch.empty(0), **meta["pre"]), light_model)
+        self.timeline.export_done(started, self.export_stream)
+        t1 = time.perf_counter()
+        mask = to_host(*on_device, light_model).mask
+        if self._trace is not None:
+            self._trace.append(("export", meta.get("case_id"), round(t0 - self._t0, 4), round(t1 - self._t0, 4),
+                                round(time.perf_counter() - self._t0, 4)))
         seconds = time.perf_counter() - t0
         self.busy_seconds += seconds
         return {"export_seconds": seconds, "partial_bytes": int(sum(a.nbytes for _, a in partials)),
                 "owner": self.name}, mask
 
     def stats(self) -> dict:
-        """The actor's counters. engine_busy_in_span: engine time over the GPU's own time from the first engine
-        call's start to the last one's end (start-up, warm-up and the last case's export and write excluded)."""
+        """The actor's counters. The GPU's shares (see jobs/timeline.py) are over its span, from the first engine
+        call's start to the last one's end: start-up, warm-up and the last case's export and write are left out.
+        engine_busy_in_span: the engine alone; gpu_busy_in_span: any of the actor's GPU work (tiles and exports)."""
         self._sync()
-        self._collect_engine_time(wait=True)
-        span = (self._first_event.elapsed_time(self._prev_end) / 1000  # every engine call is counted by now
-                if self._first_event is not None and self._prev_end is not None else None)
+        t = self.timeline.summary()
+        gpu = self.device.type == "cuda"
+        engine_seconds = t["engine_seconds"]
         return {"actor": self.name, "device": str(self.device),
-                "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
+                "gpu": torch.cuda.get_device_name(self.device) if gpu else None,
                 "engine": self.engines[0].describe(), "busy_seconds": round(self.busy_seconds, 3),
-                "engine_seconds": round(self.engine_seconds, 3), "warmup_seconds": round(self.warmup_seconds, 3),
-                "engine_busy_since_first_tile": round(self.engine_seconds / (time.time() - self.first_tile_at), 4)
+                "engine_seconds": engine_seconds, "warmup_seconds": round(self.warmup_seconds, 3),
+                "engine_busy_since_first_tile": round(engine_seconds / (time.time() - self.first_tile_at), 4)
                 if self.first_tile_at else None, "first_tile_at": self.first_tile_at,
-                "engine_busy_in_span": round(self.engine_seconds / span, 4) if span else None,
-                "engine_span_seconds": round(span, 3) if span else None,
-                "engine_gap_seconds": {k: round(v, 3) for k, v in self.gap_seconds.items()} if span else None,
+                "engine_busy_in_span": t.get("engine_busy_in_span"),
+                "gpu_busy_in_span": t.get("gpu_busy_in_span"),
+                "tile_work_in_span": t.get("tile_work_in_span"),
+                "engine_span_seconds": t.get("span_seconds"),
+                "engine_gap_seconds": t.get("gap_seconds"),
+                "case_gap_seconds": t.get("case_gap_seconds"),
+                "case_start_host_seconds": {k: round(v, 3) for k, v in self.case_start_host_seconds.items()},
+                "cuda_allocator": _allocator_counts(self.device) if gpu else None,
+                "threads": dict(self._threads),
+                **({"trace": self._trace} if self._trace is not None else {}),
                 "tiles": self.tiles, "alive_seconds": round(time.time() - self.started, 3), "pid": os.getpid(),
                 "node_id": _node_id(),
                 "peak_rss_mb": peak_rss_mb(),
                 "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated(self.device) / 2 ** 20, 1)
-                if self.device.type == "cuda" else None}
+                if gpu else None}
+
+
+def _allocator_counts(device: torch.device) -> dict:
+    """How often PyTorch's caching allocator went to the driver (cudaMalloc / cudaFree) or retried after a failure."""
+    m = torch.cuda.memory_stats(device)
+    return {k: m.get(k) for k in ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")}
 
 
 def _node_id() -> str | None:

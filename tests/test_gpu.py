@@ -100,5 +100,9 @@ def test_ray_job_gpu_actors_give_the_single_process_masks(small_model, tmp_path)
     for a in report["actors"]:
         assert 0 < a["engine_busy_in_span"] <= 1 and a["engine_seconds"] > 0 and a["warmup_seconds"] > 0, a
         assert set(a["engine_gap_seconds"]) == {"case", "chunk", "batch"}, a
+        # the GPU's busy share counts the engine plus tile gathers, accumulation and exports, each moment once
+        assert a["engine_busy_in_span"] < a["tile_work_in_span"] <= a["gpu_busy_in_span"] <= 1, a
+        parts = a["case_gap_seconds"]
+        assert abs(parts["stream_dry"] + parts["after_entry"] - a["engine_gap_seconds"]["case"]) < 0.01, a
     comp = json.load(open(tmp_path / "compiled" / "run_report.json"))
     assert comp["actors"][0]["engine"]["compiled"] and comp["actors"][0]["warmup_seconds"] > 0

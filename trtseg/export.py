@@ -27,8 +27,14 @@ class Exported:
     probabilities: np.ndarray | None = None
 
 
-def export(logits: torch.Tensor, pre: Preprocessed, model: NnUNetModel, with_probabilities: bool = False) -> Exported:
-    """logits: (k, z, y, x) float32 at the model's spacing, in the model's axis order."""
+def export_on_device(logits: torch.Tensor, pre: Preprocessed, model: NnUNetModel, with_probabilities: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits: (k, z, y, x) float32 at the model's spacing, in the model's axis order.
+
+    Returns, on the logits' device: the mask (z, y, x) in the input file's axis order, contiguous, in the mask's
+    dtype (uint8, or int32 for uint16 masks), and the probabilities (k, z, y, x) float32 in that axis order (1 for
+    background outside the crop box) when asked for, else None.
+    """
     spec = model.resampling_probabilities
     if spec.kind != "none":
         # which spacing decides the separate-z axis first: v2 the model's, v1 the input's (save_segmentation_nifti_
@@ -54,16 +60,27 @@ def export(logits: torch.Tensor, pre: Preprocessed, model: NnUNetModel, with_pro
     full = torch.zeros(pre.shape_before_cropping, dtype=dtype, device=seg.device)
     box = tuple(slice(a, b) for a, b in pre.bbox)
     full[box] = seg.to(dtype)
-    mask = full.permute(*model.transpose_backward).contiguous().cpu().numpy().astype(labels.mask_dtype, copy=False)
-    out_probs = None
-    if with_probabilities:
-        assert probs is not None
-        fullp = torch.zeros((probs.shape[0], *pre.shape_before_cropping), dtype=torch.float32, device=probs.device)
-        if not labels.has_regions:
-            fullp[0] = 1.0
-        fullp[(slice(None), *box)] = probs
-        out_probs = fullp.permute(0, *[i + 1 for i in model.transpose_backward]).cpu().numpy()
-    return Exported(mask=np.ascontiguousarray(mask), probabilities=out_probs)
+    mask = full.permute(*model.transpose_backward).contiguous()
+    if not with_probabilities:
+        return mask, None
+    assert probs is not None
+    fullp = torch.zeros((probs.shape[0], *pre.shape_before_cropping), dtype=torch.float32, device=probs.device)
+    if not labels.has_regions:
+        fullp[0] = 1.0
+    fullp[(slice(None), *box)] = probs
+    return mask, fullp.permute(0, *[i + 1 for i in model.transpose_backward])
+
+
+def to_host(mask: torch.Tensor, probabilities: torch.Tensor | None, model: NnUNetModel) -> Exported:
+    """export_on_device's results as an Exported (the copies to the host)."""
+    out = mask.cpu().numpy().astype(model.labels.mask_dtype, copy=False)
+    probs = probabilities.cpu().numpy() if probabilities is not None else None
+    return Exported(mask=np.ascontiguousarray(out), probabilities=probs)
+
+
+def export(logits: torch.Tensor, pre: Preprocessed, model: NnUNetModel, with_probabilities: bool = False) -> Exported:
+    """logits: (k, z, y, x) float32 at the model's spacing, in the model's axis order -> the mask on the host."""
+    return to_host(*export_on_device(logits, pre, model, with_probabilities), model)
 
 
 def empty_export(shape_zyx, model: NnUNetModel, with_probabilities: bool = False) -> Exported:
