@@ -13,9 +13,12 @@ stated, with each actor's warm-up seconds. Three engine-busy fractions:
 - since the first tile: an actor's engine time over the time from its first tile to the end of the job;
 - in span: engine time over the GPU's own clock from the first engine call's start to the last one's end (CUDA
   events), which leaves out start-up and the last case's export and write.
+gpu_busy_in_span: the share of that span in which any of the actor's GPU work ran (tile gathers, engine,
+accumulation, exports; jobs/timeline.py); case_gap_seconds splits the engine's idle time at case starts.
 gpu_utilization_nvml: NVML's utilization of GPU 0 (share of time any kernel ran: engine, accumulation, export),
-sampled by nvidia-smi every 100 ms and averaged over the job, from the first tile to the end, and over the actor's
-engine span (its first tile's wall time plus the span).
+sampled by nvidia-smi every 100 ms and averaged over the job, from the first tile to the end, over the actor's
+engine span (its first tile's wall time plus the span), and over that span less its first and last second (NVML
+averages over a window of up to a second, which at the span's ends takes in idle time outside it).
 volumes_per_gpu_hour_in_span: the volumes over the longest actor span, the rate once start-up is over (with one GPU;
 with several it is per GPU only when each actor has a whole GPU).
 """

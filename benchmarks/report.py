@@ -31,8 +31,10 @@ FILE_COMMANDS = {
                                    "--fp16-weights --compress-level 1",
     "h100_engine_throughput_fast.json": "python -m benchmarks.engine_throughput --batches 4 8 --configs fp16+compile "
                                         "fp16+compile+cl+half",
-    "h100_dataset_throughput_fast.json": "python -m benchmarks.dataset_throughput --cases 16 --compile --channels-last "
-                                         "--fp16-weights --compress-level 1 --max-cases-in-flight 8",
+    "h100_dataset_throughput_fast.json": "TRTSEG_ACTOR_TRACE=1 python -m benchmarks.dataset_throughput --cases 16 "
+                                         "--compile --channels-last --fp16-weights --compress-level 1 "
+                                         "--max-cases-in-flight 8 (Inductor's cache cold; the trace adds host times "
+                                         "of case starts and exports to the JSON)",
     "h100_engine_throughput_max_autotune.json": "python -m benchmarks.engine_throughput --batches 4 --configs "
                                                 "fp16+max+cl+half --iters 10 --repeats 3",
     "h100_precision_masks_fast.json": "python -m benchmarks.precision_masks --only fp16_weights_compiled_channels_last",
@@ -47,14 +49,7 @@ FILE_COMMANDS = {
                                                     "--channels-last --fp16-weights --compress-level 1 "
                                                     "--max-cases-in-flight 8, run again right after the first "
                                                     "(Inductor's cache warm)",
-    "h100_dataset_throughput_queued4.json": "TRTSEG_QUEUED_CHUNKS=4 python -m benchmarks.dataset_throughput --cases 16 "
-                                            "--compile --channels-last --fp16-weights --compress-level 1 "
-                                            "--max-cases-in-flight 8",
-    "h100_dataset_throughput_queued8.json": "TRTSEG_QUEUED_CHUNKS=8, otherwise as queued4 (Inductor's cache warm)",
-    "h100_dataset_throughput_tile_priority.json": "TRTSEG_TILE_STREAM_PRIORITY=-1 python -m benchmarks.dataset_throughput "
-                                                  "--cases 16 --compile --channels-last --fp16-weights "
-                                                  "--compress-level 1 --max-cases-in-flight 8",
-    "h100_dataset_throughput_tile_priority_warm_cache.json": "the same, run again right after it (Inductor's cache warm)",
+    "h100_dataset_throughput_fast_warm_cache_repeat.json": "the same again, a third run on that machine",
 }
 
 
@@ -80,8 +75,10 @@ def rows(r: dict) -> list[str]:
                f"{r.get('engine_busy_since_first_tile', 'not measured')}), stage medians {r['median_stage_seconds']}, object store MB/case "
                f"{r['median_object_store_mb_per_case']}"]
         if "engine_busy_in_span" in r:
-            out.append(f"in the GPU span: engine busy {r['engine_busy_in_span']}, {r.get('volumes_per_gpu_hour_in_span')} "
-                       f"volumes/GPU-hour, idle gaps {r.get('engine_gap_seconds')} s; warm-up {r.get('warmup_seconds')} s; "
+            out.append(f"in the GPU span: engine busy {r['engine_busy_in_span']}, GPU busy (any of the actor's work) "
+                       f"{r.get('gpu_busy_in_span', 'not measured')}, {r.get('volumes_per_gpu_hour_in_span')} "
+                       f"volumes/GPU-hour, engine idle gaps {r.get('engine_gap_seconds')} s (case starts: "
+                       f"{r.get('case_gap_seconds', 'not split')}); warm-up {r.get('warmup_seconds')} s; "
                        f"NVML utilization {r.get('gpu_utilization_nvml', 'not measured')}")
         return out
     if s == "engine_profile":
@@ -98,7 +95,8 @@ def rows(r: dict) -> list[str]:
     if s == "scaling":
         return [f"{x['actors']} actor(s) at {x['gpus_per_actor']} GPU: {x['wall_seconds']} s wall, "
                 f"{x.get('volumes_per_s_in_span')} volumes/s in the GPU span, tiles {x['tiles_per_actor']}, "
-                f"engine busy in span {x.get('engine_busy_in_span')}, partials {x['median_partials_mb_per_case']} MB/case"
+                f"engine busy in span {x.get('engine_busy_in_span')}, GPU busy in span "
+                f"{x.get('gpu_busy_in_span', 'not measured')}, partials {x['median_partials_mb_per_case']} MB/case"
                 for x in r["runs"]]
     if s == "cpu_vs_nnunet":
         return [f"nnUNetv2 {r['nnunetv2_seconds']} s; " + "; ".join(

@@ -9,8 +9,8 @@ What it does not show: multi-GPU speed-up, which needs several GPUs (the per-act
 estimate, not a measurement of it).
 
 Per run: volumes per second in the GPU span (the longest actor span: its first engine call's start to its last one's end,
-start-up excluded), each actor's tiles, engine seconds and engine-busy fraction in its own span, and the partial
-sums shipped per case.
+start-up excluded), each actor's tiles, engine seconds, engine-busy and GPU-busy fractions in its own span (see
+jobs/timeline.py), and the partial sums shipped per case.
 """
 from __future__ import annotations
 
@@ -60,6 +60,7 @@ def main() -> None:
             "tiles_per_actor": {a["actor"]: a["tiles"] for a in r["actors"]},
             "engine_seconds": {a["actor"]: a["engine_seconds"] for a in r["actors"]},
             "engine_busy_in_span": {a["actor"]: a["engine_busy_in_span"] for a in r["actors"]},
+            "gpu_busy_in_span": {a["actor"]: a.get("gpu_busy_in_span") for a in r["actors"]},
             "warmup_seconds": {a["actor"]: a["warmup_seconds"] for a in r["actors"]},
             "median_partials_mb_per_case": round(statistics.median(c["object_store_bytes"]["partials"] for c in ok) / 2 ** 20, 1),
             "volumes_spread_over_several_actors": sum(len(c["actors"]) > 1 for c in ok)})
