@@ -50,6 +50,13 @@ FILE_COMMANDS = {
                                                     "--max-cases-in-flight 8, run again right after the first "
                                                     "(Inductor's cache warm)",
     "h100_dataset_throughput_fast_warm_cache_repeat.json": "the same again, a third run on that machine",
+    "h100_dataset_throughput_fast_pinned.json": "python -m benchmarks.dataset_throughput --cases 16 --compile "
+                                                "--channels-last --fp16-weights --compress-level 1 "
+                                                "--max-cases-in-flight 8, after host<->device copies went through "
+                                                "pinned memory (trtseg/transfer.py); Inductor's cache cold",
+    "h100_case_latency_fast_pinned.json": "python -m benchmarks.case_latency --device cuda --compile --channels-last "
+                                          "--fp16-weights --compress-level 1, after host<->device copies went through "
+                                          "pinned memory (another machine instance than h100_case_latency_fast.json)",
 }
 
 

@@ -34,7 +34,7 @@ import torch
 from accel.engines import create_engines
 from jobs.stages import chunk_region, peak_rss_mb, worker_device
 from jobs.timeline import GpuTimeline
-from trtseg import storage
+from trtseg import storage, transfer
 from trtseg.aggregate import weight_map
 from trtseg.export import export_on_device, to_host
 from trtseg.infer import predict_tiles
@@ -145,7 +145,7 @@ class InferenceActor:
     def _copy_to_device(self, data: np.ndarray) -> tuple[torch.Tensor, torch.cuda.Event]:
         assert self.copy_stream is not None
         with torch.cuda.stream(self.copy_stream):
-            x = torch.from_numpy(data).to(self.device, non_blocking=True)
+            x = transfer.to_device(data, self.device)
             done = torch.cuda.Event()
             done.record(self.copy_stream)
         return x, done
@@ -266,7 +266,7 @@ class InferenceActor:
             region = tuple(slice(o, o + n) for o, n in zip(origin, shape))
             part = self._normalized(st, region).to(torch.float16 if dtype == "fp16" else torch.float32)
             self.timeline.export_done(started, self.export_stream)
-            return origin, part.cpu().numpy()
+            return origin, transfer.to_host(part)
 
     @ray.method(concurrency_group=EXPORT_GROUP)
     def finalize(self, case_id: str, expected_tiles: int, meta: dict, light_model: NnUNetModel, *partials):
@@ -283,7 +283,7 @@ class InferenceActor:
     def _export(self, logits: torch.Tensor, t0: float, started, meta: dict, light_model: NnUNetModel, *partials):
         for origin, arr in partials:
             region = tuple(slice(o, o + n) for o, n in zip(origin, arr.shape[1:]))
-            logits[(slice(None), *region)] += torch.from_numpy(arr).to(self.device, torch.float32)
+            logits[(slice(None), *region)] += transfer.to_device(arr, self.device).float()
         logits = logits[(slice(None), *(slice(a, b) for a, b in meta["crop"]))]
         on_device = export_on_device(logits, Preprocessed(data=torch.empty(0), **meta["pre"]), light_model)
         self.timeline.export_done(started, self.export_stream)

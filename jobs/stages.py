@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trtseg import storage
+from trtseg import storage, transfer
 from trtseg.dataset import Case
 from trtseg.errors import TrtsegError, one_line
 from trtseg.export import empty_export
@@ -69,7 +69,7 @@ def prepare_case(case: Case, model: NnUNetModel, settings: Settings, storage_opt
         padded, crop = pad_to_patch(pre.data, model.patch_size)
         check_budget(settings, case.files[0], padded.shape[0], model.labels.num_heads, padded.shape[1:],
                      pre.shape_after_cropping)
-        data = padded.cpu().numpy()
+        data = transfer.to_host(padded)
         seconds["preprocess"] = time.perf_counter() - t
     except TrtsegError as e:
         meta["error"] = storage.redact(str(e))

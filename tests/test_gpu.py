@@ -10,6 +10,7 @@ import torch
 
 from accel.engines import TorchEngine
 from accel.patches import random_patches
+from trtseg import transfer
 from trtseg.dataset import list_cases
 from trtseg.model import load_model_folder
 from trtseg.predict import Predictor, Settings
@@ -17,6 +18,19 @@ from trtseg.predict import Predictor, Settings
 from conftest import write_case
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")]
+
+
+def test_pinned_copies_give_the_bytes_back_in_order():
+    rng = np.random.default_rng(7)
+    for _ in range(3):  # the pinned buffers are reused: each round must see its own values
+        a = rng.standard_normal((2, 17, 33, 65)).astype(np.float32)
+        x = transfer.to_device(a, "cuda")
+        x.mul_(2)  # queued after the copy on the same stream
+        back = transfer.to_host(x.permute(0, 3, 2, 1))  # a strided view comes back C-contiguous
+        assert back.flags.c_contiguous and np.array_equal(back, 2 * a.transpose(0, 3, 2, 1))
+    ints = (rng.integers(-1024, 3000, (1, 8, 9, 10))).astype(np.int16)
+    x = transfer.to_device(ints, "cuda", torch.float32)
+    assert x.dtype == torch.float32 and np.array_equal(transfer.to_host(x), ints.astype(np.float32))
 
 
 def test_cuda_graphs_replay_gives_the_eager_logits(small_model):

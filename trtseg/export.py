@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from trtseg import resample as rs
+from trtseg import transfer
 from trtseg.model import NnUNetModel
 from trtseg.preprocess import Preprocessed
 
@@ -72,9 +73,9 @@ def export_on_device(logits: torch.Tensor, pre: Preprocessed, model: NnUNetModel
 
 
 def to_host(mask: torch.Tensor, probabilities: torch.Tensor | None, model: NnUNetModel) -> Exported:
-    """export_on_device's results as an Exported (the copies to the host)."""
-    out = mask.cpu().numpy().astype(model.labels.mask_dtype, copy=False)
-    probs = probabilities.cpu().numpy() if probabilities is not None else None
+    """export_on_device's results as an Exported (the copies to the host, through pinned memory on a GPU)."""
+    out = transfer.to_host(mask).astype(model.labels.mask_dtype, copy=False)
+    probs = transfer.to_host(probabilities) if probabilities is not None else None
     return Exported(mask=np.ascontiguousarray(out), probabilities=probs)
 
 

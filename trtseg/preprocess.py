@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from trtseg import resample as rs
+from trtseg import transfer
 from trtseg.errors import CaseError
 from trtseg.model import NnUNetModel
 from trtseg.read import CaseImage
@@ -120,7 +121,7 @@ def preprocess(image: CaseImage, model: NnUNetModel, device: torch.device | str 
     """Transpose, crop, normalize and resample one case on ``device``."""
     where = image.files[0] if image.files else "<array>"
     tf = model.transpose_forward
-    data = torch.from_numpy(image.data).to(device, torch.float32, non_blocking=True)
+    data = transfer.to_device(image.data, device, torch.float32)
     data = data.permute(0, *[i + 1 for i in tf]).contiguous()
     spacing = tuple(float(image.spacing_zyx[i]) for i in tf)
     shape_before = tuple(int(s) for s in data.shape[1:])
