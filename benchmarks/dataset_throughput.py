@@ -157,6 +157,8 @@ def main() -> None:
                            "prepare_workers": max(c["peak_rss_mb"]["prepare_worker"] or 0 for c in ok),
                            "write_workers": max(c["peak_rss_mb"]["write_worker"] or 0 for c in ok)},
            "peak_gpu_memory_mb_actors": [a["peak_gpu_memory_mb"] for a in report["actors"]],
+           "peak_gpu_memory_mb_per_case": {"median": statistics.median(c.get("peak_gpu_memory_mb") or 0 for c in ok),
+                                           "max": max(c.get("peak_gpu_memory_mb") or 0 for c in ok)} if ok else None,
            "failed": [c for c in report["cases"] if c["status"] == "failed"],
            "note": "wall time includes Ray start-up and actor start-up (engine creation)",
            **({"trace": {a["actor"]: a["trace"] for a in report["actors"]}}

@@ -53,7 +53,10 @@ FILE_COMMANDS = {
     "h100_dataset_throughput_fast_pinned.json": "python -m benchmarks.dataset_throughput --cases 16 --compile "
                                                 "--channels-last --fp16-weights --compress-level 1 "
                                                 "--max-cases-in-flight 8, after host<->device copies went through "
-                                                "pinned memory (trtseg/transfer.py); Inductor's cache cold",
+                                                "pinned memory (trtseg/transfer.py) and cases report their peak GPU "
+                                                "memory; Inductor's cache cold",
+    "h100_dataset_throughput_fast_pinned_warm_cache.json": "the same, run again right after it (Inductor's cache "
+                                                           "warm)",
     "h100_case_latency_fast_pinned.json": "python -m benchmarks.case_latency --device cuda --compile --channels-last "
                                           "--fp16-weights --compress-level 1, after host<->device copies went through "
                                           "pinned memory (another machine instance than h100_case_latency_fast.json)",
@@ -80,7 +83,8 @@ def rows(r: dict) -> list[str]:
         out = [f"{r['cases']} volumes {r['shape_xyz']}: {r['wall_seconds']} s wall, {r['volumes_per_gpu_hour']} volumes/GPU-hour, "
                f"engine busy {r['engine_busy_fraction']} (since its first tile "
                f"{r.get('engine_busy_since_first_tile', 'not measured')}), stage medians {r['median_stage_seconds']}, object store MB/case "
-               f"{r['median_object_store_mb_per_case']}"]
+               f"{r['median_object_store_mb_per_case']}, peak host RSS MB {r.get('peak_rss_mb')}, peak GPU MB per actor "
+               f"{r.get('peak_gpu_memory_mb_actors')} and per case {r.get('peak_gpu_memory_mb_per_case', 'not measured')}"]
         if "engine_busy_in_span" in r:
             out.append(f"in the GPU span: engine busy {r['engine_busy_in_span']}, GPU busy (any of the actor's work) "
                        f"{r.get('gpu_busy_in_span', 'not measured')}, {r.get('volumes_per_gpu_hour_in_span')} "

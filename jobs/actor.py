@@ -98,6 +98,7 @@ class InferenceActor:
         # host seconds at case starts: from the previous infer_chunk's return to the new case's call, and in its set-up
         self.case_start_host_seconds = {"between_calls": 0.0, "setup": 0.0}
         self._returned_at: float | None = None
+        self._peak_gpu_mb = 0.0  # over the actor's life (the per-case counter is reset at each export)
         self._threads: dict[str, str] = {}  # the thread that last ran tiles, exports and uploads (three, in Ray)
         # TRTSEG_ACTOR_TRACE=1: host times of case starts and exports in stats()["trace"], to study the GPU's gaps
         self._trace: list | None = [] if os.environ.get("TRTSEG_ACTOR_TRACE") == "1" else None
@@ -295,7 +296,18 @@ class InferenceActor:
         seconds = time.perf_counter() - t0
         self.busy_seconds += seconds
         return {"export_seconds": seconds, "partial_bytes": int(sum(a.nbytes for _, a in partials)),
-                "owner": self.name}, mask
+                "owner": self.name, "peak_gpu_memory_mb": self._case_peak_gpu_mb()}, mask
+
+    def _case_peak_gpu_mb(self) -> float | None:
+        """The most GPU memory this actor had allocated since the previous case's export ended: the case's volume,
+        sum and export, with the next case's start that overlaps them. PyTorch's peak counter restarts here; the
+        actor keeps the overall peak."""
+        if self.device.type != "cuda":
+            return None
+        peak = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._peak_gpu_mb = max(self._peak_gpu_mb, peak)
+        return round(peak, 1)
 
     def stats(self) -> dict:
         """The actor's counters. The GPU's shares (see jobs/timeline.py) are over its span, from the first engine
@@ -324,7 +336,7 @@ class InferenceActor:
                 "tiles": self.tiles, "alive_seconds": round(time.time() - self.started, 3), "pid": os.getpid(),
                 "node_id": _node_id(),
                 "peak_rss_mb": peak_rss_mb(),
-                "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated(self.device) / 2 ** 20, 1)
+                "peak_gpu_memory_mb": round(max(self._peak_gpu_mb, torch.cuda.max_memory_allocated(self.device) / 2 ** 20), 1)
                 if gpu else None}
 
 

@@ -364,7 +364,8 @@ def _run(cfg: JobConfig, model: NnUNetModel, cases: list[Case], todo: list[Case]
                                                        "partials": final.get("partial_bytes", 0),
                                                        "mask": int(np.prod(meta.get("shape_zyx", (0,))))},
                                 "peak_rss_mb": {"prepare_worker": meta.get("peak_rss_mb"),
-                                                "write_worker": value.get("peak_rss_mb")}}
+                                                "write_worker": value.get("peak_rss_mb")},
+                                "peak_gpu_memory_mb": final.get("peak_gpu_memory_mb")}
                 _event("case done", case=cid, seconds=results[cid]["seconds"], actors=dict(per_actor))
                 runs.pop(cid)
                 progress.update(cases=1)

@@ -111,6 +111,10 @@ def test_ray_job_gpu_actors_give_the_single_process_masks(small_model, tmp_path)
     report = json.load(open(tmp_path / "two" / "run_report.json"))
     assert report["summary"]["ok"] == 3 and len(report["actors"]) == 2
     assert any(len(c["actors"]) == 2 and c["object_store_bytes"]["partials"] > 0 for c in report["cases"])
+    # each case's peak GPU memory is at least its volume's float32 bytes, and no more than the actors' overall peak
+    peak = max(a["peak_gpu_memory_mb"] for a in report["actors"])
+    for c in report["cases"]:
+        assert c["object_store_bytes"]["volume"] / 2 ** 20 <= c["peak_gpu_memory_mb"] <= peak, c
     for a in report["actors"]:
         assert 0 < a["engine_busy_in_span"] <= 1 and a["engine_seconds"] > 0 and a["warmup_seconds"] > 0, a
         assert set(a["engine_gap_seconds"]) == {"case", "chunk", "batch"}, a
