@@ -208,7 +208,8 @@ class InferenceActor:
         self._keep_chunks_queued()
         self._returned_at = time.perf_counter()
         seconds = self._returned_at - t0
-        self.busy_seconds += seconds
+        with self._lock:  # the tile and export threads both add to it
+            self.busy_seconds += seconds
         self.tiles += len(chunk_starts)
         return {"actor": self.name, "tiles": len(chunk_starts), "seconds": seconds, "pid": os.getpid()}
 
@@ -294,7 +295,8 @@ class InferenceActor:
             self._trace.append(("export", meta.get("case_id"), round(t0 - self._t0, 4), round(t1 - self._t0, 4),
                                 round(time.perf_counter() - self._t0, 4)))
         seconds = time.perf_counter() - t0
-        self.busy_seconds += seconds
+        with self._lock:  # the tile and export threads both add to it
+            self.busy_seconds += seconds
         return {"export_seconds": seconds, "partial_bytes": int(sum(a.nbytes for _, a in partials)),
                 "owner": self.name, "peak_gpu_memory_mb": self._case_peak_gpu_mb()}, mask
 
