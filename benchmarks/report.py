@@ -57,6 +57,14 @@ FILE_COMMANDS = {
                                                 "memory; Inductor's cache cold",
     "h100_dataset_throughput_fast_pinned_warm_cache.json": "the same, run again right after it (Inductor's cache "
                                                            "warm)",
+    "h100_case_latency_max_autotune_pinned.json": "python -m benchmarks.case_latency --device cuda --compile "
+                                                  "max-autotune --channels-last --fp16-weights --compress-level 1, "
+                                                  "after the pinned-copy change (Inductor's cache cold)",
+    "h100_case_latency_max_autotune_gzip16.json": "TRTSEG_GZIP_THREADS=16 python -m benchmarks.case_latency --device "
+                                                  "cuda --compile max-autotune --channels-last --fp16-weights "
+                                                  "--compress-level 1 (another machine instance, Inductor's cache cold)",
+    "h100_case_latency_max_autotune_pinned_repeat.json": "the same without TRTSEG_GZIP_THREADS (8 threads), right after "
+                                                         "it on that instance (Inductor's cache warm)",
     "h100_case_latency_fast_pinned.json": "python -m benchmarks.case_latency --device cuda --compile --channels-last "
                                           "--fp16-weights --compress-level 1, after host<->device copies went through "
                                           "pinned memory (another machine instance than h100_case_latency_fast.json)",
