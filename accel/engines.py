@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import time
 from typing import Callable
 
 import torch

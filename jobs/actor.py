@@ -36,7 +36,7 @@ from jobs.stages import chunk_region, peak_rss_mb, worker_device
 from jobs.timeline import GpuTimeline
 from trtseg import storage, transfer
 from trtseg.aggregate import weight_map
-from trtseg.export import export_on_device, to_host
+from trtseg.export import export_on_device, exported_on_host
 from trtseg.infer import predict_tiles
 from trtseg.model import NnUNetModel
 from trtseg.predict import Settings
@@ -290,7 +290,7 @@ class InferenceActor:
         on_device = export_on_device(logits, Preprocessed(data=torch.empty(0), **meta["pre"]), light_model)
         self.timeline.export_done(started, self.export_stream)
         t1 = time.perf_counter()
-        mask = to_host(*on_device, light_model).mask
+        mask = exported_on_host(*on_device, light_model).mask
         if self._trace is not None:
             self._trace.append(("export", meta.get("case_id"), round(t0 - self._t0, 4), round(t1 - self._t0, 4),
                                 round(time.perf_counter() - self._t0, 4)))

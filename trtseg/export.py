@@ -72,16 +72,17 @@ def export_on_device(logits: torch.Tensor, pre: Preprocessed, model: NnUNetModel
     return mask, fullp.permute(0, *[i + 1 for i in model.transpose_backward])
 
 
-def to_host(mask: torch.Tensor, probabilities: torch.Tensor | None, model: NnUNetModel) -> Exported:
-    """export_on_device's results as an Exported (the copies to the host, through pinned memory on a GPU)."""
+def exported_on_host(mask: torch.Tensor, probabilities: torch.Tensor | None, model: NnUNetModel) -> Exported:
+    """export_on_device's results as an Exported (the copies to the host, through pinned memory on a GPU; both
+    arrays come back C-contiguous)."""
     out = transfer.to_host(mask).astype(model.labels.mask_dtype, copy=False)
     probs = transfer.to_host(probabilities) if probabilities is not None else None
-    return Exported(mask=np.ascontiguousarray(out), probabilities=probs)
+    return Exported(mask=out, probabilities=probs)
 
 
 def export(logits: torch.Tensor, pre: Preprocessed, model: NnUNetModel, with_probabilities: bool = False) -> Exported:
     """logits: (k, z, y, x) float32 at the model's spacing, in the model's axis order -> the mask on the host."""
-    return to_host(*export_on_device(logits, pre, model, with_probabilities), model)
+    return exported_on_host(*export_on_device(logits, pre, model, with_probabilities), model)
 
 
 def empty_export(shape_zyx, model: NnUNetModel, with_probabilities: bool = False) -> Exported:
