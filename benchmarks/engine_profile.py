@@ -38,6 +38,33 @@ def kind_of(name: str) -> str:
     return "other"
 
 
+def kernel_ms_per_batch(engine, x: torch.Tensor, iters: int) -> dict[str, tuple[float, float]]:
+    """GPU time (ms) and calls of every CUDA kernel per ``engine.infer(x)``, after 3 warm-up batches (excluded),
+    from ``iters`` batches under torch.profiler."""
+    for _ in range(3):
+        engine.infer(x)
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(iters):
+            engine.infer(x)
+        torch.cuda.synchronize()
+    per_name: dict[str, list] = defaultdict(lambda: [0.0, 0])  # name -> [microseconds, calls]
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            per_name[evt.name][0] += evt.device_time
+            per_name[evt.name][1] += 1
+    return {name: (us * 1e-3 / iters, calls / iters) for name, (us, calls) in per_name.items()}
+
+
+def by_kind(per_name: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Kernel milliseconds summed by kind (``KINDS``), largest first."""
+    kinds: dict[str, float] = defaultdict(float)
+    for name, (ms, _) in per_name.items():
+        kinds[kind_of(name)] += ms
+    return {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="fp16+compile+cl+half")
@@ -53,31 +80,14 @@ def main() -> None:
     engine = TorchEngine(model.build_network(), "cuda", precision, compile=comp, channels_last="cl" in opts,
                          half_weights="half" in opts, static_batch=args.batch)
     x = torch.randn((args.batch, 1, *model.patch_size), device="cuda")
-    for _ in range(3):
-        engine.infer(x)
-    torch.cuda.synchronize()
-    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
-        for _ in range(args.iters):
-            engine.infer(x)
-        torch.cuda.synchronize()
-    per_name: dict[str, list] = defaultdict(lambda: [0.0, 0])  # name -> [microseconds, calls]
-    for evt in prof.events():
-        if evt.device_type == torch.autograd.DeviceType.CUDA:
-            per_name[evt.name][0] += evt.device_time
-            per_name[evt.name][1] += 1
-    total_us = sum(v[0] for v in per_name.values())
-    by_kind: dict[str, float] = defaultdict(float)
-    for name, (us, _) in per_name.items():
-        by_kind[kind_of(name)] += us
-    ms = 1e-3 / args.iters
+    per_name = kernel_ms_per_batch(engine, x, args.iters)
+    total = sum(ms for ms, _ in per_name.values())
     result = {"scenario": "engine_profile", "machine": machine(), "config": args.config, "batch": args.batch,
-              "iters": args.iters, "gpu_ms_per_batch": round(total_us * ms, 3),
-              "patches_per_s_from_kernel_time": round(args.batch / (total_us * 1e-6 / args.iters), 1),
-              "by_kind_ms_per_batch": {k: round(v * ms, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-              "top_kernels": [{"name": n[:160], "kind": kind_of(n), "ms_per_batch": round(us * ms, 3),
-                               "calls_per_batch": c / args.iters}
-                              for n, (us, c) in sorted(per_name.items(), key=lambda kv: -kv[1][0])[:args.top]]}
+              "iters": args.iters, "gpu_ms_per_batch": round(total, 3),
+              "patches_per_s_from_kernel_time": round(args.batch / (total * 1e-3), 1),
+              "by_kind_ms_per_batch": by_kind(per_name),
+              "top_kernels": [{"name": n[:160], "kind": kind_of(n), "ms_per_batch": round(ms, 3), "calls_per_batch": c}
+                              for n, (ms, c) in sorted(per_name.items(), key=lambda kv: -kv[1][0])[:args.top]]}
     print(f"{args.config} batch {args.batch}: {result['gpu_ms_per_batch']} ms of kernels per batch")
     for k, v in result["by_kind_ms_per_batch"].items():
         print(f"  {v:9.3f} ms  {100 * v / result['gpu_ms_per_batch']:5.1f} %  {k}")
