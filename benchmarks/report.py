@@ -20,6 +20,7 @@ COMMANDS = {
     "scaling": "python -m benchmarks.scaling --cases 8",
     "engine_profile": "python -m benchmarks.engine_profile",
     "gzip_read": "python -m benchmarks.gzip_read",
+    "conv_alternatives": "python -m benchmarks.conv_alternatives",
 }
 
 # result files written by a command other than their scenario's plain one (the exact command, run on the H100 with
@@ -65,6 +66,7 @@ FILE_COMMANDS = {
                                                   "--compress-level 1 (another machine instance, Inductor's cache cold)",
     "h100_case_latency_max_autotune_pinned_repeat.json": "the same without TRTSEG_GZIP_THREADS (8 threads), right after "
                                                          "it on that instance (Inductor's cache warm)",
+    "h100_conv_alternatives_limit0.json": "python -m benchmarks.conv_alternatives --parts layers --benchmark-limit 0",
     "h100_case_latency_fast_pinned.json": "python -m benchmarks.case_latency --device cuda --compile --channels-last "
                                           "--fp16-weights --compress-level 1, after host<->device copies went through "
                                           "pinned memory (another machine instance than h100_case_latency_fast.json)",
@@ -121,6 +123,20 @@ def rows(r: dict) -> list[str]:
         return [f"nnUNetv2 {r['nnunetv2_seconds']} s; " + "; ".join(
             f"{k} {v['median_seconds']} s ({v['speedup_vs_nnunet']}x, agree {v['voxel_agreement_vs_nnunet']:.5f})"
             for k, v in r["runs"].items())]
+    if s == "conv_alternatives":
+        out = [f"cuDNN {r['cudnn']}, benchmark limit {r['benchmark_limit']}, batch {r['batch']}"]
+        out += [f"{x['layer']} (x{x['count']}): {x['ms']} ms, {x['tflop_per_s']} TFLOP/s" for x in r.get("layers", [])]
+        fusion = r.get("fusion", {})
+        out += [f"cuDNN fused graph, {k}: {v}" for k, v in fusion.items() if isinstance(v, dict)]
+        if "skipped" in fusion:
+            out.append(f"cuDNN fused graphs: skipped ({fusion['skipped']})")
+        if "torch_conv_ms" in fusion:
+            out.append(f"torch's 32->32 convolution at batch 1 for comparison: {fusion['torch_conv_ms']} ms")
+        fold = r.get("fold", {})
+        out += [f"width-folded {k}: {v}" for k, v in fold.get("layers", {}).items()]
+        out += [f"network kernels per batch, {k}: {v['total']} ms, by kind {v['by_kind']}"
+                for k, v in fold.get("network_kernel_ms_per_batch", {}).items()]
+        return out
     return [json.dumps(r)[:300]]
 
 
