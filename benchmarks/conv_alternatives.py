@@ -17,9 +17,10 @@ channels-last-3d, with cudnn.benchmark on. Three parts:
    32->32 convolution at batch 1 (per-channel statistics are per-instance there); for each: whether any engine
    supports it, its fastest plan's time against torch's convolution, and its relative error. Needs the
    nvidia-cudnn-frontend package; the part is skipped, with the reason, without it.
-3. fold: the full-resolution 32->32 convolutions width-folded (``WidthFoldedConv3d``, fold 2): timed alone against
-   the plain ones, then the whole network under torch.compile with fp16 weights, plain against folded, as GPU kernel
-   time per batch by kind of kernel (engine_profile's profiler).
+3. fold: width-folded convolutions (accel/conv_fold.py, fold 2): the full-resolution 32->32 and 64->32 ones timed
+   alone against the plain ones, then the whole network under torch.compile with fp16 weights, plain against its
+   32->32 convolutions folded (the engine's --fold-convolutions), as GPU kernel time per batch by kind of kernel
+   (engine_profile's profiler).
 """
 from __future__ import annotations
 
@@ -34,77 +35,11 @@ import torch.nn.functional as F
 from accel.engines import TorchEngine
 from benchmarks.case_latency import make_fullres_model
 from benchmarks.common import machine, save
+from accel.conv_fold import WidthFoldedConv3d, fold_narrow_convolutions
 from benchmarks.engine_profile import by_kind, kernel_ms_per_batch
 from trtseg.model import load_model_folder
 
 CL = torch.channels_last_3d
-
-
-# ---- width-folded convolutions --------------------------------------------------------------------------------------
-# A stride-1, padding-1, 3x3x3 convolution with Cout output channels, on a volume whose width (the last axis, x) is
-# divisible by f, equals a convolution with f*Cout output channels, stride f along x, a kernel f+2 wide along x and
-# padding 1: its output channel p*Cout + c at coarse position X is channel c at fine position x = f*X + p. Its weights
-# are the original ones shifted by p along x, zeros elsewhere. It does (f+2)/3 times the multiply-adds, on matrix
-# tiles f times wider: cuDNN runs 32 output channels at about a quarter of the tensor cores' rate. In channels-last-3d
-# order the folded output (b, z, y, X, p*Cout + c) has the bytes of the fine one (b, z, y, f*X + p, c): unfolding
-# is a view.
-
-def fold_weight(weight: torch.Tensor, fold: int) -> torch.Tensor:
-    """(Cout, Cin, 3, 3, 3) -> (fold*Cout, Cin, 3, 3, fold+2): output channel p*Cout + c is weight c shifted by p
-    along x."""
-    cout, cin = weight.shape[:2]
-    folded = weight.new_zeros((fold * cout, cin, 3, 3, fold + 2))
-    for p in range(fold):
-        folded[p * cout:(p + 1) * cout, :, :, :, p:p + 3] = weight
-    return folded
-
-
-def unfold_output(y: torch.Tensor, fold: int) -> torch.Tensor:
-    """(b, fold*Cout, z, y, X) -> (b, Cout, z, y, fold*X); a view of channels-last-3d input, else a copy."""
-    b, fc, d, h, w = y.shape
-    cout, x = fc // fold, w * fold
-    if y.is_contiguous(memory_format=CL):
-        return y.as_strided((b, cout, d, h, x), (d * h * x * cout, 1, h * x * cout, x * cout, cout))
-    return y.permute(0, 2, 3, 4, 1).reshape(b, d, h, x, cout).permute(0, 4, 1, 2, 3)
-
-
-def foldable(conv: torch.nn.Module) -> bool:
-    return (isinstance(conv, torch.nn.Conv3d) and conv.kernel_size == (3, 3, 3) and conv.stride == (1, 1, 1)
-            and conv.padding == (1, 1, 1) and conv.dilation == (1, 1, 1) and conv.groups == 1
-            and conv.padding_mode == "zeros")
-
-
-class WidthFoldedConv3d(torch.nn.Module):
-    """The same function as a foldable ``nn.Conv3d``, computed width-folded; widths not divisible by ``fold`` take
-    the plain convolution."""
-
-    def __init__(self, conv: torch.nn.Conv3d, fold: int):
-        super().__init__()
-        if not foldable(conv) or fold < 2:
-            raise ValueError(f"cannot fold {conv} by {fold}")
-        self.fold, self.conv = fold, conv
-        self.folded_weight = torch.nn.Parameter(fold_weight(conv.weight.detach(), fold), requires_grad=False)
-        self.folded_bias = (torch.nn.Parameter(conv.bias.detach().repeat(fold), requires_grad=False)
-                            if conv.bias is not None else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] % self.fold:
-            return self.conv(x)
-        return unfold_output(F.conv3d(x, self.folded_weight, self.folded_bias, stride=(1, 1, self.fold), padding=1),
-                             self.fold)
-
-
-def fold_network(network: torch.nn.Module, in_channels: int, out_channels: int, fold: int) -> int:
-    """Replaces, in place, each foldable in_channels -> out_channels convolution by its folded twin (one twin per
-    convolution, wherever the module tree refers to it); returns how many convolutions were folded."""
-    twins: dict[int, WidthFoldedConv3d] = {}
-    for module in list(network.modules()):
-        for name, child in list(module._modules.items()):  # not named_children(): it skips a second name of a child
-            if (isinstance(child, torch.nn.Conv3d) and foldable(child)
-                    and (child.in_channels, child.out_channels) == (in_channels, out_channels)):
-                twins.setdefault(id(child), WidthFoldedConv3d(child, fold))
-                setattr(module, name, twins[id(child)])
-    return len(twins)
 
 
 # ---- timing ---------------------------------------------------------------------------------------------------------
@@ -267,7 +202,7 @@ def part_fold(model, batch: int) -> dict:
     for label in ("plain", "32->32 folded by 2"):
         network = model.build_network()
         if label != "plain":
-            res["folded_convolutions"] = fold_network(network, 32, 32, 2)
+            res["folded_convolutions"] = fold_narrow_convolutions(network)
         torch._dynamo.reset()
         engine = TorchEngine(network, "cuda", "fp16", compile=True, channels_last=True, half_weights=True,
                              static_batch=batch)

@@ -57,6 +57,9 @@ def _add_predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true", help="channels-last-3d weights and tiles (PyTorch CUDA engine)")
     p.add_argument("--fp16-weights", action="store_true",
                    help="with fp16: an fp16 network with fp32 normalization layers instead of autocast (PyTorch CUDA engine)")
+    p.add_argument("--fold-convolutions", action="store_true",
+                   help="compute the 32-channel 3x3x3 convolutions width-folded, the same function on wider tensor-core "
+                        "tiles (PyTorch CUDA engine; pays with --channels-last)")
     p.add_argument("--batch-size", type=int, default=2, help="tiles per engine call")
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE.npz/CASE.pkl as nnU-Net does")
     p.add_argument("--storage-options", default=None, help="JSON of fsspec storage options (credentials stay out of reports)")
@@ -98,7 +101,8 @@ def _settings(args):
     return Settings(step_size=args.step_size, use_mirroring=not args.disable_tta, device=args.device,
                     engine=args.engine, engine_cache=args.engine_cache, batch_size=args.batch_size,
                     precision=args.precision, compile=compile_setting(args.compile), cuda_graphs=args.cuda_graphs,
-                    channels_last=args.channels_last, half_weights=args.fp16_weights, save_probabilities=args.save_probabilities, memory_budget_gb=args.memory_budget_gb,
+                    channels_last=args.channels_last, half_weights=args.fp16_weights,
+                    fold_convolutions=args.fold_convolutions, save_probabilities=args.save_probabilities, memory_budget_gb=args.memory_budget_gb,
                     compresslevel=args.compress_level)
 
 

@@ -58,6 +58,7 @@ class Settings:
     cuda_graphs: bool = False
     channels_last: bool = False
     half_weights: bool = False
+    fold_convolutions: bool = False
     save_probabilities: bool = False
     compresslevel: int = 6
     memory_budget_gb: float | None = None
@@ -133,7 +134,8 @@ class Predictor:
         if engines is None:
             engines = create_engines(model, settings.engine, self.device, settings.resolved_precision(),
                                      settings.compile, settings.engine_cache, max(settings.batch_size, 1),
-                                     settings.cuda_graphs, settings.channels_last, settings.half_weights)
+                                     settings.cuda_graphs, settings.channels_last, settings.half_weights,
+                                     settings.fold_convolutions)
         self.engines = engines
         self.gaussian = model_gaussian(model, self.device)
 
