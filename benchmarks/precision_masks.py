@@ -4,7 +4,8 @@
 
 The 3d_fullres 32->320 model (random weights, last layer spread so every label appears) segments one CT-like
 volume with fp32, fp16 autocast, bf16 autocast, fp16 under torch.compile, with channels-last, and an fp16 network
-with fp32 normalization layers (--fp16-weights); each mask is compared voxel by voxel
+with fp32 normalization layers (--fp16-weights), that one with its 32-channel convolutions width-folded
+(--fold-convolutions); each mask is compared voxel by voxel
 with the fp32 mask (the bar is 99.9 %).
 """
 from __future__ import annotations
@@ -43,7 +44,10 @@ def main() -> None:
                "fp16_compiled": Settings(precision="fp16", compile=True, **base),
                "fp16_compiled_channels_last": Settings(precision="fp16", compile=True, channels_last=True, **base),
                "fp16_weights_compiled_channels_last": Settings(precision="fp16", compile=True, channels_last=True,
-                                                               half_weights=True, **base)}
+                                                               half_weights=True, **base),
+               "fp16_weights_compiled_channels_last_folded": Settings(precision="fp16", compile=True,
+                                                                      channels_last=True, half_weights=True,
+                                                                      fold_convolutions=True, **base)}
     for name, s in configs.items():
         if args.only and name != "fp32" and name not in args.only:
             continue

@@ -66,6 +66,22 @@ FILE_COMMANDS = {
                                                   "--compress-level 1 (another machine instance, Inductor's cache cold)",
     "h100_case_latency_max_autotune_pinned_repeat.json": "the same without TRTSEG_GZIP_THREADS (8 threads), right after "
                                                          "it on that instance (Inductor's cache warm)",
+    "h100_engine_throughput_fold.json": "python -m benchmarks.engine_throughput --batches 4 --configs "
+                                        "fp16+compile+cl+half fp16+compile+cl+half+fold fp16+max+cl+half+fold",
+    "h100_precision_masks_fold.json": "python -m benchmarks.precision_masks --only "
+                                      "fp16_weights_compiled_channels_last_folded",
+    "h100_case_latency_max_autotune_fold.json": "python -m benchmarks.case_latency --device cuda --compile max-autotune "
+                                                "--channels-last --fp16-weights --fold-convolutions --compress-level 1 "
+                                                "(Inductor's cache cold)",
+    "h100_dataset_throughput_fold.json": "python -m benchmarks.dataset_throughput --cases 16 --compile --channels-last "
+                                         "--fp16-weights --fold-convolutions --compress-level 1 --max-cases-in-flight 8, "
+                                         "right after h100_case_latency_max_autotune_fold.json on that instance",
+    "h100_dataset_throughput_ab_plain.json": "python -m benchmarks.dataset_throughput --cases 16 --compile "
+                                             "--channels-last --fp16-weights --compress-level 1 --max-cases-in-flight 8, "
+                                             "the first of three runs in a row on the instance of "
+                                             "h100_dataset_throughput_fold.json",
+    "h100_dataset_throughput_ab_fold.json": "the same with --fold-convolutions, the second of the three",
+    "h100_dataset_throughput_ab_plain_again.json": "the same without --fold-convolutions, the third of the three",
     "h100_conv_alternatives_limit0.json": "python -m benchmarks.conv_alternatives --parts layers --benchmark-limit 0",
     "h100_case_latency_fast_pinned.json": "python -m benchmarks.case_latency --device cuda --compile --channels-last "
                                           "--fp16-weights --compress-level 1, after host<->device copies went through "
