@@ -9,7 +9,8 @@ once (``take_partial``, already divided by the volume's weight map, fp16 by defa
 its own, exports on its device and returns only the mask (``finalize``). With one actor no logits move at all.
 
 Keeping the GPU fed:
-- the engine is warmed up (compiled, autotuned) when the actor starts, while the first volumes are read;
+- the engine is warmed up (compiled, autotuned) when the actor starts, while the first volumes are read, on the
+  thread that then runs the tiles (``warm_up``: cuDNN's autotuning is kept per thread);
 - ``prefetch`` copies a case's volume to the GPU on a third thread and stream before its first chunk runs;
 - ``infer_chunk`` returns once its chunk is queued on the actor's stream and the chunk QUEUED_CHUNKS before it has
   finished, so the GPU has work while Ray delivers the next call; engine time is measured with CUDA events, never
@@ -108,10 +109,23 @@ class InferenceActor:
         self._t0 = time.perf_counter()
         self.first_tile_at: float | None = None  # wall time of the first tile: busy fractions exclude start-up
         self.warmup_seconds = 0.0
-        if gpu:  # compile / autotune now, while the driver's first prepare tasks read volumes
-            shape = (max(settings.batch_size, 1), model.num_input_channels, *model.patch_size)
-            with self._on_stream(), torch.inference_mode():
-                self.warmup_seconds = sum(e.warm_up(shape) for e in self.engines)
+        self._warm_thread: int | None = None  # the thread whose cuDNN autotuning the engines hold (see warm_up)
+
+    def warm_up(self) -> float:
+        """Compiles and autotunes the engines (GPU actors) on the thread that runs the tiles; returns the seconds.
+
+        The driver calls it first, while its first prepare tasks read volumes; ``infer_chunk`` calls it too, for an
+        actor that Ray restarted. It must run on the tile thread: PyTorch keeps cuDNN's autotuning results per
+        thread (thread-local benchmark caches). Warmed up in the constructor's thread, the engines autotuned again
+        on their first real tiles, beside the job's other GPU work, and kept the kernels those timings picked."""
+        self._threads.setdefault("warm_up", threading.current_thread().name)  # the first call's: the driver's
+        if self.device.type != "cuda" or self._warm_thread == threading.get_ident():
+            return self.warmup_seconds
+        shape = (max(self.settings.batch_size, 1), self.model.num_input_channels, *self.model.patch_size)
+        with self._on_stream(), torch.inference_mode():
+            self.warmup_seconds += sum(e.warm_up(shape) for e in self.engines)
+        self._warm_thread = threading.get_ident()
+        return self.warmup_seconds
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -174,6 +188,7 @@ class InferenceActor:
         prior_tiles: how many of the case's tiles this actor should already hold; a restarted actor holds fewer,
         and says so (CaseStateLost) instead of silently summing an incomplete case.
         """
+        self.warm_up()
         with self._on_stream():
             return self._infer_chunk(case_id, data, all_starts, chunk_starts, prior_tiles)
 

@@ -231,6 +231,8 @@ def _run(cfg: JobConfig, model: NnUNetModel, cases: list[Case], todo: list[Case]
                                 resources=cfg.actor_resources or None, scheduling_strategy="SPREAD",
                                 max_restarts=cfg.actor_restarts, max_task_retries=cfg.task_retries)
               .remote(model_ref, settings, f"infer-{i}", threads, cfg.storage_options) for i in range(n_actors)]
+    for a in actors:  # compile and autotune on each actor's tile thread while the first volumes are read
+        a.warm_up.remote()
     task_gpus = 0 if cpu_mode else cfg.task_gpus
     task_opts = {"num_cpus": 1, "num_gpus": task_gpus, "max_retries": cfg.task_retries}
     prepare_fn, write_fn = ray.remote(prepare_case), ray.remote(write_case)

@@ -57,8 +57,10 @@ def test_ray_job_matches_single_process_and_reruns_skip(ray_local, small_model, 
     assert set(big["seconds"]) >= {"read", "preprocess", "infer", "export", "write"}
     assert report["job"]["actors"] == 2 and len(report["actors"]) == 2
     # exports (finalize, take_partial) run on their own thread, beside the next case's tiles, not queued behind them
+    # the driver's warm-up call runs on the tile thread: PyTorch keeps cuDNN's autotuning per thread
     for a in report["actors"]:
         assert a["threads"]["export"] != a["threads"]["tiles"], a["threads"]
+        assert a["threads"]["warm_up"] == a["threads"]["tiles"], a["threads"]
 
     # a rerun skips both cases and leaves the masks alone; --overwrite redoes them; --dry-run only lists
     before = {f: os.stat(tmp_path / "ray32" / f).st_mtime_ns for f in single}
