@@ -82,6 +82,11 @@ FILE_COMMANDS = {
                                              "h100_dataset_throughput_fold.json",
     "h100_dataset_throughput_ab_fold.json": "the same with --fold-convolutions, the second of the three",
     "h100_dataset_throughput_ab_plain_again.json": "the same without --fold-convolutions, the third of the three",
+    "h100_dataset_throughput_tile_thread_warmup.json": "python -m benchmarks.dataset_throughput --cases 16 --compile "
+                                                        "--channels-last --fp16-weights --compress-level 1 "
+                                                        "--max-cases-in-flight 8, after the actor's warm-up moved to "
+                                                        "its tile thread (Inductor's cache cold)",
+    "h100_dataset_throughput_tile_thread_warmup_fold.json": "the same with --fold-convolutions, right after it",
     "h100_conv_alternatives_limit0.json": "python -m benchmarks.conv_alternatives --parts layers --benchmark-limit 0",
     "h100_case_latency_fast_pinned.json": "python -m benchmarks.case_latency --device cuda --compile --channels-last "
                                           "--fp16-weights --compress-level 1, after host<->device copies went through "
