@@ -40,8 +40,6 @@ class Engine(abc.ABC):
     def warm_up(self, batch_shape: tuple[int, ...]) -> float:
         """Runs one batch of zeros of ``batch_shape`` (b, c, z, y, x): compiles, autotunes and allocates before the
         first real tile. Returns the seconds it took."""
-        import time
-
         t0 = time.perf_counter()
         self.infer(torch.zeros(batch_shape, dtype=torch.float32, device=self.device))
         if self.device.type == "cuda":

@@ -100,7 +100,8 @@ class InferenceActor:
         self.case_start_host_seconds = {"between_calls": 0.0, "setup": 0.0}
         self._returned_at: float | None = None
         self._peak_gpu_mb = 0.0  # over the actor's life (the per-case counter is reset at each export)
-        self._threads: dict[str, str] = {}  # the thread that last ran tiles, exports and uploads (three, in Ray)
+        # the thread that last ran tiles, exports and uploads (three, in Ray), and the first warm-up's (the tiles')
+        self._threads: dict[str, str] = {}
         # TRTSEG_ACTOR_TRACE=1: host times of case starts and exports in stats()["trace"], to study the GPU's gaps
         self._trace: list | None = [] if os.environ.get("TRTSEG_ACTOR_TRACE") == "1" else None
         self._chunks_done: deque = deque()  # CUDA events: the ends of the chunks still queued on the GPU
