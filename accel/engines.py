@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from accel.conv_fold import fold_narrow_convolutions
+from accel import upsample_merge
 
 
 class Engine(abc.ABC):
@@ -82,6 +83,9 @@ class TorchEngine(Engine):
         layer in fp32 (its input is cast up and its output back), as the FP16 ONNX export does
     fold_convolutions: compute the 3x3x3 convolutions with 32 input and output channels width-folded
         (``accel.conv_fold``): the same function on wider tensor-core tiles; it pays with channels_last on CUDA
+    merge_upsampling: merge each decoder stage's transposed convolution into the convolution after it
+        (``accel.upsample_merge``, nnU-Net v2 networks): the same function with fewer multiply-adds and no
+        concatenation
     static_batch: with compile or CUDA graphs, pad a shorter batch with zero tiles to this size, so that one
         compiled graph serves every batch; without it, each new short batch size (a volume's last batch) compiles
         or captures another graph, some 15 s each under torch.compile
@@ -91,7 +95,8 @@ class TorchEngine(Engine):
 
     def __init__(self, network: torch.nn.Module, device: torch.device | str = "cpu", precision: str = "fp32",
                  compile: bool | str = False, cuda_graphs: bool = False, channels_last: bool = False,
-                 half_weights: bool = False, static_batch: int | None = None, fold_convolutions: bool = False):
+                 half_weights: bool = False, static_batch: int | None = None, fold_convolutions: bool = False,
+                 merge_upsampling: bool = False):
         self.device = torch.device(device)
         if precision not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
@@ -103,6 +108,8 @@ class TorchEngine(Engine):
         self.half_weights = half_weights
         self.channels_last = channels_last
         network = network.to(self.device).eval()
+        # merged before folding, so that the skip halves of merged stages (32->32 at full resolution) fold too
+        self.merged_upsamplings = upsample_merge.merge_upsampling(network) if merge_upsampling else 0
         self.folded_convolutions = fold_narrow_convolutions(network) if fold_convolutions else 0
         if half_weights:
             network = _fp16_with_fp32_norms(network)
@@ -175,7 +182,7 @@ class TorchEngine(Engine):
         return {"engine": self.name, "device": str(self.device), "precision": self.precision, "compiled": self.compiled,
                 "compile_mode": self.compile_mode,
                 "cuda_graphs": self.cuda_graphs, "channels_last": self.channels_last, "half_weights": self.half_weights,
-                "folded_convolutions": self.folded_convolutions}
+                "folded_convolutions": self.folded_convolutions, "merged_upsamplings": self.merged_upsamplings}
 
 
 class _Fp32Norm(torch.nn.Module):
@@ -304,14 +311,14 @@ def onnx_for_fold(model, fold: str, cache_url: str, precision: str = "fp32", bat
 def create_engines(model, kind: str = "auto", device: torch.device | str = "cpu", precision: str | None = None,
                    compile: bool | str = False, cache_url: str | None = None, max_batch: int = 4,
                    cuda_graphs: bool = False, channels_last: bool = False, half_weights: bool = False,
-                   fold_convolutions: bool = False) -> list[Engine]:
+                   fold_convolutions: bool = False, merge_upsampling: bool = False) -> list[Engine]:
     """One engine per fold of ``model``, of ``kind`` (see ``resolve_engine_kind``), on ``device``.
 
     precision: fp32, fp16 or bf16; None means fp16 on CUDA (nnU-Net's autocast) and fp32 on the CPU
     cache_url: where ONNX graphs and TensorRT engines are kept (default: ``default_cache()``)
     max_batch: the largest tile batch a TensorRT optimization profile covers; compiled PyTorch engines pad shorter
         batches to it (see ``TorchEngine``)
-    channels_last, half_weights, fold_convolutions: PyTorch engine options (see ``TorchEngine``)
+    channels_last, half_weights, fold_convolutions, merge_upsampling: PyTorch engine options (see ``TorchEngine``)
     """
     device = torch.device(device)
     kind = resolve_engine_kind(kind, device)
@@ -322,7 +329,7 @@ def create_engines(model, kind: str = "auto", device: torch.device | str = "cpu"
         if kind == "torch":
             engines.append(TorchEngine(model.build_network(fold), device, precision, compile, cuda_graphs,
                                        channels_last, half_weights, static_batch=max_batch,
-                                       fold_convolutions=fold_convolutions))
+                                       fold_convolutions=fold_convolutions, merge_upsampling=merge_upsampling))
         elif kind == "onnxruntime":
             onnx_precision = "fp16" if precision == "fp16" else "fp32"
             engines.append(OnnxRuntimeEngine(onnx_for_fold(model, fold, cache_url, onnx_precision), device,

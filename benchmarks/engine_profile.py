@@ -78,7 +78,8 @@ def main() -> None:
     comp = "max-autotune-no-cudagraphs" if "max" in opts else "compile" in opts
     torch._inductor.config.freezing = "freeze" in opts
     engine = TorchEngine(model.build_network(), "cuda", precision, compile=comp, channels_last="cl" in opts,
-                         half_weights="half" in opts, static_batch=args.batch)
+                         half_weights="half" in opts, static_batch=args.batch, fold_convolutions="fold" in opts,
+                         merge_upsampling="merge" in opts)
     x = torch.randn((args.batch, 1, *model.patch_size), device="cuda")
     per_name = kernel_ms_per_batch(engine, x, args.iters)
     total = sum(ms for ms, _ in per_name.values())

@@ -5,7 +5,7 @@
 The 3d_fullres 32->320 model (random weights, last layer spread so every label appears) segments one CT-like
 volume with fp32, fp16 autocast, bf16 autocast, fp16 under torch.compile, with channels-last, and an fp16 network
 with fp32 normalization layers (--fp16-weights), that one with its 32-channel convolutions width-folded
-(--fold-convolutions); each mask is compared voxel by voxel
+(--fold-convolutions), and that one with its decoder's upsamplings merged (--merge-upsampling); each mask is compared voxel by voxel
 with the fp32 mask (the bar is 99.9 %).
 """
 from __future__ import annotations
@@ -47,7 +47,10 @@ def main() -> None:
                                                                half_weights=True, **base),
                "fp16_weights_compiled_channels_last_folded": Settings(precision="fp16", compile=True,
                                                                       channels_last=True, half_weights=True,
-                                                                      fold_convolutions=True, **base)}
+                                                                      fold_convolutions=True, **base),
+               "fp16_weights_compiled_channels_last_folded_merged": Settings(
+                   precision="fp16", compile=True, channels_last=True, half_weights=True, fold_convolutions=True,
+                   merge_upsampling=True, **base)}
     for name, s in configs.items():
         if args.only and name != "fp32" and name not in args.only:
             continue

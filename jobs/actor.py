@@ -80,7 +80,8 @@ class InferenceActor:
         self.engines = create_engines(model, settings.engine, self.device, settings.resolved_precision() if gpu else "fp32",
                                       settings.compile, settings.engine_cache, max(settings.batch_size, 1),
                                       settings.cuda_graphs and gpu, settings.channels_last and gpu,
-                                      settings.half_weights and gpu, settings.fold_convolutions and gpu)
+                                      settings.half_weights and gpu, settings.fold_convolutions and gpu,
+                                      settings.merge_upsampling)
         # the actor's own CUDA streams, apart from other processes' work: tiles and sums queue on one, exports on
         # the other (a second thread, see finalize)
         self.stream = torch.cuda.Stream(self.device) if gpu else None

@@ -72,6 +72,21 @@ def test_compiled_fast_path_with_folded_convolutions_gives_the_plain_logits(tmp_
     assert (b.argmax(1) == a.argmax(1)).float().mean() >= 0.999
 
 
+def test_compiled_fast_path_with_merged_upsampling_gives_the_plain_logits(tmp_path):
+    from trtseg import synthetic as syn
+    folder = syn.make_model_folder(str(tmp_path / "m"), folds=(0,), patch_size=(32, 64, 64), spacing=(1.0, 1.0, 1.0),
+                                   features=(32, 64, 128))
+    model = load_model_folder(folder, ["0"])
+    x = torch.from_numpy(random_patches(model, 2)).cuda()
+    plain = TorchEngine(model.build_network("0"), "cuda", "fp16", compile=True, channels_last=True, half_weights=True)
+    merged = TorchEngine(model.build_network("0"), "cuda", "fp16", compile=True, channels_last=True, half_weights=True,
+                         fold_convolutions=True, merge_upsampling=True)
+    assert merged.describe()["merged_upsamplings"] == 2
+    a, b = plain.infer(x), merged.infer(x)
+    assert (b - a).abs().max() <= 0.05 * a.abs().max(), (b - a).abs().max()  # fp16 sums in another order
+    assert (b.argmax(1) == a.argmax(1)).float().mean() >= 0.999
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_cuda_predictor_gives_the_cpu_masks(small_model, tmp_path, precision):
     write_case(str(tmp_path / "in"), "g", (70, 61, 23), (0.8, 0.8, 3.1), oblique_deg=20, zero_border=3)

@@ -60,6 +60,9 @@ def _add_predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fold-convolutions", action="store_true",
                    help="compute the 32-channel 3x3x3 convolutions width-folded, the same function on wider tensor-core "
                         "tiles (PyTorch CUDA engine; pays with --channels-last)")
+    p.add_argument("--merge-upsampling", action="store_true",
+                   help="merge each decoder stage's transposed convolution into the convolution after it, the same "
+                        "function with fewer multiply-adds (PyTorch engine)")
     p.add_argument("--batch-size", type=int, default=2, help="tiles per engine call")
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE.npz/CASE.pkl as nnU-Net does")
     p.add_argument("--storage-options", default=None, help="JSON of fsspec storage options (credentials stay out of reports)")
@@ -102,7 +105,8 @@ def _settings(args):
                     engine=args.engine, engine_cache=args.engine_cache, batch_size=args.batch_size,
                     precision=args.precision, compile=compile_setting(args.compile), cuda_graphs=args.cuda_graphs,
                     channels_last=args.channels_last, half_weights=args.fp16_weights,
-                    fold_convolutions=args.fold_convolutions, save_probabilities=args.save_probabilities, memory_budget_gb=args.memory_budget_gb,
+                    fold_convolutions=args.fold_convolutions, merge_upsampling=args.merge_upsampling,
+                    save_probabilities=args.save_probabilities, memory_budget_gb=args.memory_budget_gb,
                     compresslevel=args.compress_level)
 
 
