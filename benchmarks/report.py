@@ -88,6 +88,23 @@ FILE_COMMANDS = {
                                                         "its tile thread (Inductor's cache cold)",
     "h100_dataset_throughput_tile_thread_warmup_fold.json": "the same with --fold-convolutions, right after it",
     "h100_conv_alternatives_limit0.json": "python -m benchmarks.conv_alternatives --parts layers --benchmark-limit 0",
+    "h100_engine_throughput_merge.json": "python -m benchmarks.engine_throughput --batches 4 --configs "
+                                         "fp16+compile+cl+half+fold fp16+compile+cl+half+fold+merge "
+                                         "fp16+compile+cl+half+merge",
+    "h100_precision_masks_merge.json": "python -m benchmarks.precision_masks --only "
+                                       "fp16_weights_compiled_channels_last_folded_merged",
+    "h100_engine_throughput_merge_max.json": "python -m benchmarks.engine_throughput --batches 4 --configs "
+                                             "fp16+max+cl+half+fold+merge (Inductor's cache cold)",
+    "h100_engine_profile_merge.json": "python -m benchmarks.engine_profile --config fp16+max+cl+half+fold+merge, "
+                                      "right after h100_engine_throughput_merge_max.json",
+    "h100_case_latency_max_autotune_merge.json": "python -m benchmarks.case_latency --device cuda --compile "
+                                                 "max-autotune --channels-last --fp16-weights --fold-convolutions "
+                                                 "--merge-upsampling --compress-level 1, right after "
+                                                 "h100_engine_profile_merge.json (Inductor's cache warm)",
+    "h100_dataset_throughput_merge.json": "python -m benchmarks.dataset_throughput --cases 16 --compile "
+                                          "--channels-last --fp16-weights --fold-convolutions --merge-upsampling "
+                                          "--compress-level 1 --max-cases-in-flight 8 (a fresh machine instance, "
+                                          "Inductor's cache cold)",
     "h100_case_latency_fast_pinned.json": "python -m benchmarks.case_latency --device cuda --compile --channels-last "
                                           "--fp16-weights --compress-level 1, after host<->device copies went through "
                                           "pinned memory (another machine instance than h100_case_latency_fast.json)",
