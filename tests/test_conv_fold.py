@@ -1,5 +1,6 @@
 """Width-folded convolutions (accel/conv_fold.py) compute the same function as the plain ones, eager and compiled,
-alone and inside an nnU-Net network run by the PyTorch engine."""
+alone and inside an nnU-Net network run by the PyTorch engine; the CLI flags of both network rewrites (this one and
+accel/upsample_merge.py) reach the engine."""
 import numpy as np
 import pytest
 import torch
@@ -72,14 +73,17 @@ def test_engine_with_folded_convolutions_gives_the_same_logits(tmp_path):
     torch.testing.assert_close(folded.infer(x), plain.infer(x), rtol=1e-4, atol=1e-4)
 
 
-def test_fold_convolutions_flag_reaches_the_engine(tmp_path):
+@pytest.mark.parametrize("flag,setting,described,count", [
+    ("--fold-convolutions", "fold_convolutions", "folded_convolutions", 2),
+    ("--merge-upsampling", "merge_upsampling", "merged_upsamplings", 1)])  # accel/upsample_merge.py
+def test_network_rewrite_flags_reach_the_engine(tmp_path, flag, setting, described, count):
     from trtseg.cli import _predict_parser, _settings
     from trtseg.predict import Predictor
     folder = syn.make_model_folder(str(tmp_path / "m"), folds=(0,), patch_size=(8, 16, 16), spacing=(1.0, 1.0, 1.0),
                                    features=(32, 64))
     args = _predict_parser().parse_args(["-i", "in", "-o", "out", "-m", folder, "--engine", "torch", "--device", "cpu",
-                                         "--fold-convolutions"])
+                                         flag])
     settings = _settings(args)
-    assert settings.fold_convolutions
+    assert getattr(settings, setting)
     engine = Predictor(load_model_folder(folder, ["0"]), settings).engines[0]
-    assert engine.describe()["folded_convolutions"] == 2
+    assert engine.describe()[described] == count

@@ -57,32 +57,22 @@ def test_fp16_weights_keep_norms_fp32_and_track_autocast(small_model):
     assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.999
 
 
-def test_compiled_fast_path_with_folded_convolutions_gives_the_plain_logits(tmp_path):
+@pytest.mark.parametrize("options,described", [({"fold_convolutions": True}, {"folded_convolutions": 2}),
+                                                ({"fold_convolutions": True, "merge_upsampling": True},
+                                                 {"merged_upsamplings": 2})], ids=["folded", "folded_and_merged"])
+def test_compiled_fast_path_with_a_rewritten_network_gives_the_plain_logits(tmp_path, options, described):
+    """--fold-convolutions (accel/conv_fold.py) and --merge-upsampling (accel/upsample_merge.py) under torch.compile
+    in fp16 give the plain network's logits."""
     from trtseg import synthetic as syn
     folder = syn.make_model_folder(str(tmp_path / "m"), folds=(0,), patch_size=(32, 64, 64), spacing=(1.0, 1.0, 1.0),
                                    features=(32, 64, 128))
     model = load_model_folder(folder, ["0"])
     x = torch.from_numpy(random_patches(model, 2)).cuda()
     plain = TorchEngine(model.build_network("0"), "cuda", "fp16", compile=True, channels_last=True, half_weights=True)
-    folded = TorchEngine(model.build_network("0"), "cuda", "fp16", compile=True, channels_last=True, half_weights=True,
-                         fold_convolutions=True)
-    assert folded.describe()["folded_convolutions"] == 2
-    a, b = plain.infer(x), folded.infer(x)
-    assert (b - a).abs().max() <= 0.05 * a.abs().max(), (b - a).abs().max()  # fp16 sums in another order
-    assert (b.argmax(1) == a.argmax(1)).float().mean() >= 0.999
-
-
-def test_compiled_fast_path_with_merged_upsampling_gives_the_plain_logits(tmp_path):
-    from trtseg import synthetic as syn
-    folder = syn.make_model_folder(str(tmp_path / "m"), folds=(0,), patch_size=(32, 64, 64), spacing=(1.0, 1.0, 1.0),
-                                   features=(32, 64, 128))
-    model = load_model_folder(folder, ["0"])
-    x = torch.from_numpy(random_patches(model, 2)).cuda()
-    plain = TorchEngine(model.build_network("0"), "cuda", "fp16", compile=True, channels_last=True, half_weights=True)
-    merged = TorchEngine(model.build_network("0"), "cuda", "fp16", compile=True, channels_last=True, half_weights=True,
-                         fold_convolutions=True, merge_upsampling=True)
-    assert merged.describe()["merged_upsamplings"] == 2
-    a, b = plain.infer(x), merged.infer(x)
+    rewritten = TorchEngine(model.build_network("0"), "cuda", "fp16", compile=True, channels_last=True,
+                            half_weights=True, **options)
+    assert described.items() <= rewritten.describe().items()
+    a, b = plain.infer(x), rewritten.infer(x)
     assert (b - a).abs().max() <= 0.05 * a.abs().max(), (b - a).abs().max()  # fp16 sums in another order
     assert (b.argmax(1) == a.argmax(1)).float().mean() >= 0.999
 

@@ -1,6 +1,7 @@
 """The decoder's transposed convolutions merged into the convolutions after them (accel/upsample_merge.py) compute
 the same function as nnU-Net's decoder: isotropic and anisotropic strides and kernels, with and without biases,
-both memory layouts, deep supervision, eager and compiled, and through the PyTorch engine and the CLI."""
+both memory layouts, deep supervision, eager and compiled, and through the PyTorch engine (the CLI flag:
+tests/test_conv_fold.py)."""
 import copy
 
 import numpy as np
@@ -117,15 +118,3 @@ def test_engine_with_merged_upsampling_gives_the_same_logits_and_folds_the_skip_
     assert isinstance(stage.skip_conv, WidthFoldedConv3d)  # the full-resolution skip half is a 32->32 convolution
     assert merged.describe()["folded_convolutions"] == 3  # the encoder's, the decoder's second and that skip half
     torch.testing.assert_close(merged.infer(x), plain.infer(x), rtol=1e-4, atol=1e-4)
-
-
-def test_merge_upsampling_flag_reaches_the_engine(tmp_path):
-    from trtseg.cli import _predict_parser, _settings
-    from trtseg.predict import Predictor
-    folder = model_folder(tmp_path)
-    args = _predict_parser().parse_args(["-i", "in", "-o", "out", "-m", folder, "--engine", "torch", "--device", "cpu",
-                                         "--merge-upsampling"])
-    settings = _settings(args)
-    assert settings.merge_upsampling
-    engine = Predictor(load_model_folder(folder, ["0"]), settings).engines[0]
-    assert engine.describe()["merged_upsamplings"] == 1
