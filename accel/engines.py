@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from accel.conv_fold import fold_narrow_convolutions
-from accel import upsample_merge
+from accel import norm_fusion, upsample_merge
 
 
 class Engine(abc.ABC):
@@ -86,6 +86,9 @@ class TorchEngine(Engine):
     merge_upsampling: merge each decoder stage's transposed convolution into the convolution after it
         (``accel.upsample_merge``, nnU-Net v2 networks): the same function with fewer multiply-adds and no
         concatenation
+    fuse_norms: fuse InstanceNorm + LeakyReLU into the full-resolution 32-channel convolutions, the first block and
+        the segmentation head with Triton kernels (``accel.norm_fusion``; CUDA with half_weights and channels_last):
+        the same function with fewer passes over the largest tensors
     static_batch: with compile or CUDA graphs, pad a shorter batch with zero tiles to this size, so that one
         compiled graph serves every batch; without it, each new short batch size (a volume's last batch) compiles
         or captures another graph, some 15 s each under torch.compile
@@ -96,7 +99,7 @@ class TorchEngine(Engine):
     def __init__(self, network: torch.nn.Module, device: torch.device | str = "cpu", precision: str = "fp32",
                  compile: bool | str = False, cuda_graphs: bool = False, channels_last: bool = False,
                  half_weights: bool = False, static_batch: int | None = None, fold_convolutions: bool = False,
-                 merge_upsampling: bool = False):
+                 merge_upsampling: bool = False, fuse_norms: bool = False):
         self.device = torch.device(device)
         if precision not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
@@ -115,6 +118,11 @@ class TorchEngine(Engine):
             network = _fp16_with_fp32_norms(network)
         if channels_last:
             network = network.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+        if fuse_norms and not (self.device.type == "cuda" and half_weights and channels_last):
+            raise ValueError("fuse_norms needs a CUDA device, half_weights and channels_last: its kernels take fp16 "
+                             "channels-last tensors")
+        # last: the fused kernels read the fp16 weights the unfused network would use
+        self.fused_norms = norm_fusion.fuse_norms(network) if fuse_norms else 0
         self.network = network
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed tile shapes: let cuDNN pick the fastest kernels, as nnU-Net does
@@ -182,7 +190,8 @@ class TorchEngine(Engine):
         return {"engine": self.name, "device": str(self.device), "precision": self.precision, "compiled": self.compiled,
                 "compile_mode": self.compile_mode,
                 "cuda_graphs": self.cuda_graphs, "channels_last": self.channels_last, "half_weights": self.half_weights,
-                "folded_convolutions": self.folded_convolutions, "merged_upsamplings": self.merged_upsamplings}
+                "folded_convolutions": self.folded_convolutions, "merged_upsamplings": self.merged_upsamplings,
+                "fused_norms": self.fused_norms}
 
 
 class _Fp32Norm(torch.nn.Module):
@@ -311,14 +320,16 @@ def onnx_for_fold(model, fold: str, cache_url: str, precision: str = "fp32", bat
 def create_engines(model, kind: str = "auto", device: torch.device | str = "cpu", precision: str | None = None,
                    compile: bool | str = False, cache_url: str | None = None, max_batch: int = 4,
                    cuda_graphs: bool = False, channels_last: bool = False, half_weights: bool = False,
-                   fold_convolutions: bool = False, merge_upsampling: bool = False) -> list[Engine]:
+                   fold_convolutions: bool = False, merge_upsampling: bool = False,
+                   fuse_norms: bool = False) -> list[Engine]:
     """One engine per fold of ``model``, of ``kind`` (see ``resolve_engine_kind``), on ``device``.
 
     precision: fp32, fp16 or bf16; None means fp16 on CUDA (nnU-Net's autocast) and fp32 on the CPU
     cache_url: where ONNX graphs and TensorRT engines are kept (default: ``default_cache()``)
     max_batch: the largest tile batch a TensorRT optimization profile covers; compiled PyTorch engines pad shorter
         batches to it (see ``TorchEngine``)
-    channels_last, half_weights, fold_convolutions, merge_upsampling: PyTorch engine options (see ``TorchEngine``)
+    channels_last, half_weights, fold_convolutions, merge_upsampling, fuse_norms: PyTorch engine options (see
+        ``TorchEngine``)
     """
     device = torch.device(device)
     kind = resolve_engine_kind(kind, device)
@@ -329,7 +340,8 @@ def create_engines(model, kind: str = "auto", device: torch.device | str = "cpu"
         if kind == "torch":
             engines.append(TorchEngine(model.build_network(fold), device, precision, compile, cuda_graphs,
                                        channels_last, half_weights, static_batch=max_batch,
-                                       fold_convolutions=fold_convolutions, merge_upsampling=merge_upsampling))
+                                       fold_convolutions=fold_convolutions, merge_upsampling=merge_upsampling,
+                                       fuse_norms=fuse_norms))
         elif kind == "onnxruntime":
             onnx_precision = "fp16" if precision == "fp16" else "fp32"
             engines.append(OnnxRuntimeEngine(onnx_for_fold(model, fold, cache_url, onnx_precision), device,

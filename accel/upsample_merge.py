@@ -182,7 +182,7 @@ class MergedUpsamplingDecoder(torch.nn.Module):
         stages = len(self.decoder.stages)
         for s in range(stages):
             skip, merged = skips[-(s + 2)], self.merged[s]
-            if isinstance(merged, MergedUpsamplingStage) and skip.shape[2:] == tuple(
+            if not isinstance(merged, torch.nn.Identity) and skip.shape[2:] == tuple(
                     n * f for n, f in zip(low.shape[2:], merged.stride)):
                 low = merged(low, skip)
             else:

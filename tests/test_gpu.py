@@ -59,10 +59,13 @@ def test_fp16_weights_keep_norms_fp32_and_track_autocast(small_model):
 
 @pytest.mark.parametrize("options,described", [({"fold_convolutions": True}, {"folded_convolutions": 2}),
                                                 ({"fold_convolutions": True, "merge_upsampling": True},
-                                                 {"merged_upsamplings": 2})], ids=["folded", "folded_and_merged"])
+                                                 {"merged_upsamplings": 2}),
+                                                ({"fold_convolutions": True, "merge_upsampling": True,
+                                                  "fuse_norms": True}, {"fused_norms": 4})],
+                         ids=["folded", "folded_and_merged", "folded_merged_and_fused"])
 def test_compiled_fast_path_with_a_rewritten_network_gives_the_plain_logits(tmp_path, options, described):
-    """--fold-convolutions (accel/conv_fold.py) and --merge-upsampling (accel/upsample_merge.py) under torch.compile
-    in fp16 give the plain network's logits."""
+    """--fold-convolutions (accel/conv_fold.py), --merge-upsampling (accel/upsample_merge.py) and --fuse-norms
+    (accel/norm_fusion.py) under torch.compile in fp16 give the plain network's logits."""
     from trtseg import synthetic as syn
     folder = syn.make_model_folder(str(tmp_path / "m"), folds=(0,), patch_size=(32, 64, 64), spacing=(1.0, 1.0, 1.0),
                                    features=(32, 64, 128))
