@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--fp16-weights", action="store_true")
     ap.add_argument("--fold-convolutions", action="store_true")
     ap.add_argument("--merge-upsampling", action="store_true")
+    ap.add_argument("--fuse-norms", action="store_true")
     ap.add_argument("--compress-level", type=int, default=6, help="gzip level of the written mask (1: igzip, fastest)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mirroring", choices=["off", "on", "both"], default="both")
@@ -73,6 +74,7 @@ def main() -> None:
                             compile=compile_setting(args.compile), cuda_graphs=args.cuda_graphs, use_mirroring=mirror,
                             channels_last=args.channels_last, half_weights=args.fp16_weights,
                             fold_convolutions=args.fold_convolutions, merge_upsampling=args.merge_upsampling,
+                            fuse_norms=args.fuse_norms,
                             compresslevel=args.compress_level)
         pred = Predictor(model, settings)
         t = time.perf_counter()
@@ -89,7 +91,7 @@ def main() -> None:
                               "batch_size": args.batch_size, "compile": args.compile or False, "cuda_graphs": args.cuda_graphs,
                               "channels_last": args.channels_last, "fp16_weights": args.fp16_weights,
                               "fold_convolutions": args.fold_convolutions,
-                              "merge_upsampling": args.merge_upsampling,
+                              "merge_upsampling": args.merge_upsampling, "fuse_norms": args.fuse_norms,
                               "mirroring": mirror, "compress_level": args.compress_level, "gzip": codec.backend()},
                  "warmup_seconds_excluded": round(warm_s, 3), "median_stage_seconds": median_stages(runs),
                  "median_wall_seconds": round(float(np.median(walls)), 3), "repeats": args.repeats,

@@ -93,6 +93,7 @@ def main() -> None:
     ap.add_argument("--fp16-weights", action="store_true")
     ap.add_argument("--fold-convolutions", action="store_true")
     ap.add_argument("--merge-upsampling", action="store_true")
+    ap.add_argument("--fuse-norms", action="store_true")
     ap.add_argument("--compress-level", type=int, default=6)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -112,7 +113,7 @@ def main() -> None:
                                       use_mirroring=args.mirroring, compile=compile_setting(args.compile),
                                       channels_last=args.channels_last, half_weights=args.fp16_weights,
                                       fold_convolutions=args.fold_convolutions,
-                                      merge_upsampling=args.merge_upsampling,
+                                      merge_upsampling=args.merge_upsampling, fuse_norms=args.fuse_norms,
                                       compresslevel=args.compress_level),
                     gpus_per_actor=args.gpus_per_actor, task_gpus=args.task_gpus, tiles_per_task=args.tiles_per_task,
                     max_cases_in_flight=args.max_cases_in_flight, progress=False)

@@ -23,6 +23,7 @@ from trtseg.model import load_model_folder
 
 KINDS = [  # (kind, pattern on the kernel's name), first match wins; Inductor names its Triton kernels after every
     # op they fused (e.g. triton_poi_fused__native_batch_norm_legit__to_copy_clone_convolution_leaky_relu_...)
+    ("fused convolution + normalization (accel/triton_fusion.py)", r"^_(conv3x3x3|stem|norm_act_pointwise)_kernel"),
     ("normalization statistics (Triton reductions)", r"^triton_(red|per)_"),
     ("normalize + LeakyReLU, casts, concatenation (Triton pointwise)", r"^triton_poi_"),
     ("transposed convolution", r"dgrad|convTranspose|ConvTranspose|col2im"),
@@ -79,7 +80,7 @@ def main() -> None:
     torch._inductor.config.freezing = "freeze" in opts
     engine = TorchEngine(model.build_network(), "cuda", precision, compile=comp, channels_last="cl" in opts,
                          half_weights="half" in opts, static_batch=args.batch, fold_convolutions="fold" in opts,
-                         merge_upsampling="merge" in opts)
+                         merge_upsampling="merge" in opts, fuse_norms="fuse" in opts)
     x = torch.randn((args.batch, 1, *model.patch_size), device="cuda")
     per_name = kernel_ms_per_batch(engine, x, args.iters)
     total = sum(ms for ms, _ in per_name.values())

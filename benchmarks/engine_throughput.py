@@ -8,7 +8,8 @@ A configuration is a precision (fp32, fp16, bf16) with options joined by "+": co
 CUDA graphs), half (an fp16 network with fp32 normalization layers instead of autocast), freeze (Inductor's freezing:
 weights folded into the compiled graph as constants), fold (the 32-channel convolutions width-folded,
 accel/conv_fold.py), merge (each decoder stage's transposed convolution merged into the convolution after it,
-accel/upsample_merge.py).
+accel/upsample_merge.py), fuse (InstanceNorm + LeakyReLU fused into the full-resolution 32-channel convolutions,
+the first block and the head with Triton kernels, accel/norm_fusion.py; needs cl and half).
 
 Model: nnU-Net 3d_fullres for CT (PlainConvUNet 32->320, 6 stages, 128^3 patch, 4 labels). FLOPs per patch are
 counted with torch's FlopCounterMode (multiply-add = 2 FLOPs). Inputs are standard-normal patches (the
@@ -81,7 +82,8 @@ def main() -> None:
             torch._inductor.config.freezing = "freeze" in opts
             engine = TorchEngine(model.build_network(), args.device, precision, compile=comp,
                                  channels_last="cl" in opts, half_weights="half" in opts, cuda_graphs="graphs" in opts,
-                                 fold_convolutions="fold" in opts, merge_upsampling="merge" in opts)
+                                 fold_convolutions="fold" in opts, merge_upsampling="merge" in opts,
+                                 fuse_norms="fuse" in opts)
             try:
                 rate, warm = time_engine(engine, b, patch, args.iters, args.repeats, warmup=3)
             except torch.OutOfMemoryError:

@@ -50,7 +50,10 @@ def main() -> None:
                                                                       fold_convolutions=True, **base),
                "fp16_weights_compiled_channels_last_folded_merged": Settings(
                    precision="fp16", compile=True, channels_last=True, half_weights=True, fold_convolutions=True,
-                   merge_upsampling=True, **base)}
+                   merge_upsampling=True, **base),
+               "fp16_weights_compiled_channels_last_folded_merged_fused": Settings(
+                   precision="fp16", compile=True, channels_last=True, half_weights=True, fold_convolutions=True,
+                   merge_upsampling=True, fuse_norms=True, **base)}
     for name, s in configs.items():
         if args.only and name != "fp32" and name not in args.only:
             continue

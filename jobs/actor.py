@@ -81,7 +81,7 @@ class InferenceActor:
                                       settings.compile, settings.engine_cache, max(settings.batch_size, 1),
                                       settings.cuda_graphs and gpu, settings.channels_last and gpu,
                                       settings.half_weights and gpu, settings.fold_convolutions and gpu,
-                                      settings.merge_upsampling)
+                                      settings.merge_upsampling, settings.fuse_norms and gpu)
         # the actor's own CUDA streams, apart from other processes' work: tiles and sums queue on one, exports on
         # the other (a second thread, see finalize)
         self.stream = torch.cuda.Stream(self.device) if gpu else None

@@ -63,6 +63,10 @@ def _add_predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge-upsampling", action="store_true",
                    help="merge each decoder stage's transposed convolution into the convolution after it, the same "
                         "function with fewer multiply-adds (PyTorch engine)")
+    p.add_argument("--fuse-norms", action="store_true",
+                   help="fuse InstanceNorm + LeakyReLU into the full-resolution 32-channel convolutions, the first block "
+                        "and the head with Triton kernels, the same function with fewer passes over the largest "
+                        "tensors (PyTorch CUDA engine; needs --fp16-weights and --channels-last)")
     p.add_argument("--batch-size", type=int, default=2, help="tiles per engine call")
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE.npz/CASE.pkl as nnU-Net does")
     p.add_argument("--storage-options", default=None, help="JSON of fsspec storage options (credentials stay out of reports)")
@@ -106,7 +110,7 @@ def _settings(args):
                     precision=args.precision, compile=compile_setting(args.compile), cuda_graphs=args.cuda_graphs,
                     channels_last=args.channels_last, half_weights=args.fp16_weights,
                     fold_convolutions=args.fold_convolutions, merge_upsampling=args.merge_upsampling,
-                    save_probabilities=args.save_probabilities, memory_budget_gb=args.memory_budget_gb,
+                    fuse_norms=args.fuse_norms, save_probabilities=args.save_probabilities, memory_budget_gb=args.memory_budget_gb,
                     compresslevel=args.compress_level)
 
 

@@ -60,6 +60,7 @@ class Settings:
     half_weights: bool = False
     fold_convolutions: bool = False
     merge_upsampling: bool = False
+    fuse_norms: bool = False
     save_probabilities: bool = False
     compresslevel: int = 6
     memory_budget_gb: float | None = None
@@ -136,7 +137,7 @@ class Predictor:
             engines = create_engines(model, settings.engine, self.device, settings.resolved_precision(),
                                      settings.compile, settings.engine_cache, max(settings.batch_size, 1),
                                      settings.cuda_graphs, settings.channels_last, settings.half_weights,
-                                     settings.fold_convolutions, settings.merge_upsampling)
+                                     settings.fold_convolutions, settings.merge_upsampling, settings.fuse_norms)
         self.engines = engines
         self.gaussian = model_gaussian(model, self.device)
 
