@@ -151,6 +151,9 @@ class FusedConvNormAct(torch.nn.Module):
     """A conv -> InstanceNorm -> LeakyReLU block whose convolution writes the norm's statistics (Triton, folded by
     2 where the width allows). ``block`` is the original, for inputs the kernel does not take."""
 
+    norm_weight: torch.Tensor | None
+    norm_bias: torch.Tensor | None
+
     def __init__(self, block: torch.nn.Module, p: BlockParts):
         super().__init__()
         self.block = block
@@ -269,7 +272,8 @@ def fuse_norms(network: torch.nn.Module, channels: int = 32, stem_channels: int 
         raise RuntimeError("--fuse-norms needs Triton (it ships with CUDA builds of PyTorch)")
     count = 0
     encoder = getattr(network, "encoder", None)
-    stages = [encoder.stem] if getattr(encoder, "stem", None) is not None else []
+    stem = getattr(encoder, "stem", None)  # ResidualEncoderUNet's
+    stages = [stem] if stem is not None else []
     stages += list(getattr(encoder, "stages", []))
     first = True
     for stage in stages:
@@ -285,7 +289,7 @@ def fuse_norms(network: torch.nn.Module, channels: int = 32, stem_channels: int 
                 count += 1
             first = False
     decoder = getattr(network, "decoder", None)
-    merged = getattr(decoder, "merged", None)  # a MergedUpsamplingDecoder
+    merged: Any = getattr(decoder, "merged", None)  # a MergedUpsamplingDecoder's stages
     plain = getattr(decoder, "decoder", decoder)
     if plain is None or not hasattr(plain, "stages"):
         return count

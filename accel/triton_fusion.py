@@ -216,8 +216,8 @@ def conv3x3x3(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, *,
     if slots is not None:
         _check(slots, "conv3x3x3 slots")
         jz, jy, jx = slots.shape[2:]
-    _conv3x3x3_kernel[grid](x, taps, bias if bias is not None else dummy, y, partial[0] if stats else dummy,
-                            partial[1] if stats else dummy, slots if slots is not None else dummy, d, h, w, jz, jy, jx,
+    sums_out, squares_out = (partial[0], partial[1]) if partial is not None else (dummy, dummy)
+    _conv3x3x3_kernel[grid](x, taps, bias if bias is not None else dummy, y, sums_out, squares_out, slots if slots is not None else dummy, d, h, w, jz, jy, jx,
                             *slot_lead, CIN=cin, COUT=cout, FOLD=fold, BLOCK_X=block_x, ROWS=rows,
                             HAS_BIAS=bias is not None, STATS=stats, STAGES=stages, ADD=slots is not None,
                             SZ=slot_stride[0], SY=slot_stride[1], SX=slot_stride[2], num_warps=warps)

@@ -181,7 +181,8 @@ class MergedUpsamplingDecoder(torch.nn.Module):
         low, outputs = skips[-1], []
         stages = len(self.decoder.stages)
         for s in range(stages):
-            skip, merged = skips[-(s + 2)], self.merged[s]
+            skip = skips[-(s + 2)]
+            merged: Any = self.merged[s]  # a MergedUpsamplingStage, a stand-in for one, or Identity
             if not isinstance(merged, torch.nn.Identity) and skip.shape[2:] == tuple(
                     n * f for n, f in zip(low.shape[2:], merged.stride)):
                 low = merged(low, skip)

@@ -5,8 +5,9 @@
 The 3d_fullres 32->320 model (random weights, last layer spread so every label appears) segments one CT-like
 volume with fp32, fp16 autocast, bf16 autocast, fp16 under torch.compile, with channels-last, and an fp16 network
 with fp32 normalization layers (--fp16-weights), that one with its 32-channel convolutions width-folded
-(--fold-convolutions), and that one with its decoder's upsamplings merged (--merge-upsampling); each mask is compared voxel by voxel
-with the fp32 mask (the bar is 99.9 %).
+(--fold-convolutions), that one with its decoder's upsamplings merged (--merge-upsampling), and that one with its
+full-resolution normalizations fused into Triton kernels (--fuse-norms); each mask is compared voxel by voxel with
+the fp32 mask (the bar is 99.9 %).
 """
 from __future__ import annotations
 

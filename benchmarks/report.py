@@ -105,6 +105,26 @@ FILE_COMMANDS = {
                                           "--channels-last --fp16-weights --fold-convolutions --merge-upsampling "
                                           "--compress-level 1 --max-cases-in-flight 8 (a fresh machine instance, "
                                           "Inductor's cache cold)",
+    "h100_engine_throughput_fuse_ab.json": "python -m benchmarks.engine_throughput --batches 4 --configs "
+                                           "fp16+compile+cl+half+fold+merge fp16+compile+cl+half+fold+merge+fuse "
+                                           "fp16+compile+cl+half+fold+merge+fuse+graphs, at aff7035 less two "
+                                           "changes (the stem's tile 64 -> 128 voxels, the head writing "
+                                           "(b, class, z, y, x))",
+    "h100_engine_throughput_fuse.json": "python -m benchmarks.engine_throughput --batches 4 --configs "
+                                        "fp16+compile+cl+half+fold+merge+fuse "
+                                        "fp16+compile+cl+half+fold+merge+fuse+graphs",
+    "h100_engine_profile_fuse.json": "python -m benchmarks.engine_profile --config "
+                                     "fp16+compile+cl+half+fold+merge+fuse, right after "
+                                     "h100_engine_throughput_fuse.json",
+    "h100_engine_throughput_fuse_max.json": "python -m benchmarks.engine_throughput --batches 4 --configs "
+                                            "fp16+max+cl+half+fold+merge+fuse+graphs, right after "
+                                            "h100_engine_profile_fuse.json",
+    "h100_engine_throughput_fuse_max_repeat.json": "python -m benchmarks.engine_throughput --batches 4 --repeats 5 "
+                                                   "--configs fp16+max+cl+half+fold+merge+fuse+graphs, the same "
+                                                   "machine instance 20 minutes later",
+    "h100_precision_masks_fuse.json": "python -m benchmarks.precision_masks --only "
+                                      "fp16_weights_compiled_channels_last_folded_merged "
+                                      "fp16_weights_compiled_channels_last_folded_merged_fused",
     "h100_case_latency_fast_pinned.json": "python -m benchmarks.case_latency --device cuda --compile --channels-last "
                                           "--fp16-weights --compress-level 1, after host<->device copies went through "
                                           "pinned memory (another machine instance than h100_case_latency_fast.json)",
