@@ -4,17 +4,18 @@ nnU-Net's convolution blocks are conv -> InstanceNorm -> LeakyReLU. Unfused, eac
 convolution's output twice (once for the statistics, once to normalize) and writes it once more; at full resolution
 that is three passes over 128 MiB per 128^3 tile. These kernels move those passes into the convolutions:
 
-- ``conv3x3x3``: a 3x3x3, stride-1, padding-1 convolution (implicit GEMM, one tile of output voxels along x by all
-  output channels per program), which can normalize and activate its input as it reads it (the *prologue*: the
-  previous block's InstanceNorm + LeakyReLU given as a per-(sample, channel) scale and shift), and can add each output
-  channel's sum and sum of squares per sample as it writes (the *statistics epilogue*: what the next InstanceNorm
-  needs).
+- ``conv3x3x3``: a 3x3x3, stride-1, padding-1 convolution (implicit GEMM; each program computes rows of output
+  voxels along x by all output channels, width-folded like ``accel.conv_fold``), which adds each output channel's
+  sum and sum of squares per sample as it writes (what the next InstanceNorm needs), and can add a merged
+  upsampling's output (``accel.upsample_merge``) as it writes. Normalizing the input as the convolution reads it (a
+  prologue) was tried and not kept: on the H100 it made the convolution 2.6x slower, as cuDNN's prologue is.
 - ``stem_conv_norm_act``: the first block (1..4 input channels): the convolution is cheap next to its output, so it is
   computed twice, once for the statistics and once to write the normalized, activated output; the raw output is never
   written.
 - ``norm_act_pointwise``: InstanceNorm + LeakyReLU + a 1x1x1 convolution (the segmentation head) in one pass.
 
-Tensors are (b, c, z, y, x) in channels-last-3d memory order, fp16; statistics are fp32, per (sample, channel).
+Tensors are (b, c, z, y, x) in channels-last-3d memory order, fp16 (the head writes its logits contiguous);
+statistics are fp32, per (sample, channel).
 Values: the products of each convolution are summed in another order than cuDNN's, and the statistics are sums and
 sums of squares in fp32 (variance = E[x^2] - mean^2) where PyTorch uses Welford's updates; results equal the unfused
 network's up to fp16 rounding.
