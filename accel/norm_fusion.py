@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from accel import triton_fusion
-from accel.conv_fold import WidthFoldedConv3d
+from accel.conv_fold import WidthFoldedConv3d, foldable
 
 CHANNELS_LAST = torch.channels_last_3d
 
@@ -68,14 +68,14 @@ def _(x, taps, bias, norm_weight, norm_bias, eps, slope):
 
 @torch.library.custom_op("trtseg::norm_act_pointwise", mutates_args=())
 def _head(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,
-          bias: torch.Tensor | None, slope: float) -> torch.Tensor:
-    return triton_fusion.norm_act_pointwise(x, scale, shift, weight, bias, slope)
+          bias: torch.Tensor | None, classes: int, slope: float) -> torch.Tensor:
+    return triton_fusion.norm_act_pointwise(x, scale, shift, weight, bias, classes, slope)
 
 
 @_head.register_fake
-def _(x, scale, shift, weight, bias, slope):
+def _(x, scale, shift, weight, bias, classes, slope):
     b, _, d, h, w = x.shape
-    return torch.empty((b, weight.shape[0], d, h, w), device=x.device, dtype=x.dtype)
+    return torch.empty((b, classes, d, h, w), device=x.device, dtype=x.dtype)
 
 
 # ---- what a block is -----------------------------------------------------------------------------------------------
@@ -88,9 +88,6 @@ class BlockParts:
     def __init__(self, conv: torch.nn.Conv3d, norm: Any, slope: float):
         self.conv, self.norm, self.slope = conv, norm, slope
         self.eps = float(norm.eps)
-
-    def taps(self, fold: int) -> torch.Tensor:
-        return triton_fusion.taps_weight(self.conv.weight, fold)
 
     def conv_bias(self) -> torch.Tensor | None:
         return None if self.conv.bias is None else self.conv.bias.detach().half().clone()
@@ -111,9 +108,7 @@ def parts(block: Any) -> BlockParts | None:
     norm, nonlin = modules
     norm = getattr(norm, "norm", norm)  # an _Fp32Norm wrapper (fp16 weights) holds the norm itself
     conv = block.conv.conv if isinstance(block.conv, WidthFoldedConv3d) else block.conv
-    if not (isinstance(conv, torch.nn.Conv3d) and conv.kernel_size == (3, 3, 3) and conv.stride == (1, 1, 1)
-            and conv.padding == (1, 1, 1) and conv.dilation == (1, 1, 1) and conv.groups == 1
-            and conv.padding_mode == "zeros"):
+    if not foldable(conv):  # the kernels' convolution: 3x3x3, stride 1, zero padding 1, as folding needs
         return None
     if not isinstance(norm, torch.nn.InstanceNorm3d) or norm.track_running_stats:
         return None
@@ -137,8 +132,7 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.is_contiguous(memory_format=CHANNELS_LAST) else x.contiguous(memory_format=CHANNELS_LAST)
 
 
-def _normalize_act(y: torch.Tensor, sums: torch.Tensor, squares: torch.Tensor, p: "FusedConvNormAct"
-                   ) -> torch.Tensor:
+def _normalize_act(y: torch.Tensor, sums: torch.Tensor, squares: torch.Tensor, p: "_FusedBlock") -> torch.Tensor:
     """LeakyReLU(InstanceNorm(y)) from y's sums: plain torch arithmetic, one pointwise kernel under torch.compile."""
     scale, shift = p.scale_shift(sums, squares, y[0, 0].numel())
     v = y.float() * scale[:, :, None, None, None] + shift[:, :, None, None, None]
@@ -147,9 +141,9 @@ def _normalize_act(y: torch.Tensor, sums: torch.Tensor, squares: torch.Tensor, p
 
 # ---- the fused modules ---------------------------------------------------------------------------------------------
 
-class FusedConvNormAct(torch.nn.Module):
-    """A conv -> InstanceNorm -> LeakyReLU block whose convolution writes the norm's statistics (Triton, folded by
-    2 where the width allows). ``block`` is the original, for inputs the kernel does not take."""
+class _FusedBlock(torch.nn.Module):
+    """What every fused block keeps: the original block (for inputs the kernels do not take), the convolution's
+    fp16 bias, the norm's fp32 affine parameters and eps, and the activation's slope."""
 
     norm_weight: torch.Tensor | None
     norm_bias: torch.Tensor | None
@@ -158,8 +152,6 @@ class FusedConvNormAct(torch.nn.Module):
         super().__init__()
         self.block = block
         self.slope, self.eps = p.slope, p.eps
-        self.register_buffer("taps2", p.taps(2), persistent=False)
-        self.register_buffer("taps1", p.taps(1), persistent=False)
         self.register_buffer("bias", p.conv_bias(), persistent=False)
         weight, bias = p.norm_affine()
         self.register_buffer("norm_weight", weight, persistent=False)
@@ -167,6 +159,16 @@ class FusedConvNormAct(torch.nn.Module):
 
     def scale_shift(self, sums: torch.Tensor, squares: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         return triton_fusion.norm_scale_shift(sums, squares, count, self.norm_weight, self.norm_bias, self.eps)
+
+
+class FusedConvNormAct(_FusedBlock):
+    """A conv -> InstanceNorm -> LeakyReLU block whose convolution writes the norm's statistics (Triton, folded by
+    2 where the width allows)."""
+
+    def __init__(self, block: torch.nn.Module, p: BlockParts):
+        super().__init__(block, p)
+        self.register_buffer("taps2", triton_fusion.taps_weight(p.conv.weight, 2), persistent=False)
+        self.register_buffer("taps1", triton_fusion.taps_weight(p.conv.weight, 1), persistent=False)
 
     def conv_stats(self, x: torch.Tensor, slots: torch.Tensor | None = None, slot_stride=(1, 1, 1),
                    slot_lead=(0, 0, 0)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -181,24 +183,18 @@ class FusedConvNormAct(torch.nn.Module):
         return _normalize_act(*self.conv_stats(x), self)
 
 
-class FusedStem(torch.nn.Module):
+class FusedStem(_FusedBlock):
     """The first block (a few input channels): convolution, InstanceNorm and LeakyReLU in two Triton passes."""
 
     def __init__(self, block: torch.nn.Module, p: BlockParts):
-        super().__init__()
-        self.block = block
-        self.slope, self.eps = p.slope, p.eps
-        self.register_buffer("taps", p.taps(1), persistent=False)
-        self.register_buffer("bias", p.conv_bias(), persistent=False)
-        weight, bias = p.norm_affine()
-        self.register_buffer("norm_weight", weight, persistent=False)
-        self.register_buffer("norm_bias", bias, persistent=False)
+        super().__init__(block, p)
+        self.register_buffer("taps", triton_fusion.stem_taps(p.conv.weight), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _fast(x):
             return self.block(x)
-        return torch.ops.trtseg.stem_conv_norm_act(_channels_last(x), self.taps, self.bias, self.norm_weight, self.norm_bias,
-                                                   self.eps, self.slope)
+        return torch.ops.trtseg.stem_conv_norm_act(_channels_last(x), self.taps, self.bias, self.norm_weight,
+                                                   self.norm_bias, self.eps, self.slope)
 
 
 class FusedConvNormActHead(torch.nn.Module):
@@ -209,7 +205,7 @@ class FusedConvNormActHead(torch.nn.Module):
         super().__init__()
         self.fused = FusedConvNormAct(block, p)
         self.head = head
-        self.register_buffer("head_weight", head.weight.detach().half().clone(), persistent=False)
+        self.register_buffer("head_weight", triton_fusion.head_weight(head.weight), persistent=False)
         self.register_buffer("head_bias", None if head.bias is None else head.bias.detach().half().clone(),
                              persistent=False)
 
@@ -219,7 +215,7 @@ class FusedConvNormActHead(torch.nn.Module):
         y, sums, squares = self.fused.conv_stats(x)
         scale, shift = self.fused.scale_shift(sums, squares, y[0, 0].numel())
         return torch.ops.trtseg.norm_act_pointwise(y, scale, shift, self.head_weight, self.head_bias,
-                                                   self.fused.slope)
+                                                   self.head.out_channels, self.fused.slope)
 
 
 class FusedMergedStage(torch.nn.Module):
@@ -236,10 +232,7 @@ class FusedMergedStage(torch.nn.Module):
         stage = self.stage
         if not (_fast(low) and _fast(skip)):
             return stage(low, skip)
-        if stage.bias_channels:
-            ones = stage.ones.to(low.dtype).expand(low.shape[0], -1, *low.shape[2:])
-            low = _channels_last(torch.cat((low, ones), 1))
-        slots = _channels_last(F.conv3d(low, stage.merged_weight, None, padding=stage.padding))
+        slots = _channels_last(stage.merged_slots(low))
         y, sums, squares = self.skip.conv_stats(skip, slots, stage.stride, stage.lead)
         return stage.rest(_normalize_act(y, sums, squares, self.skip))
 

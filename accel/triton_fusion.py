@@ -50,6 +50,22 @@ def interpreted() -> bool:
 
 if triton is not None:
     @triton.jit
+    def _row_tile(D, ROWS: tl.constexpr, BLOCK_X: tl.constexpr):
+        """Program (x tile, y row block, b*D + z) -> (b, z, m, y, x): its ROWS*BLOCK_X positions m, ROWS rows y of
+        BLOCK_X positions x each (coarse positions where the width is folded)."""
+        pid_x, pid_y, pid_bz = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        m = tl.arange(0, ROWS * BLOCK_X)
+        return pid_bz // D, pid_bz % D, m, pid_y * ROWS + m // BLOCK_X, pid_x * BLOCK_X + m % BLOCK_X
+
+    @triton.jit
+    def _store_partial_sums(sum_ptr, sq_ptr, o, cols, NCOL: tl.constexpr):
+        """The program's column sums and sums of squares of o (zero outside the volume), as its own row of
+        partial sums: atomics on b*COUT addresses from every program serialize (+1 ms at full resolution)."""
+        row = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)
+        tl.store(sum_ptr + row * NCOL + cols, tl.sum(o, 0))
+        tl.store(sq_ptr + row * NCOL + cols, tl.sum(o * o, 0))
+
+    @triton.jit
     def _conv3x3x3_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, sum_ptr, sq_ptr, add_ptr, D, H, W, JZ, JY, JX, LZ, LY, LX,
                           CIN: tl.constexpr, COUT: tl.constexpr, FOLD: tl.constexpr, BLOCK_X: tl.constexpr,
                           ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, STATS: tl.constexpr, STAGES: tl.constexpr,
@@ -60,12 +76,7 @@ if triton is not None:
         upsample_merge.slots_to_volume``: (b, SZ*SY*SX*COUT, JZ, JY, JX), fine position s*j + slot - lead)."""
         NCOL: tl.constexpr = FOLD * COUT
         TX: tl.constexpr = FOLD + 2
-        pid_x, pid_y, pid_bz = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        b = pid_bz // D
-        z = pid_bz % D
-        m = tl.arange(0, ROWS * BLOCK_X)
-        yy = pid_y * ROWS + m // BLOCK_X
-        xc = pid_x * BLOCK_X + m % BLOCK_X
+        b, z, m, yy, xc = _row_tile(D, ROWS, BLOCK_X)
         ci = tl.arange(0, CIN)
         n = tl.arange(0, NCOL)
         acc = tl.zeros((ROWS * BLOCK_X, NCOL), dtype=tl.float32)
@@ -94,12 +105,8 @@ if triton is not None:
         out = acc.to(tl.float16)
         voxel = ((b * D + z).to(tl.int64) * H + yy) * W + xc * FOLD
         tl.store(y_ptr + voxel[:, None] * COUT + n[None, :], out, mask=inside[:, None] & (n < NCOL)[None, :])
-        if STATS:  # of the stored (fp16) values, as the next InstanceNorm sees them; one row of partial sums per
-            # program (atomics on b*COUT addresses from every program serialize: +1 ms at full resolution)
-            o = tl.where(inside[:, None], out.to(tl.float32), 0.0)
-            row = (pid_bz * tl.num_programs(1) + pid_y) * tl.num_programs(0) + pid_x
-            tl.store(sum_ptr + row * NCOL + n, tl.sum(o, 0))
-            tl.store(sq_ptr + row * NCOL + n, tl.sum(o * o, 0))
+        if STATS:  # of the stored (fp16) values, as the next InstanceNorm sees them
+            _store_partial_sums(sum_ptr, sq_ptr, tl.where(inside[:, None], out.to(tl.float32), 0.0), n, NCOL)
 
     @triton.jit
     def _stem_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, scale_ptr, shift_ptr, sum_ptr, sq_ptr, D, H, W,
@@ -107,12 +114,7 @@ if triton is not None:
                      ROWS: tl.constexpr, APPLY: tl.constexpr, SLOPE: tl.constexpr, HAS_BIAS: tl.constexpr):
         """The first convolution (CIN*27 <= K taps gathered into one K-wide row per voxel). APPLY=False: add the
         output's per-channel sums and sums of squares; APPLY=True: write the normalized, activated output."""
-        pid_x, pid_y, pid_bz = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        b = pid_bz // D
-        z = pid_bz % D
-        m = tl.arange(0, ROWS * BLOCK_X)
-        yy = pid_y * ROWS + m // BLOCK_X
-        xx = pid_x * BLOCK_X + m % BLOCK_X
+        b, z, m, yy, xx = _row_tile(D, ROWS, BLOCK_X)
         k = tl.arange(0, K)
         tap = k // CIN
         c = k % CIN
@@ -136,10 +138,7 @@ if triton is not None:
             tl.store(y_ptr + here[:, None] * COUT + co[None, :], v.to(tl.float16),
                      mask=inside[:, None] & (co < COUT)[None, :])
         else:
-            o = tl.where(inside[:, None], out, 0.0)
-            row = (pid_bz * tl.num_programs(1) + pid_y) * tl.num_programs(0) + pid_x
-            tl.store(sum_ptr + row * COUT + co, tl.sum(o, 0))
-            tl.store(sq_ptr + row * COUT + co, tl.sum(o * o, 0))
+            _store_partial_sums(sum_ptr, sq_ptr, tl.where(inside[:, None], out, 0.0), co, COUT)
 
     @triton.jit
     def _norm_act_pointwise_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, bias_ptr, y_ptr, voxels,
@@ -152,7 +151,8 @@ if triton is not None:
         ci = tl.arange(0, CIN)
         n = tl.arange(0, NPAD)
         row = b.to(tl.int64) * voxels + v
-        a = tl.load(x_ptr + row[:, None] * CIN + ci[None, :], mask=inside[:, None] & (ci < CIN)[None, :], other=0.0).to(tl.float32)
+        a = tl.load(x_ptr + row[:, None] * CIN + ci[None, :], mask=inside[:, None] & (ci < CIN)[None, :],
+                    other=0.0).to(tl.float32)
         a = a * tl.load(scale_ptr + b * CIN + ci)[None, :] + tl.load(shift_ptr + b * CIN + ci)[None, :]
         a = tl.where(a >= 0, a, a * SLOPE).to(tl.float16)
         w = tl.load(w_ptr + ci[:, None] * NPAD + n[None, :])
@@ -170,12 +170,42 @@ def _check(x: torch.Tensor, name: str) -> None:
                          f"strides {x.stride()}")
 
 
+def _partial_sums(grid: tuple[int, int, int], b: int, cols: int, device: torch.device) -> torch.Tensor:
+    """(2, b, programs per sample, cols) fp32: each program's row of sums and of sums of squares."""
+    return torch.empty((2, b, grid[0] * grid[1] * grid[2] // b, cols), device=device, dtype=torch.float32)
+
+
+def _total(partial: torch.Tensor, fold: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-(sample, channel) sums and sums of squares from ``_partial_sums`` rows whose columns are fold
+    phases of the channels: two tensors, not views of one (a custom op may not return aliases)."""
+    sums, squares = (part.sum(1).view(part.shape[0], fold, -1).sum(1) for part in partial)
+    return sums, squares
+
+
 def taps_weight(weight: torch.Tensor, fold: int = 1) -> torch.Tensor:
     """(COUT, CIN, 3, 3, 3) -> (9*(fold+2)*CIN, fold*COUT) fp16: row tap*CIN + c, tap = (dz*3 + dy)*(fold+2) + dx
     over the fold+2 input positions x = fold*X + dx - 1; column p*COUT + o is output channel o at x = fold*X + p."""
     cout, cin = weight.shape[:2]
     w = fold_weight(weight.detach(), fold) if fold > 1 else weight.detach()  # (fold*COUT, CIN, 3, 3, fold+2)
     return w.permute(2, 3, 4, 1, 0).reshape(9 * (fold + 2) * cin, fold * cout).to(torch.float16).contiguous()
+
+
+def stem_taps(weight: torch.Tensor) -> torch.Tensor:
+    """(COUT, CIN, 3, 3, 3) -> ``taps_weight``'s (27*CIN, COUT) rows, zero-padded to K = max(32, next power of two)
+    rows: the stem kernel gathers each voxel's 27*CIN inputs into one K-wide row."""
+    taps = taps_weight(weight)
+    padded = taps.new_zeros((max(32, triton.next_power_of_2(taps.shape[0])), taps.shape[1]))
+    padded[:taps.shape[0]] = taps
+    return padded
+
+
+def head_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A 1x1x1 convolution's (COUT, CIN, 1, 1, 1) weight -> (CIN, NPAD) fp16, NPAD = max(16, next power of two)
+    columns, zero beyond COUT."""
+    cout, cin = weight.shape[:2]
+    wt = weight.new_zeros((cin, max(16, triton.next_power_of_2(cout))), dtype=torch.float16)
+    wt[:, :cout] = weight.detach().reshape(cout, cin).t()
+    return wt
 
 
 def norm_scale_shift(sums: torch.Tensor, squares: torch.Tensor, count: int, weight: torch.Tensor | None,
@@ -211,64 +241,61 @@ def conv3x3x3(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, *,
     block_x, rows, warps, stages = config or ((64, 2, 4, 4) if fold == 2 else (128, 1, 8, 4))
     y = torch.empty((b, cout, d, h, w), device=x.device, dtype=torch.float16, memory_format=CHANNELS_LAST)
     grid = (triton.cdiv(w // fold, block_x), triton.cdiv(h, rows), b * d)
-    partial = torch.empty((2, b, grid[0] * grid[1] * d, ncol), device=x.device, dtype=torch.float32) if stats else None
+    partial = _partial_sums(grid, b, ncol, x.device) if stats else None
     dummy = taps
     jz = jy = jx = 1
     if slots is not None:
         _check(slots, "conv3x3x3 slots")
         jz, jy, jx = slots.shape[2:]
     sums_out, squares_out = (partial[0], partial[1]) if partial is not None else (dummy, dummy)
-    _conv3x3x3_kernel[grid](x, taps, bias if bias is not None else dummy, y, sums_out, squares_out, slots if slots is not None else dummy, d, h, w, jz, jy, jx,
-                            *slot_lead, CIN=cin, COUT=cout, FOLD=fold, BLOCK_X=block_x, ROWS=rows,
+    _conv3x3x3_kernel[grid](x, taps, bias if bias is not None else dummy, y, sums_out, squares_out,
+                            slots if slots is not None else dummy, d, h, w, jz, jy, jx, *slot_lead, CIN=cin,
+                            COUT=cout, FOLD=fold, BLOCK_X=block_x, ROWS=rows,
                             HAS_BIAS=bias is not None, STATS=stats, STAGES=stages, ADD=slots is not None,
                             SZ=slot_stride[0], SY=slot_stride[1], SX=slot_stride[2], num_warps=warps)
     if partial is None:
         return y, None, None
-    sums, squares = (part.sum(1).view(b, fold, cout).sum(1) for part in partial)  # two tensors, not views of one
-    return y, sums, squares
+    return (y, *_total(partial, fold))
 
 
 def stem_conv_norm_act(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
                        norm_bias: torch.Tensor | None, eps: float, slope: float = 0.01,
                        config: tuple[int, int, int] = (128, 1, 4)) -> torch.Tensor:
     """LeakyReLU(InstanceNorm(conv3x3x3(x) + bias)) for a few input channels; the convolution's output is never
-    written. x: (b, CIN, z, y, x) fp16 channels-last; taps: (27*CIN, COUT) from ``taps_weight``."""
+    written. x: (b, CIN, z, y, x) fp16 channels-last; taps: (K, COUT) from ``stem_taps``."""
     _check(x, "stem input")
     b, cin, d, h, w = x.shape
-    cout = taps.shape[1]
-    k = max(32, triton.next_power_of_2(27 * cin))
-    padded = taps.new_zeros((k, cout))
-    padded[:27 * cin] = taps
+    k, cout = taps.shape
+    if k < 27 * cin:
+        raise ValueError(f"stem: {k} tap rows for {cin} input channels; stem_taps gives 27*CIN or more")
     block_x, rows, warps = config
     grid = (triton.cdiv(w, block_x), triton.cdiv(h, rows), b * d)
-    partial = torch.empty((2, b, grid[0] * grid[1] * d, cout), device=x.device, dtype=torch.float32)
+    partial = _partial_sums(grid, b, cout, x.device)
     y = torch.empty((b, cout, d, h, w), device=x.device, dtype=torch.float16, memory_format=CHANNELS_LAST)
     args = dict(CIN=cin, K=k, COUT=cout, BLOCK_X=block_x, ROWS=rows, SLOPE=slope, HAS_BIAS=bias is not None,
                 num_warps=warps)
-    dummy = padded
-    _stem_kernel[grid](x, padded, bias if bias is not None else dummy, y, dummy, dummy, partial[0], partial[1], d, h,
+    dummy = taps
+    _stem_kernel[grid](x, taps, bias if bias is not None else dummy, y, dummy, dummy, partial[0], partial[1], d, h,
                        w, APPLY=False, **args)
-    sums, squares = partial.sum(2)
-    scale, shift = norm_scale_shift(sums, squares, d * h * w, norm_weight, norm_bias, eps)
-    _stem_kernel[grid](x, padded, bias if bias is not None else dummy, y, scale, shift, dummy, dummy, d, h, w,
+    scale, shift = norm_scale_shift(*_total(partial), d * h * w, norm_weight, norm_bias, eps)
+    _stem_kernel[grid](x, taps, bias if bias is not None else dummy, y, scale, shift, dummy, dummy, d, h, w,
                        APPLY=True, **args)
     return y
 
 
 def norm_act_pointwise(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,
-                       bias: torch.Tensor | None, slope: float = 0.01, block: int = 128, warps: int = 2) -> torch.Tensor:
-    """conv1x1x1(LeakyReLU(x * scale + shift)) + bias. x: (b, CIN, z, y, x) fp16 channels-last; weight (COUT, CIN,
-    1, 1, 1); scale, shift (b, CIN) fp32. Returns (b, COUT, z, y, x) fp16, contiguous (the logits' order)."""
+                       bias: torch.Tensor | None, classes: int, slope: float = 0.01, block: int = 128,
+                       warps: int = 2) -> torch.Tensor:
+    """conv1x1x1(LeakyReLU(x * scale + shift)) + bias, ``classes`` output channels. x: (b, CIN, z, y, x) fp16
+    channels-last; weight: (CIN, NPAD) from ``head_weight``; scale, shift (b, CIN) fp32. Returns (b, classes, z, y,
+    x) fp16, contiguous (the logits' order)."""
     _check(x, "pointwise input")
     b, cin, d, h, w = x.shape
-    cout = weight.shape[0]
-    npad = max(16, triton.next_power_of_2(cout))
-    wt = weight.new_zeros((cin, npad), dtype=torch.float16)
-    wt[:, :cout] = weight.detach().reshape(cout, cin).t()
+    cout, (_, npad) = classes, weight.shape
     y = torch.empty((b, cout, d, h, w), device=x.device, dtype=torch.float16)
     voxels = d * h * w
     grid = (triton.cdiv(voxels, block), b)
-    _norm_act_pointwise_kernel[grid](x, scale, shift, wt, bias if bias is not None else wt, y, voxels, CIN=cin,
+    _norm_act_pointwise_kernel[grid](x, scale, shift, weight, bias if bias is not None else weight, y, voxels, CIN=cin,
                                      COUT=cout, NPAD=npad, SLOPE=slope, HAS_BIAS=bias is not None, BLOCK=block,
                                      num_warps=warps)
     return y

@@ -130,16 +130,20 @@ class MergedUpsamplingStage(torch.nn.Module):
         self.after_conv = torch.nn.Sequential(*list(first.all_modules)[1:])  # dropout, norm, nonlin, in its order
         self.rest = torch.nn.Sequential(*list(stage.convs)[1:])
 
-    def upsampled_part(self, low: torch.Tensor) -> torch.Tensor:
-        """conv_up(T(low)) (b, C_out, s_z*Z, s_y*Y, s_x*X) from low (b, C_low, Z, Y, X)."""
+    def merged_slots(self, low: torch.Tensor) -> torch.Tensor:
+        """The merged convolution's output (b, s_z*s_y*s_x*C_out, J_z, J_y, J_x), in slot order, from low
+        (b, C_low, Z, Y, X)."""
         if self.bias_channels:
             ones = self.ones.to(low.dtype).expand(low.shape[0], -1, *low.shape[2:])
             low = torch.cat((low, ones), 1)
             if self.merged_weight.stride(1) == 1:  # channels-last weights: keep the input channels-last too
                 low = low.contiguous(memory_format=CHANNELS_LAST)
-        merged = F.conv3d(low, self.merged_weight, None, padding=self.padding)
+        return F.conv3d(low, self.merged_weight, None, padding=self.padding)
+
+    def upsampled_part(self, low: torch.Tensor) -> torch.Tensor:
+        """conv_up(T(low)) (b, C_out, s_z*Z, s_y*Y, s_x*X) from low (b, C_low, Z, Y, X)."""
         fine = tuple(s * n for s, n in zip(self.stride, low.shape[2:]))
-        return slots_to_volume(merged, self.stride, self.lead, fine)  # type: ignore[arg-type]
+        return slots_to_volume(self.merged_slots(low), self.stride, self.lead, fine)  # type: ignore[arg-type]
 
     def forward(self, low: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         y = self.upsampled_part(low) + self.skip_conv(skip)

@@ -59,7 +59,7 @@ def test_stem_normalizes_and_activates_without_writing_the_convolution(channels)
     w = _half_cl((32, channels, 3, 3, 3), 0.3, seed=1)
     bias = _half_cl((32,), seed=2)
     gamma, beta = torch.rand(32, device=DEVICE) + 0.5, torch.randn(32, device=DEVICE)
-    y = triton_fusion.stem_conv_norm_act(x, triton_fusion.taps_weight(w), bias, gamma, beta, 1e-5, 0.01,
+    y = triton_fusion.stem_conv_norm_act(x, triton_fusion.stem_taps(w), bias, gamma, beta, 1e-5, 0.01,
                                          config=(8, 2, 4))
     conv = F.conv3d(x.float(), w.float(), bias.float(), padding=1).half().float()
     ref = F.leaky_relu(F.instance_norm(conv, weight=gamma, bias=beta, eps=1e-5), 0.01)
@@ -70,7 +70,7 @@ def test_head_normalizes_activates_and_applies_the_1x1_convolution_in_one_pass()
     x = _half_cl((2, 32, 3, 5, 7))
     scale, shift = torch.rand(2, 32, device=DEVICE) + 0.5, torch.randn(2, 32, device=DEVICE)
     w, bias = _half_cl((3, 32, 1, 1, 1), seed=1), _half_cl((3,), seed=2)
-    y = triton_fusion.norm_act_pointwise(x, scale, shift, w, bias, 0.01, block=32)
+    y = triton_fusion.norm_act_pointwise(x, scale, shift, triton_fusion.head_weight(w), bias, 3, 0.01, block=32)
     act = F.leaky_relu(x.float() * scale[:, :, None, None, None] + shift[:, :, None, None, None], 0.01)
     ref = F.conv3d(act.half().float(), w.float(), bias.float())
     assert y.shape == (2, 3, 3, 5, 7) and y.is_contiguous()  # logits in (b, class, z, y, x) order
