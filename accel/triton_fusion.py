@@ -68,28 +68,35 @@ if triton is not None:
     @triton.jit
     def _conv3x3x3_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, sum_ptr, sq_ptr, add_ptr, D, H, W, JZ, JY, JX, LZ, LY, LX,
                           CIN: tl.constexpr, COUT: tl.constexpr, FOLD: tl.constexpr, BLOCK_X: tl.constexpr,
-                          ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, STATS: tl.constexpr, STAGES: tl.constexpr,
-                          ADD: tl.constexpr, SZ: tl.constexpr, SY: tl.constexpr, SX: tl.constexpr):
+                          ROWS: tl.constexpr, KX: tl.constexpr, HAS_BIAS: tl.constexpr, STATS: tl.constexpr,
+                          STAGES: tl.constexpr, ADD: tl.constexpr, SZ: tl.constexpr, SY: tl.constexpr,
+                          SX: tl.constexpr):
         """Program (x tile, y row block, b*D + z): ROWS rows of BLOCK_X coarse positions X, each FOLD fine voxels
         x = FOLD*X + p; output column p*COUT + c is channel c of voxel x (``accel.conv_fold``'s width folding: FOLD+2
-        taps along x, wider matrix tiles). ADD: adds a merged upsampling's output in slot order (``accel.
-        upsample_merge.slots_to_volume``: (b, SZ*SY*SX*COUT, JZ, JY, JX), fine position s*j + slot - lead)."""
+        taps along x, wider matrix tiles). KX (a divisor of FOLD+2) taps along x go into one matrix product of
+        depth KX*CIN: in channels-last order their inputs are KX*CIN contiguous values, so the tile is one run of
+        memory per row and each (z, y) tap takes (FOLD+2)/KX products instead of FOLD+2 of depth CIN. ADD: adds a
+        merged upsampling's output in slot order (``accel.upsample_merge.slots_to_volume``: (b, SZ*SY*SX*COUT, JZ,
+        JY, JX), fine position s*j + slot - lead)."""
         NCOL: tl.constexpr = FOLD * COUT
         TX: tl.constexpr = FOLD + 2
+        STEPS_X: tl.constexpr = TX // KX
         b, z, m, yy, xc = _row_tile(D, ROWS, BLOCK_X)
-        ci = tl.arange(0, CIN)
+        k = tl.arange(0, KX * CIN)  # depth index: x tap (within this step) k // CIN, input channel k % CIN
         n = tl.arange(0, NCOL)
         acc = tl.zeros((ROWS * BLOCK_X, NCOL), dtype=tl.float32)
         zz = z + m * 0  # a vector: Triton's interpreter cannot mask with a scalar condition
-        for t in tl.range(0, 9 * TX, num_stages=STAGES):
-            zi = zz + t // (3 * TX) - 1
-            yi = yy + (t // TX) % 3 - 1
-            xi = xc * FOLD + t % TX - 1
-            valid = (zi >= 0) & (zi < D) & (yi >= 0) & (yi < H) & (xi >= 0) & (xi < W)
-            voxel = ((b * D + zi).to(tl.int64) * H + yi) * W + xi
-            a = tl.load(x_ptr + voxel[:, None] * CIN + ci[None, :], mask=valid[:, None] & (ci < CIN)[None, :],
-                        other=0.0)
-            w = tl.load(w_ptr + t * CIN * NCOL + ci[:, None] * NCOL + n[None, :])
+        for t in tl.range(0, 9 * STEPS_X, num_stages=STAGES):
+            zi = zz + t // (3 * STEPS_X) - 1
+            yi = yy + (t // STEPS_X) % 3 - 1
+            x0 = xc * FOLD + (t % STEPS_X) * KX - 1  # the step's first input position along x
+            row_ok = (zi >= 0) & (zi < D) & (yi >= 0) & (yi < H)
+            xi = x0[:, None] + (k // CIN)[None, :]
+            valid = row_ok[:, None] & (xi >= 0) & (xi < W)
+            first = ((b * D + zi).to(tl.int64) * H + yi) * W + x0
+            a = tl.load(x_ptr + first[:, None] * CIN + k[None, :], mask=valid, other=0.0)
+            # taps_weight's rows tap*CIN + c, tap = (dz*3 + dy)*TX + dx: this step's KX*CIN rows are contiguous
+            w = tl.load(w_ptr + t * (KX * CIN * NCOL) + k[:, None] * NCOL + n[None, :])
             acc = tl.dot(a, w, acc)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + n % COUT)[None, :].to(tl.float32)
@@ -223,22 +230,45 @@ def norm_scale_shift(sums: torch.Tensor, squares: torch.Tensor, count: int, weig
     return scale.contiguous(), shift.contiguous()
 
 
+# conv3x3x3's launch configuration by fold: (BLOCK_X coarse positions, ROWS, num_warps, pipeline stages, KX x taps
+# per matrix product); the fastest found for 32->32 at 128^3 (``python -m benchmarks.fused_conv``)
+CONV_CONFIGS: dict[int, tuple[int, int, int, int, int]] = {2: (64, 2, 4, 4, 1), 1: (128, 1, 8, 4, 1)}
+
+
+def _depth_ok(kx: int, fold: int, cin: int) -> bool:
+    """Whether KX taps a product fit: KX divides the fold+2 taps along x and KX*CIN is a power of two (Triton's
+    tile sizes)."""
+    depth = kx * cin
+    return kx >= 1 and (fold + 2) % kx == 0 and depth & (depth - 1) == 0
+
+
+def conv_config(fold: int, cin: int) -> tuple[int, int, int, int, int]:
+    """``CONV_CONFIGS[fold]``, with KX lowered to the largest that fits CIN (1 always does, for power-of-two CIN)."""
+    block_x, rows, warps, stages, kx = CONV_CONFIGS.get(fold, CONV_CONFIGS[1])
+    while kx > 1 and not _depth_ok(kx, fold, cin):
+        kx -= 1
+    return block_x, rows, warps, stages, kx
+
+
 def conv3x3x3(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, *, fold: int = 1, stats: bool = False,
               slots: torch.Tensor | None = None, slot_stride: tuple[int, int, int] = (1, 1, 1),
               slot_lead: tuple[int, int, int] = (0, 0, 0),
-              config: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, Any, Any]:
+              config: tuple[int, int, int, int, int] | None = None) -> tuple[torch.Tensor, Any, Any]:
     """y = conv3x3x3(x) + bias (stride 1, zero padding 1) [+ ``slots_to_volume(slots, slot_stride, slot_lead)``],
     and with ``stats`` y's per-(sample, channel) fp32 sums and sums of squares. x: (b, CIN, z, y, x) fp16
     channels-last, its width divisible by ``fold``; taps from ``taps_weight(weight, fold)``; slots: fp16
-    channels-last. config: (BLOCK_X coarse positions, ROWS, num_warps, pipeline stages); by default the fastest
-    found on the H100 for 32->32 at 128^3. Returns (y, sums or None, squares or None)."""
+    channels-last. config: (BLOCK_X coarse positions, ROWS, num_warps, pipeline stages, KX x taps per matrix
+    product); by default ``conv_config(fold, CIN)``. Returns (y, sums or None, squares or None)."""
     _check(x, "conv3x3x3 input")
     b, cin, d, h, w = x.shape
     if w % fold:
         raise ValueError(f"conv3x3x3: width {w} is not divisible by fold {fold}")
     ncol = taps.shape[1]
     cout = ncol // fold
-    block_x, rows, warps, stages = config or ((64, 2, 4, 4) if fold == 2 else (128, 1, 8, 4))
+    block_x, rows, warps, stages, kx = config or conv_config(fold, cin)
+    if not _depth_ok(kx, fold, cin):
+        raise ValueError(f"conv3x3x3: KX={kx} taps a product do not fit fold {fold} and {cin} input channels "
+                         f"(KX must divide {fold + 2} and KX*CIN be a power of two)")
     y = torch.empty((b, cout, d, h, w), device=x.device, dtype=torch.float16, memory_format=CHANNELS_LAST)
     grid = (triton.cdiv(w // fold, block_x), triton.cdiv(h, rows), b * d)
     partial = _partial_sums(grid, b, ncol, x.device) if stats else None
@@ -250,7 +280,7 @@ def conv3x3x3(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, *,
     sums_out, squares_out = (partial[0], partial[1]) if partial is not None else (dummy, dummy)
     _conv3x3x3_kernel[grid](x, taps, bias if bias is not None else dummy, y, sums_out, squares_out,
                             slots if slots is not None else dummy, d, h, w, jz, jy, jx, *slot_lead, CIN=cin,
-                            COUT=cout, FOLD=fold, BLOCK_X=block_x, ROWS=rows,
+                            COUT=cout, FOLD=fold, BLOCK_X=block_x, ROWS=rows, KX=kx,
                             HAS_BIAS=bias is not None, STATS=stats, STAGES=stages, ADD=slots is not None,
                             SZ=slot_stride[0], SY=slot_stride[1], SX=slot_stride[2], num_warps=warps)
     if partial is None:

@@ -25,13 +25,17 @@ def _half_cl(shape, scale=1.0, seed=0):
     return x.contiguous(memory_format=CL) if x.dim() == 5 else x
 
 
-@pytest.mark.parametrize("fold,shape", [(1, (2, 16, 5, 6, 7)), (2, (2, 16, 5, 6, 8))], ids=["odd_width", "folded"])
-def test_convolution_writes_its_output_and_the_norms_sums(fold, shape):
+@pytest.mark.parametrize("fold,shape,kx", [(1, (2, 16, 5, 6, 7), 1), (2, (2, 16, 5, 6, 8), 1),
+                                           (2, (2, 16, 5, 6, 8), 2), (2, (2, 16, 5, 6, 8), 4)],
+                         ids=["odd_width", "folded", "folded_2_taps_a_product", "folded_4_taps_a_product"])
+def test_convolution_writes_its_output_and_the_norms_sums(fold, shape, kx):
+    """KX x taps a matrix product read KX*CIN contiguous inputs a row: the volume's first and last x positions
+    fall inside a row's run and must read as zero padding."""
     x = _half_cl(shape)
     w = _half_cl((32, 16, 3, 3, 3), 0.1, seed=1)
     bias = _half_cl((32,), seed=2)
     y, sums, squares = triton_fusion.conv3x3x3(x, triton_fusion.taps_weight(w, fold), bias, fold=fold, stats=True,
-                                               config=(4, 2, 4, 1))
+                                               config=(4, 2, 4, 1, kx))
     ref = F.conv3d(x.float(), w.float(), bias.float(), padding=1)
     assert y.dtype == torch.float16 and y.is_contiguous(memory_format=CL)
     torch.testing.assert_close(y.float(), ref, atol=5e-3 * ref.abs().max().item(), rtol=0)
@@ -39,18 +43,27 @@ def test_convolution_writes_its_output_and_the_norms_sums(fold, shape):
     torch.testing.assert_close(squares, (y.float() ** 2).sum((2, 3, 4)), rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("fold", [1, 2])
-def test_convolution_adds_a_merged_upsamplings_slots(fold):
+@pytest.mark.parametrize("fold,kx", [(1, 1), (2, 4)])
+def test_convolution_adds_a_merged_upsamplings_slots(fold, kx):
     """The skip half of a merged decoder stage adds the upsampled half, given in slot order (accel/upsample_merge)."""
     x = _half_cl((2, 16, 5, 6, 8))
     w = _half_cl((16, 16, 3, 3, 3), 0.1, seed=1)
     slots = _half_cl((2, 8 * 16, 4, 4, 5), seed=3)  # stride 2 per axis, lead 1: coarse size fine // 2 + 1
     y, sums, _ = triton_fusion.conv3x3x3(x, triton_fusion.taps_weight(w, fold), None, fold=fold, stats=True,
-                                         slots=slots, slot_stride=(2, 2, 2), slot_lead=(1, 1, 1), config=(4, 2, 4, 1))
+                                         slots=slots, slot_stride=(2, 2, 2), slot_lead=(1, 1, 1),
+                                         config=(4, 2, 4, 1, kx))
     ref = F.conv3d(x.float(), w.float(), padding=1) + upsample_merge.slots_to_volume(slots.float(), (2, 2, 2),
                                                                                       (1, 1, 1), (5, 6, 8))
     torch.testing.assert_close(y.float(), ref, atol=5e-3 * ref.abs().max().item(), rtol=0)
     torch.testing.assert_close(sums, y.float().sum((2, 3, 4)), rtol=1e-4, atol=1e-3)
+
+
+def test_convolution_refuses_taps_a_product_that_do_not_fit():
+    x = _half_cl((1, 16, 3, 4, 6))
+    taps = triton_fusion.taps_weight(_half_cl((16, 16, 3, 3, 3), seed=1), 1)
+    with pytest.raises(ValueError, match="KX=3 taps a product do not fit fold 1 and 16 input channels"):
+        triton_fusion.conv3x3x3(x, taps, None, fold=1, config=(4, 2, 4, 1, 3))
+    assert triton_fusion.conv_config(1, 16)[4] == 1  # the default lowers KX to what fits
 
 
 @pytest.mark.parametrize("channels", [1, 2])
