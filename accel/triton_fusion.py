@@ -231,8 +231,29 @@ def norm_scale_shift(sums: torch.Tensor, squares: torch.Tensor, count: int, weig
 
 
 # conv3x3x3's launch configuration by fold: (BLOCK_X coarse positions, ROWS, num_warps, pipeline stages, KX x taps
-# per matrix product); the fastest found for 32->32 at 128^3 (``python -m benchmarks.fused_conv``)
+# per matrix product); the fastest found for 32->32 at 128^3 (``python -m benchmarks.fused_conv``). Another GPU may
+# want other tiles: TRTSEG_CONV_CONFIGS="2:64,2,4,4,4;1:128,1,8,4,1" replaces entries (what benchmarks.fused_conv
+# prints as the fastest on the GPU it ran on).
 CONV_CONFIGS: dict[int, tuple[int, int, int, int, int]] = {2: (64, 2, 4, 4, 1), 1: (128, 1, 8, 4, 1)}
+
+
+def parse_conv_configs(text: str) -> dict[int, tuple[int, int, int, int, int]]:
+    """"FOLD:BLOCK_X,ROWS,WARPS,STAGES,KX;..." -> {fold: config}; a malformed entry is refused with the reason."""
+    table: dict[int, tuple[int, int, int, int, int]] = {}
+    for entry in filter(None, (e.strip() for e in text.split(";"))):
+        try:
+            fold_text, values = entry.split(":")
+            fold, config = int(fold_text), tuple(int(v) for v in values.split(","))
+            if len(config) != 5 or min(config) < 1:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"TRTSEG_CONV_CONFIGS: entry {entry!r} is not FOLD:BLOCK_X,ROWS,WARPS,STAGES,KX "
+                             f"(positive integers)") from None
+        table[fold] = config  # type: ignore[assignment]
+    return table
+
+
+CONV_CONFIGS.update(parse_conv_configs(os.environ.get("TRTSEG_CONV_CONFIGS", "")))
 
 
 def _depth_ok(kx: int, fold: int, cin: int) -> bool:

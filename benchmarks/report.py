@@ -21,6 +21,7 @@ COMMANDS = {
     "engine_profile": "python -m benchmarks.engine_profile",
     "gzip_read": "python -m benchmarks.gzip_read",
     "conv_alternatives": "python -m benchmarks.conv_alternatives",
+    "fused_conv": "python -m benchmarks.fused_conv",
 }
 
 # result files written by a command other than their scenario's plain one (the exact command, run on the H100 with
@@ -194,6 +195,16 @@ def rows(r: dict) -> list[str]:
         out += [f"width-folded {k}: {v}" for k, v in fold.get("layers", {}).items()]
         out += [f"network kernels per batch, {k}: {v['total']} ms, by kind {v['by_kind']}"
                 for k, v in fold.get("network_kernel_ms_per_batch", {}).items()]
+        return out
+    if s == "fused_conv":
+        out = []
+        for sw in r["sweeps"]:
+            best = sw["best"][0] if sw["best"] else {}
+            out.append(f"{sw['name']}, {sw['shape']}: fastest {best.get('config')} {best.get('ms')} ms "
+                       f"({best.get('tflop_per_s')} TFLOP/s) of {len(sw['all'])} configurations; cuDNN without "
+                       f"statistics {sw['cudnn_ms_without_stats']} ms")
+        out += [f"engine {r.get('engine_config')}, {e['label']} {e['conv_configs']}: {e['patches_per_s']} patches/s"
+                for e in r.get("engine", [])]
         return out
     return [json.dumps(r)[:300]]
 

@@ -66,6 +66,14 @@ def test_convolution_refuses_taps_a_product_that_do_not_fit():
     assert triton_fusion.conv_config(1, 16)[4] == 1  # the default lowers KX to what fits
 
 
+def test_conv_configs_from_the_environment_syntax():
+    assert triton_fusion.parse_conv_configs("2:64,2,4,3,4; 1:128,1,8,4,1;") == {2: (64, 2, 4, 3, 4),
+                                                                                1: (128, 1, 8, 4, 1)}
+    for bad in ("2:64,2,4,3", "2=64,2,4,3,4", "2:64,2,4,0,4", "x:1,1,1,1,1"):
+        with pytest.raises(ValueError, match="is not FOLD:BLOCK_X,ROWS,WARPS,STAGES,KX"):
+            triton_fusion.parse_conv_configs(bad)
+
+
 @pytest.mark.parametrize("channels", [1, 2])
 def test_stem_normalizes_and_activates_without_writing_the_convolution(channels):
     x = _half_cl((2, channels, 5, 6, 9))
