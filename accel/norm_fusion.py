@@ -1,4 +1,4 @@
-"""InstanceNorm fused into the full-resolution convolutions of an fp16 nnU-Net network on CUDA (``--fuse-norms``).
+"""InstanceNorm fused into the first two resolutions' convolutions of an fp16 nnU-Net network on CUDA (``--fuse-norms``).
 
 nnU-Net's blocks are conv -> InstanceNorm -> LeakyReLU. At full resolution each unfused block's normalization reads
 the convolution's output for its statistics, reads it again to normalize and writes the result: three passes over
@@ -7,10 +7,10 @@ This rewrite replaces, in place, the blocks where that pays with Triton kernels 
 
 - the first block (1..4 input channels): ``FusedStem``; the convolution is computed twice, once for the statistics
   and once to write the normalized output, and its raw output is never written;
-- each 3x3x3 ``channels`` -> ``channels`` block (32 -> 32 for nnU-Net's defaults): ``FusedConvNormAct``; the
-  convolution (width-folded by 2, as ``accel.conv_fold`` does) adds each channel's sum and sum of squares as it
-  writes, so the statistics pass is gone;
-- the skip half of a merged full-resolution decoder stage (``accel.upsample_merge``): the same kernel also adds
+- each 3x3x3 ``channels`` -> ``channels`` block (32 -> 32 and 64 -> 64, nnU-Net's first two resolutions, by
+  default): ``FusedConvNormAct``; the convolution (width-folded by 2, as ``accel.conv_fold`` does) adds each
+  channel's sum and sum of squares as it writes, so the statistics pass is gone;
+- the skip half of a merged decoder stage at those widths (``accel.upsample_merge``): the same kernel also adds
   the merged upsampling's output as it writes (``FusedMergedStage``): the statistics pass and the second read of the
   sum are gone;
 - the last block and the segmentation head: ``FusedConvNormActHead`` normalizes, activates and applies the 1x1x1
@@ -249,18 +249,31 @@ def _stage_blocks(stage: Any) -> Any:
     return None
 
 
+def _square(conv: torch.nn.Conv3d, channels: tuple[int, ...]) -> bool:
+    """A ``width`` -> ``width`` convolution with ``width`` in ``channels``."""
+    return conv.in_channels == conv.out_channels and conv.in_channels in channels
+
+
 def _tensor_core_width(n: int) -> bool:
     """Triton's tensor-core tiles: a power of two, 16 or more (nnU-Net's 32 is)."""
     return n >= 16 and n & (n - 1) == 0
 
 
-def fuse_norms(network: torch.nn.Module, channels: int = 32, stem_channels: int = 4) -> int:
+# the widths whose channels -> channels blocks are fused: nnU-Net's first two resolutions. At 64 channels the Triton
+# kernel with its statistics (0.62 ms at 64^3, batch 4) is as fast as cuDNN's convolution without them (0.65 ms) on
+# the H200 (benchmarks.fused_conv); at 128 and more, cuDNN's tiles win and the volumes are small
+FUSED_WIDTHS = (32, 64)
+
+
+def fuse_norms(network: torch.nn.Module, channels: tuple[int, ...] | None = None, stem_channels: int = 4) -> int:
     """Replaces, in place, the blocks of an nnU-Net v2 network (dynamic-network-architectures ``PlainConvUNet``
     encoder stages or a ``ResidualEncoderUNet``'s stem; a plain or merged ``UNetDecoder``) that the fused kernels
-    serve; returns how many were replaced (0: left as it was). Apply it to the fp16, channels-last network (after
+    serve; returns how many were replaced (0: left as it was). channels: the widths of the fused channels ->
+    channels blocks (default ``FUSED_WIDTHS``). Apply it to the fp16, channels-last network (after
     ``merge_upsampling`` and ``fold_narrow_convolutions``): the kernels read its fp16 weights. Needs Triton."""
-    if not _tensor_core_width(channels):
-        raise ValueError(f"fuse_norms: channels must be a power of two, 16 or more, got {channels}")
+    channels = FUSED_WIDTHS if channels is None else tuple(channels)
+    if not all(_tensor_core_width(c) for c in channels):
+        raise ValueError(f"fuse_norms: channels must be powers of two, 16 or more, got {channels}")
     if not triton_fusion.available():
         raise RuntimeError("--fuse-norms needs Triton (it ships with CUDA builds of PyTorch)")
     count = 0
@@ -277,7 +290,7 @@ def fuse_norms(network: torch.nn.Module, channels: int = 32, stem_channels: int 
             if p is not None and first and cin <= stem_channels and _tensor_core_width(cout):
                 blocks[i] = FusedStem(block, p)
                 count += 1
-            elif p is not None and cin == cout == channels:
+            elif p is not None and _square(p.conv, channels):
                 blocks[i] = FusedConvNormAct(block, p)
                 count += 1
             first = False
@@ -290,7 +303,7 @@ def fuse_norms(network: torch.nn.Module, channels: int = 32, stem_channels: int 
         merged_stage = merged[s] if merged is not None else None
         if merged_stage is not None and hasattr(merged_stage, "skip_conv"):
             sp = parts(_FakeBlock(merged_stage.skip_conv, merged_stage.after_conv))
-            if sp is not None and sp.conv.in_channels == sp.conv.out_channels == channels:
+            if sp is not None and _square(sp.conv, channels):
                 merged[s] = FusedMergedStage(merged_stage, sp)
                 count += 1
             blocks = merged_stage.rest
@@ -299,7 +312,7 @@ def fuse_norms(network: torch.nn.Module, channels: int = 32, stem_channels: int 
         last_stage = s == len(plain.stages) - 1
         for i, block in enumerate(blocks if blocks is not None else []):
             p = parts(block)
-            if p is None or not p.conv.in_channels == p.conv.out_channels == channels:
+            if p is None or not _square(p.conv, channels):
                 continue
             head = plain.seg_layers[-1]
             if (last_stage and i == len(blocks) - 1 and not plain.deep_supervision

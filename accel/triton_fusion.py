@@ -23,6 +23,7 @@ network's up to fp16 rounding.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import torch
@@ -230,26 +231,31 @@ def norm_scale_shift(sums: torch.Tensor, squares: torch.Tensor, count: int, weig
     return scale.contiguous(), shift.contiguous()
 
 
-# conv3x3x3's launch configuration by fold: (BLOCK_X coarse positions, ROWS, num_warps, pipeline stages, KX x taps
-# per matrix product); the fastest found for 32->32 at 128^3 (``python -m benchmarks.fused_conv``). Another GPU may
-# want other tiles: TRTSEG_CONV_CONFIGS="2:64,2,4,4,4;1:128,1,8,4,1" replaces entries (what benchmarks.fused_conv
-# prints as the fastest on the GPU it ran on).
-CONV_CONFIGS: dict[int, tuple[int, int, int, int, int]] = {2: (64, 2, 4, 4, 1), 1: (128, 1, 8, 4, 1)}
+# conv3x3x3's launch configurations: (BLOCK_X coarse positions, ROWS, num_warps, pipeline stages, KX x taps per
+# matrix product), keyed "FOLD", "FOLD/CIN" or "FOLD/CIN+slots" (adding a merged upsampling's slots); the most
+# specific key present wins. Each entry is the fastest that ``python -m benchmarks.fused_conv`` found on the H200
+# for the engine's shapes at batch 4: 32->32 at 128^3 (fold 2, coarse width 64), the same adding slots, 64->64 at
+# 64^3 (coarse width 32: 32-wide rows, so that no program holds a half-masked tile). Another GPU may want other
+# tiles: TRTSEG_CONV_CONFIGS="2/32:64,2,4,4,1;2/64:32,4,4,3,1" replaces or adds entries (the sweep prints its fastest).
+CONV_CONFIGS: dict[str, tuple[int, int, int, int, int]] = {
+    "2": (64, 2, 4, 4, 1), "2/32+slots": (32, 4, 4, 3, 2), "2/64": (32, 4, 4, 3, 1), "1": (128, 1, 8, 4, 1)}
+_KEY = re.compile(r"^[0-9]+(/[0-9]+)?(\+slots)?$")
 
 
-def parse_conv_configs(text: str) -> dict[int, tuple[int, int, int, int, int]]:
-    """"FOLD:BLOCK_X,ROWS,WARPS,STAGES,KX;..." -> {fold: config}; a malformed entry is refused with the reason."""
-    table: dict[int, tuple[int, int, int, int, int]] = {}
+def parse_conv_configs(text: str) -> dict[str, tuple[int, int, int, int, int]]:
+    """"KEY:BLOCK_X,ROWS,WARPS,STAGES,KX;..." (KEY as in ``CONV_CONFIGS``) -> {key: config}; a malformed entry is
+    refused with the reason."""
+    table: dict[str, tuple[int, int, int, int, int]] = {}
     for entry in filter(None, (e.strip() for e in text.split(";"))):
         try:
-            fold_text, values = entry.split(":")
-            fold, config = int(fold_text), tuple(int(v) for v in values.split(","))
-            if len(config) != 5 or min(config) < 1:
+            key, values = (part.strip() for part in entry.split(":"))
+            config = tuple(int(v) for v in values.split(","))
+            if not _KEY.match(key) or len(config) != 5 or min(config) < 1:
                 raise ValueError
         except ValueError:
-            raise ValueError(f"TRTSEG_CONV_CONFIGS: entry {entry!r} is not FOLD:BLOCK_X,ROWS,WARPS,STAGES,KX "
-                             f"(positive integers)") from None
-        table[fold] = config  # type: ignore[assignment]
+            raise ValueError(f"TRTSEG_CONV_CONFIGS: entry {entry!r} is not FOLD[/CIN][+slots]:BLOCK_X,ROWS,WARPS,"
+                             f"STAGES,KX (positive integers)") from None
+        table[key] = config  # type: ignore[assignment]
     return table
 
 
@@ -263,9 +269,11 @@ def _depth_ok(kx: int, fold: int, cin: int) -> bool:
     return kx >= 1 and (fold + 2) % kx == 0 and depth & (depth - 1) == 0
 
 
-def conv_config(fold: int, cin: int) -> tuple[int, int, int, int, int]:
-    """``CONV_CONFIGS[fold]``, with KX lowered to the largest that fits CIN (1 always does, for power-of-two CIN)."""
-    block_x, rows, warps, stages, kx = CONV_CONFIGS.get(fold, CONV_CONFIGS[1])
+def conv_config(fold: int, cin: int, slots: bool = False) -> tuple[int, int, int, int, int]:
+    """The ``CONV_CONFIGS`` entry for this convolution (most specific key first; fold 1's for an unknown fold), with
+    KX lowered to the largest that fits CIN (1 always does, for power-of-two CIN)."""
+    keys = ([f"{fold}/{cin}+slots"] if slots else []) + [f"{fold}/{cin}", f"{fold}", "1"]
+    block_x, rows, warps, stages, kx = next(CONV_CONFIGS[k] for k in keys if k in CONV_CONFIGS)
     while kx > 1 and not _depth_ok(kx, fold, cin):
         kx -= 1
     return block_x, rows, warps, stages, kx
@@ -279,14 +287,14 @@ def conv3x3x3(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, *,
     and with ``stats`` y's per-(sample, channel) fp32 sums and sums of squares. x: (b, CIN, z, y, x) fp16
     channels-last, its width divisible by ``fold``; taps from ``taps_weight(weight, fold)``; slots: fp16
     channels-last. config: (BLOCK_X coarse positions, ROWS, num_warps, pipeline stages, KX x taps per matrix
-    product); by default ``conv_config(fold, CIN)``. Returns (y, sums or None, squares or None)."""
+    product); by default ``conv_config(fold, CIN, slots given)``. Returns (y, sums or None, squares or None)."""
     _check(x, "conv3x3x3 input")
     b, cin, d, h, w = x.shape
     if w % fold:
         raise ValueError(f"conv3x3x3: width {w} is not divisible by fold {fold}")
     ncol = taps.shape[1]
     cout = ncol // fold
-    block_x, rows, warps, stages, kx = config or conv_config(fold, cin)
+    block_x, rows, warps, stages, kx = config or conv_config(fold, cin, slots is not None)
     if not _depth_ok(kx, fold, cin):
         raise ValueError(f"conv3x3x3: KX={kx} taps a product do not fit fold {fold} and {cin} input channels "
                          f"(KX must divide {fold + 2} and KX*CIN be a power of two)")

@@ -1,8 +1,9 @@
 """--fuse-norms' convolution kernel (accel/triton_fusion.conv3x3x3): launch configurations timed alone, then the
-whole engine with the fastest one against the previous default, in one process on one GPU.
+whole engine as it was before this kernel's per-shape configurations and 64-channel blocks and as it is now, in one
+process on one GPU.
 
     python -m benchmarks.fused_conv [--batch 4] [--engine-config fp16+compile+cl+half+fold+merge+fuse+graphs]
-                                    [--json out.json]
+                                    [--no-sweeps | --no-engine] [--json out.json]
 
 Convolutions timed (fp16, channels-last-3d, width-folded by 2, with the InstanceNorm statistics, as the engine runs
 them for nnU-Net's 3d_fullres 32->320 model at a 128^3 patch): the full-resolution 32->32 one (b, 32, 128^3), the
@@ -11,8 +12,9 @@ same adding a merged upsampling's slots (b, 256, 65^3), and the 64->64 one at 64
 num_warps, pipeline stages, KX x taps per matrix product). Each is checked against cuDNN's output before it is timed
 (max |diff| over max |y| <= 1e-2, else it is reported as wrong and not ranked). Times are triton.testing.do_bench's
 medians (its warm-up excluded; Triton's compile is excluded). The engine part builds the engine of --engine-config
-twice, with ``CONV_CONFIGS`` as the module has it and with the fastest 32->32 configuration, and reports patches/s
-as benchmarks.engine_throughput does (compile and warm-up excluded, median of --repeats).
+four times, alternating ``BEFORE`` (32-channel blocks only, one configuration per fold) and the modules' defaults
+(``accel.norm_fusion.FUSED_WIDTHS``, ``accel.triton_fusion.CONV_CONFIGS``), and reports patches/s as
+benchmarks.engine_throughput does (compile and warm-up excluded, median of --repeats).
 """
 from __future__ import annotations
 
@@ -86,19 +88,26 @@ def _configs(tiles, kxs, stages_set):
     return [(bx, r, wp, st, kx) for (bx, r), wp, st, kx in itertools.product(tiles, (4, 8), stages_set, kxs)]
 
 
-def engine_ab(engine_config: str, best: tuple, batch: int, repeats: int) -> list[dict]:
+# what --fuse-norms ran before KX, per-shape configurations and the 64-channel blocks (commit ac802d8)
+BEFORE = {"widths": (32,), "conv_configs": {"2": (64, 2, 4, 4, 1), "1": (128, 1, 8, 4, 1)}}
+
+
+def engine_ab(engine_config: str, batch: int, repeats: int) -> list[dict]:
+    """The engine of ``engine_config`` built alternately as ``BEFORE`` and with the modules' defaults (twice each,
+    one process), patches/s as benchmarks.engine_throughput measures them."""
+    from accel import norm_fusion
     from accel.engines import TorchEngine
     from benchmarks.case_latency import make_fullres_model
     from benchmarks.engine_throughput import time_engine
     from trtseg.model import load_model_folder
     model = load_model_folder(make_fullres_model(tempfile.mkdtemp(prefix="trtseg_fullres_")))
     precision, *opts = engine_config.split("+")
-    previous = dict(triton_fusion.CONV_CONFIGS)
+    after = {"widths": norm_fusion.FUSED_WIDTHS, "conv_configs": dict(triton_fusion.CONV_CONFIGS)}
     runs = []
-    for label, table in (("module default", previous), ("fastest 32->32 config", {**previous, 2: best}),
-                         ("module default, again", previous)):
+    for label, setup in (("before", BEFORE), ("after", after), ("before, again", BEFORE), ("after, again", after)):
+        norm_fusion.FUSED_WIDTHS = setup["widths"]
         triton_fusion.CONV_CONFIGS.clear()
-        triton_fusion.CONV_CONFIGS.update(table)
+        triton_fusion.CONV_CONFIGS.update(setup["conv_configs"])
         torch._dynamo.reset()
         comp = "max-autotune-no-cudagraphs" if "max" in opts else "compile" in opts
         engine = TorchEngine(model.build_network(), "cuda", precision, compile=comp, channels_last="cl" in opts,
@@ -106,14 +115,39 @@ def engine_ab(engine_config: str, best: tuple, batch: int, repeats: int) -> list
                              fold_convolutions="fold" in opts, merge_upsampling="merge" in opts,
                              fuse_norms="fuse" in opts)
         rate, warm = time_engine(engine, batch, model.patch_size, iters=10, repeats=repeats, warmup=3)
-        runs.append({"label": label, "conv_configs": {str(k): list(v) for k, v in table.items()},
+        runs.append({"label": label, "fused_widths": list(setup["widths"]), "fused_blocks": engine.fused_norms,
+                     "conv_configs": {k: list(v) for k, v in setup["conv_configs"].items()},
                      "patches_per_s": round(rate, 1), "warmup_and_compile_seconds_excluded": round(warm, 1)})
         print(runs[-1], flush=True)
         del engine
         torch.cuda.empty_cache()
+    norm_fusion.FUSED_WIDTHS = after["widths"]
     triton_fusion.CONV_CONFIGS.clear()
-    triton_fusion.CONV_CONFIGS.update(previous)
+    triton_fusion.CONV_CONFIGS.update(after["conv_configs"])
     return runs
+
+
+def run_sweeps(result: dict, b: int) -> None:
+    full = _case(b, 32, 32, 128, slots=False)
+    flops_full = 2.0 * b * 128 ** 3 * 32 * 32 * 27
+    main_sweep = sweep("32->32 at 128^3, stats", full, [triton_fusion.conv_config(2, 32)]
+                       + _configs([(64, 2), (128, 1), (32, 4), (128, 2)], (2, 4), (3, 4)), flops_full)
+    result["sweeps"].append(main_sweep)
+    best = tuple(main_sweep["best"][0]["config"])
+    top = [tuple(r["config"]) for r in main_sweep["best"][:4]]
+    del full
+    merged = _case(b, 32, 32, 128, slots=True)
+    result["sweeps"].append(sweep("32->32 at 128^3, stats, adding merged slots", merged,
+                                  list(dict.fromkeys([triton_fusion.conv_config(2, 32, True)] + top)), flops_full))
+    del merged
+    half = _case(b, 64, 64, 64, slots=False)
+    result["sweeps"].append(sweep("64->64 at 64^3, stats", half, [triton_fusion.conv_config(2, 64)]
+                                  + _configs([(64, 2), (128, 1), (32, 4)], (1, 2), (2, 3)),
+                                  2.0 * b * 64 ** 3 * 64 * 64 * 27))
+    del half
+    torch.cuda.empty_cache()
+    result["environment_for_the_fastest"] = "TRTSEG_CONV_CONFIGS=2/32:" + ",".join(map(str, best))
+    print(result["environment_for_the_fastest"], flush=True)
 
 
 def main() -> None:
@@ -122,39 +156,21 @@ def main() -> None:
     ap.add_argument("--engine-config", default="fp16+compile+cl+half+fold+merge+fuse+graphs")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-engine", action="store_true", help="time the convolutions only")
+    ap.add_argument("--no-sweeps", action="store_true", help="the engine comparison only")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = True
     b = args.batch
     result = {"scenario": "fused_conv", "machine": machine(), "batch": b,
-              "module_default_configs": {str(k): list(v) for k, v in triton_fusion.CONV_CONFIGS.items()},
+              "module_default_configs": {k: list(v) for k, v in triton_fusion.CONV_CONFIGS.items()},
               "sweeps": []}
-    full = _case(b, 32, 32, 128, slots=False)
-    flops_full = 2.0 * b * 128 ** 3 * 32 * 32 * 27
-    default = triton_fusion.conv_config(2, 32)
-    main_sweep = sweep("32->32 at 128^3, stats", full,
-                       [default] + _configs([(64, 2), (128, 1), (32, 4), (128, 2)], (2, 4), (3, 4)), flops_full)
-    result["sweeps"].append(main_sweep)
-    best = tuple(main_sweep["best"][0]["config"])
-    top = [tuple(r["config"]) for r in main_sweep["best"][:4]]
-    del full
-    merged = _case(b, 32, 32, 128, slots=True)
-    result["sweeps"].append(sweep("32->32 at 128^3, stats, adding merged slots", merged,
-                                  list(dict.fromkeys([default] + top)), flops_full))
-    del merged
-    half = _case(b, 64, 64, 64, slots=False)
-    result["sweeps"].append(sweep("64->64 at 64^3, stats", half,
-                                  [default] + _configs([(64, 2), (128, 1), (32, 4)], (1, 2), (2, 3)),
-                                  2.0 * b * 64 ** 3 * 64 * 64 * 27))
-    del half
-    torch.cuda.empty_cache()
-    result["environment_for_the_fastest"] = "TRTSEG_CONV_CONFIGS=2:" + ",".join(map(str, best))
-    print(result["environment_for_the_fastest"], flush=True)
-    if args.json:  # the sweeps stand on their own: kept even if the engine part is cut short
-        save(result, args.json)
+    if not args.no_sweeps:
+        run_sweeps(result, b)
+        if args.json:  # the sweeps stand on their own: kept even if the engine part is cut short
+            save(result, args.json)
     if not args.no_engine:
         result["engine_config"] = args.engine_config
-        result["engine"] = engine_ab(args.engine_config, best, b, args.repeats)
+        result["engine"] = engine_ab(args.engine_config, b, args.repeats)
     save(result, args.json)
 
 

@@ -67,11 +67,21 @@ def test_convolution_refuses_taps_a_product_that_do_not_fit():
 
 
 def test_conv_configs_from_the_environment_syntax():
-    assert triton_fusion.parse_conv_configs("2:64,2,4,3,4; 1:128,1,8,4,1;") == {2: (64, 2, 4, 3, 4),
-                                                                                1: (128, 1, 8, 4, 1)}
-    for bad in ("2:64,2,4,3", "2=64,2,4,3,4", "2:64,2,4,0,4", "x:1,1,1,1,1"):
-        with pytest.raises(ValueError, match="is not FOLD:BLOCK_X,ROWS,WARPS,STAGES,KX"):
+    assert triton_fusion.parse_conv_configs("2/64+slots:64,2,4,3,4; 1:128,1,8,4,1;") == {
+        "2/64+slots": (64, 2, 4, 3, 4), "1": (128, 1, 8, 4, 1)}
+    for bad in ("2:64,2,4,3", "2=64,2,4,3,4", "2:64,2,4,0,4", "x:1,1,1,1,1", "2/64+s:1,1,1,1,1"):
+        with pytest.raises(ValueError, match="is not FOLD.*:BLOCK_X,ROWS,WARPS,STAGES,KX"):
             triton_fusion.parse_conv_configs(bad)
+
+
+def test_conv_config_takes_the_most_specific_entry(monkeypatch):
+    table = {"2": (64, 2, 4, 4, 4), "2/64": (32, 4, 4, 3, 2), "2/64+slots": (32, 4, 8, 3, 1), "1": (128, 1, 8, 4, 3)}
+    monkeypatch.setattr(triton_fusion, "CONV_CONFIGS", table)
+    assert triton_fusion.conv_config(2, 64, slots=True) == (32, 4, 8, 3, 1)
+    assert triton_fusion.conv_config(2, 64) == (32, 4, 4, 3, 2)
+    assert triton_fusion.conv_config(2, 32, slots=True) == (64, 2, 4, 4, 4)  # no 2/32 entry: fold 2's
+    assert triton_fusion.conv_config(1, 32) == (128, 1, 8, 4, 1)  # KX lowered: 3 does not fit 32 channels
+    assert triton_fusion.conv_config(3, 32) == (128, 1, 8, 4, 1)  # an unknown fold takes fold 1's
 
 
 @pytest.mark.parametrize("channels", [1, 2])
@@ -126,8 +136,9 @@ def test_fused_network_gives_the_unfused_logits(merge):
     fused, _ = _fp16(net, merge)
     count = norm_fusion.fuse_norms(fused)
     kinds = sorted(type(m).__name__ for m in fused.modules() if type(m).__module__ == norm_fusion.__name__)
-    # stem, the encoder's 32->32 block, the last block with the head, and in a merged decoder its skip half
-    assert count == 3 + merged
+    # stem, the encoder's 32->32 and 64->64 blocks, the last block with the head, and in a merged decoder its skip half
+    assert count == 4 + merged
+    assert norm_fusion.fuse_norms(_fp16(net, merge)[0], channels=(32,)) == 3 + merged
     assert kinds.count("FusedStem") == 1 and kinds.count("FusedConvNormActHead") == 1
     assert kinds.count("FusedMergedStage") == merged
     x = _half_cl((2, 1, 6, 10, 14))
