@@ -1,4 +1,4 @@
-"""InstanceNorm fused into the first two resolutions' convolutions of an fp16 nnU-Net network on CUDA (``--fuse-norms``).
+"""InstanceNorm fused into the full-resolution convolutions of an fp16 nnU-Net network on CUDA (``--fuse-norms``).
 
 nnU-Net's blocks are conv -> InstanceNorm -> LeakyReLU. At full resolution each unfused block's normalization reads
 the convolution's output for its statistics, reads it again to normalize and writes the result: three passes over
@@ -7,8 +7,8 @@ This rewrite replaces, in place, the blocks where that pays with Triton kernels 
 
 - the first block (1..4 input channels): ``FusedStem``; the convolution is computed twice, once for the statistics
   and once to write the normalized output, and its raw output is never written;
-- each 3x3x3 ``channels`` -> ``channels`` block (32 -> 32 and 64 -> 64, nnU-Net's first two resolutions, by
-  default): ``FusedConvNormAct``; the convolution (width-folded by 2, as ``accel.conv_fold`` does) adds each
+- each 3x3x3 ``channels`` -> ``channels`` block (32 -> 32, full resolution, by default; ``FUSED_WIDTHS``):
+  ``FusedConvNormAct``; the convolution (width-folded by 2, as ``accel.conv_fold`` does) adds each
   channel's sum and sum of squares as it writes, so the statistics pass is gone;
 - the skip half of a merged decoder stage at those widths (``accel.upsample_merge``): the same kernel also adds
   the merged upsampling's output as it writes (``FusedMergedStage``): the statistics pass and the second read of the
@@ -259,10 +259,11 @@ def _tensor_core_width(n: int) -> bool:
     return n >= 16 and n & (n - 1) == 0
 
 
-# the widths whose channels -> channels blocks are fused: nnU-Net's first two resolutions. At 64 channels the Triton
-# kernel with its statistics (0.62 ms at 64^3, batch 4) is as fast as cuDNN's convolution without them (0.65 ms) on
-# the H200 (benchmarks.fused_conv); at 128 and more, cuDNN's tiles win and the volumes are small
-FUSED_WIDTHS = (32, 64)
+# the widths whose channels -> channels blocks are fused by default: full resolution only. Fusing the 64 -> 64 blocks
+# too (channels=(32, 64)) gained nothing on the H200: in the engine their Triton convolutions took 1.67 ms per batch
+# of 4 where cuDNN's took 1.33, and that ate the statistics and normalize passes they save (12.49 ms of kernels
+# either way; benchmarks.fused_conv, h200_fused_conv_engine_ab.json)
+FUSED_WIDTHS: tuple[int, ...] = (32,)
 
 
 def fuse_norms(network: torch.nn.Module, channels: tuple[int, ...] | None = None, stem_channels: int = 4) -> int:

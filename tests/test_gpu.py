@@ -61,7 +61,7 @@ def test_fp16_weights_keep_norms_fp32_and_track_autocast(small_model):
                                                 ({"fold_convolutions": True, "merge_upsampling": True},
                                                  {"merged_upsamplings": 2}),
                                                 ({"fold_convolutions": True, "merge_upsampling": True,
-                                                  "fuse_norms": True}, {"fused_norms": 7})],
+                                                  "fuse_norms": True}, {"fused_norms": 4})],
                          ids=["folded", "folded_and_merged", "folded_merged_and_fused"])
 def test_compiled_fast_path_with_a_rewritten_network_gives_the_plain_logits(tmp_path, options, described):
     """--fold-convolutions (accel/conv_fold.py), --merge-upsampling (accel/upsample_merge.py) and --fuse-norms
