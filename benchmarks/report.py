@@ -126,6 +126,34 @@ FILE_COMMANDS = {
     "h100_precision_masks_fuse.json": "python -m benchmarks.precision_masks --only "
                                       "fp16_weights_compiled_channels_last_folded_merged "
                                       "fp16_weights_compiled_channels_last_folded_merged_fused",
+    "h200_fused_conv_sweep.json": "python -m benchmarks.fused_conv at 3cad572 (its engine part then compared the "
+                                  "module's defaults, ac802d8's, with the sweep's fastest, which was the same)",
+    "h200_engine_throughput_fuse.json": "TRTSEG_CONV_CONFIGS=2:64,2,4,4,1 python -m benchmarks.engine_throughput "
+                                        "--batches 4 --repeats 5 --configs fp16+compile+cl+half+fold+merge+fuse+graphs, "
+                                        "at 3cad572 (the kernels' configurations as at ac802d8), right after "
+                                        "h200_fused_conv_sweep.json",
+    "h200_engine_profile_fuse.json": "python -m benchmarks.engine_profile --config fp16+compile+cl+half+fold+merge+fuse "
+                                     "at 3cad572, right after h200_engine_throughput_fuse.json",
+    "h200_precision_masks_fuse.json": "python -m benchmarks.precision_masks --only "
+                                      "fp16_weights_compiled_channels_last_folded_merged_fused at 3cad572",
+    "h200_fused_conv_engine_ab_fuse64.json": "python -m benchmarks.fused_conv --no-sweeps at 75e8eff, where "
+                                             "FUSED_WIDTHS was (32, 64): 'after' fuses the 64->64 blocks too "
+                                             "(not kept)",
+    "h200_engine_throughput_fuse64.json": "python -m benchmarks.engine_throughput --batches 4 --repeats 5 --configs "
+                                          "fp16+compile+cl+half+fold+merge+fuse+graphs at 75e8eff (64->64 blocks "
+                                          "fused, not kept)",
+    "h200_engine_profile_fuse64.json": "python -m benchmarks.engine_profile --config "
+                                       "fp16+compile+cl+half+fold+merge+fuse at 75e8eff (64->64 blocks fused, not "
+                                       "kept)",
+    "h200_precision_masks_fuse64.json": "python -m benchmarks.precision_masks --only "
+                                        "fp16_weights_compiled_channels_last_folded_merged_fused at 75e8eff (64->64 "
+                                        "blocks fused, not kept)",
+    "h200_engine_throughput_fuse64_max.json": "python -m benchmarks.engine_throughput --batches 4 --repeats 5 "
+                                              "--configs fp16+max+cl+half+fold+merge+fuse+graphs at 75e8eff (64->64 "
+                                              "blocks fused, not kept; Inductor's cache cold)",
+    "h200_fused_conv_engine_ab.json": "python -m benchmarks.fused_conv --no-sweeps on the code as submitted: 'before' "
+                                      "is ac802d8's configurations, 'after' the per-shape ones, 32-channel blocks "
+                                      "only in both",
     "h100_case_latency_fast_pinned.json": "python -m benchmarks.case_latency --device cuda --compile --channels-last "
                                           "--fp16-weights --compress-level 1, after host<->device copies went through "
                                           "pinned memory (another machine instance than h100_case_latency_fast.json)",
@@ -203,7 +231,8 @@ def rows(r: dict) -> list[str]:
             out.append(f"{sw['name']}, {sw['shape']}: fastest {best.get('config')} {best.get('ms')} ms "
                        f"({best.get('tflop_per_s')} TFLOP/s) of {len(sw['all'])} configurations; cuDNN without "
                        f"statistics {sw['cudnn_ms_without_stats']} ms")
-        out += [f"engine {r.get('engine_config')}, {e['label']} {e['conv_configs']}: {e['patches_per_s']} patches/s"
+        out += [f"engine {r.get('engine_config')}, {e['label']}, fused widths {e.get('fused_widths', [32])}, "
+                f"configurations {e['conv_configs']}: {e['patches_per_s']} patches/s"
                 for e in r.get("engine", [])]
         return out
     return [json.dumps(r)[:300]]
