@@ -234,9 +234,10 @@ def norm_scale_shift(sums: torch.Tensor, squares: torch.Tensor, count: int, weig
 # conv3x3x3's launch configurations: (BLOCK_X coarse positions, ROWS, num_warps, pipeline stages, KX x taps per
 # matrix product), keyed "FOLD", "FOLD/CIN" or "FOLD/CIN+slots" (adding a merged upsampling's slots); the most
 # specific key present wins. Each entry is the fastest that ``python -m benchmarks.fused_conv`` found on the H200
-# for the engine's shapes at batch 4: 32->32 at 128^3 (fold 2, coarse width 64), the same adding slots, 64->64 at
-# 64^3 (coarse width 32: 32-wide rows, so that no program holds a half-masked tile). Another GPU may want other
-# tiles: TRTSEG_CONV_CONFIGS="2/32:64,2,4,4,1;2/64:32,4,4,3,1" replaces or adds entries (the sweep prints its fastest).
+# for the engine's shapes at batch 4: 32->32 at 128^3 (fold 2, coarse width 64), the same adding slots, and, for
+# fuse_norms(channels=(32, 64)), 64->64 at 64^3 (coarse width 32: 32-wide rows, so that no program holds a
+# half-masked tile). Another GPU may want other tiles: TRTSEG_CONV_CONFIGS="2/32:64,2,4,4,1;2/64:32,4,4,3,1"
+# replaces or adds entries (the sweep prints its fastest).
 CONV_CONFIGS: dict[str, tuple[int, int, int, int, int]] = {
     "2": (64, 2, 4, 4, 1), "2/32+slots": (32, 4, 4, 3, 2), "2/64": (32, 4, 4, 3, 1), "1": (128, 1, 8, 4, 1)}
 _KEY = re.compile(r"^[0-9]+(/[0-9]+)?(\+slots)?$")

@@ -1,6 +1,6 @@
 """--fuse-norms' convolution kernel (accel/triton_fusion.conv3x3x3): launch configurations timed alone, then the
-whole engine as it was before this kernel's per-shape configurations and 64-channel blocks and as it is now, in one
-process on one GPU.
+whole engine with the kernel's configurations as they were before the per-shape ones (ac802d8) and as they are
+now, in one process on one GPU.
 
     python -m benchmarks.fused_conv [--batch 4] [--engine-config fp16+compile+cl+half+fold+merge+fuse+graphs]
                                     [--no-sweeps | --no-engine] [--json out.json]
@@ -12,7 +12,7 @@ same adding a merged upsampling's slots (b, 256, 65^3), and the 64->64 one at 64
 num_warps, pipeline stages, KX x taps per matrix product). Each is checked against cuDNN's output before it is timed
 (max |diff| over max |y| <= 1e-2, else it is reported as wrong and not ranked). Times are triton.testing.do_bench's
 medians (its warm-up excluded; Triton's compile is excluded). The engine part builds the engine of --engine-config
-four times, alternating ``BEFORE`` (32-channel blocks only, one configuration per fold) and the modules' defaults
+four times, alternating ``BEFORE`` (32-channel blocks, one configuration per fold) and the modules' defaults
 (``accel.norm_fusion.FUSED_WIDTHS``, ``accel.triton_fusion.CONV_CONFIGS``), and reports patches/s as
 benchmarks.engine_throughput does (compile and warm-up excluded, median of --repeats).
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import tempfile
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +72,7 @@ def sweep(name: str, case: dict, configs, flops: float) -> dict:
             rows.append({"config": list(config), "error": f"{type(e).__name__}: {str(e)[:120]}"})
             continue
         err = (y.float() - ref).abs().max().item() / scale
-        row = {"config": list(config), "max_rel_err": round(err, 5)}
+        row: dict[str, Any] = {"config": list(config), "max_rel_err": round(err, 5)}
         if err > 1e-2:
             row["error"] = "wrong output"
         else:
@@ -88,8 +89,8 @@ def _configs(tiles, kxs, stages_set):
     return [(bx, r, wp, st, kx) for (bx, r), wp, st, kx in itertools.product(tiles, (4, 8), stages_set, kxs)]
 
 
-# what --fuse-norms ran before KX, per-shape configurations and the 64-channel blocks (commit ac802d8)
-BEFORE = {"widths": (32,), "conv_configs": {"2": (64, 2, 4, 4, 1), "1": (128, 1, 8, 4, 1)}}
+# what --fuse-norms ran before KX and the per-shape configurations (commit ac802d8)
+BEFORE: dict[str, Any] = {"widths": (32,), "conv_configs": {"2": (64, 2, 4, 4, 1), "1": (128, 1, 8, 4, 1)}}
 
 
 def engine_ab(engine_config: str, batch: int, repeats: int) -> list[dict]:
@@ -102,7 +103,7 @@ def engine_ab(engine_config: str, batch: int, repeats: int) -> list[dict]:
     from trtseg.model import load_model_folder
     model = load_model_folder(make_fullres_model(tempfile.mkdtemp(prefix="trtseg_fullres_")))
     precision, *opts = engine_config.split("+")
-    after = {"widths": norm_fusion.FUSED_WIDTHS, "conv_configs": dict(triton_fusion.CONV_CONFIGS)}
+    after: dict[str, Any] = {"widths": norm_fusion.FUSED_WIDTHS, "conv_configs": dict(triton_fusion.CONV_CONFIGS)}
     runs = []
     for label, setup in (("before", BEFORE), ("after", after), ("before, again", BEFORE), ("after, again", after)):
         norm_fusion.FUSED_WIDTHS = setup["widths"]
