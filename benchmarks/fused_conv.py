@@ -64,7 +64,7 @@ def sweep(name: str, case: dict, configs, flops: float) -> dict:
     ref = _reference(case).float()
     scale = ref.abs().max().item()
     cudnn_ms = do_bench(lambda: F.conv3d(case["x"], case["w"], case["bias"], padding=1), warmup=25, rep=100)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for config in configs:
         try:
             y = _run(case, config)[0]
