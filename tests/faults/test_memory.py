@@ -36,7 +36,10 @@ def test_oom_halves_the_batch_and_gives_the_same_logits(small_model):
     tight = TightEngine(TorchEngine(model.build_network("0")), fits=2)
     expected = predict_tiles(plain, tiles, (0, 1, 2))
     got = predict_tiles(tight, tiles, (0, 1, 2))
-    assert torch.allclose(expected, got, atol=1e-5)
+    # the same logits up to float32 summation order: on some CPUs (an AVX2-only AMD EPYC here) oneDNN picks its
+    # convolution kernels by batch size, and a batch of 2 sums in another order than one of 5 (seen: 4.4e-5 on
+    # logits up to 67); a lost, repeated or misplaced tile is off by the logits' own scale
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
     assert tight.calls[:3] == [5, 2, 2] and max(tight.calls[3:]) <= 2, tight.calls  # halved once, then kept
     with pytest.raises(torch.OutOfMemoryError):
         predict_tiles(TightEngine(TorchEngine(model.build_network("0")), fits=0), tiles[:1], None)
