@@ -86,7 +86,7 @@ class TorchEngine(Engine):
     merge_upsampling: merge each decoder stage's transposed convolution into the convolution after it
         (``accel.upsample_merge``, nnU-Net v2 networks): the same function with fewer multiply-adds and no
         concatenation
-    fuse_norms: fuse InstanceNorm + LeakyReLU into the 32- and 64-channel 3x3x3 convolutions, the first block and
+    fuse_norms: fuse InstanceNorm + LeakyReLU into the full-resolution 32-channel convolutions, the first block and
         the segmentation head with Triton kernels (``accel.norm_fusion``; CUDA with half_weights and channels_last):
         the same function with fewer passes over the largest tensors
     static_batch: with compile or CUDA graphs, pad a shorter batch with zero tiles to this size, so that one

@@ -8,7 +8,7 @@ A configuration is a precision (fp32, fp16, bf16) with options joined by "+": co
 CUDA graphs), half (an fp16 network with fp32 normalization layers instead of autocast), freeze (Inductor's freezing:
 weights folded into the compiled graph as constants), fold (the 32-channel convolutions width-folded,
 accel/conv_fold.py), merge (each decoder stage's transposed convolution merged into the convolution after it,
-accel/upsample_merge.py), fuse (InstanceNorm + LeakyReLU fused into the 32- and 64-channel 3x3x3 convolutions,
+accel/upsample_merge.py), fuse (InstanceNorm + LeakyReLU fused into the full-resolution 32-channel convolutions,
 the first block and the head with Triton kernels, accel/norm_fusion.py; needs cl and half).
 
 Model: nnU-Net 3d_fullres for CT (PlainConvUNet 32->320, 6 stages, 128^3 patch, 4 labels). FLOPs per patch are

@@ -64,7 +64,7 @@ def _add_predict_args(p: argparse.ArgumentParser) -> None:
                    help="merge each decoder stage's transposed convolution into the convolution after it, the same "
                         "function with fewer multiply-adds (PyTorch engine)")
     p.add_argument("--fuse-norms", action="store_true",
-                   help="fuse InstanceNorm + LeakyReLU into the 32- and 64-channel 3x3x3 convolutions, the first block "
+                   help="fuse InstanceNorm + LeakyReLU into the full-resolution 32-channel convolutions, the first block "
                         "and the head with Triton kernels, the same function with fewer passes over the largest "
                         "tensors (PyTorch CUDA engine; needs --fp16-weights and --channels-last)")
     p.add_argument("--batch-size", type=int, default=2, help="tiles per engine call")
