@@ -16,9 +16,9 @@ from collections import defaultdict
 
 import torch
 
-from accel.engines import TorchEngine
 from benchmarks.case_latency import make_fullres_model
 from benchmarks.common import machine, save
+from benchmarks.engine_throughput import engine_from_config
 from trtseg.model import load_model_folder
 
 KINDS = [  # (kind, pattern on the kernel's name), first match wins; Inductor names its Triton kernels after every
@@ -75,12 +75,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     model = load_model_folder(make_fullres_model(tempfile.mkdtemp(prefix="trtseg_fullres_")))
-    precision, *opts = args.config.split("+")
-    comp = "max-autotune-no-cudagraphs" if "max" in opts else "compile" in opts
-    torch._inductor.config.freezing = "freeze" in opts
-    engine = TorchEngine(model.build_network(), "cuda", precision, compile=comp, channels_last="cl" in opts,
-                         half_weights="half" in opts, static_batch=args.batch, fold_convolutions="fold" in opts,
-                         merge_upsampling="merge" in opts, fuse_norms="fuse" in opts)
+    # without CUDA graphs, as this profile has always been taken ("graphs" in the config is ignored here)
+    engine = engine_from_config(model.build_network(), args.config, static_batch=args.batch, cuda_graphs=False)
     x = torch.randn((args.batch, 1, *model.patch_size), device="cuda")
     per_name = kernel_ms_per_batch(engine, x, args.iters)
     total = sum(ms for ms, _ in per_name.values())

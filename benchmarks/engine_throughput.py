@@ -42,6 +42,17 @@ def flops_per_patch(net: torch.nn.Module, patch, device) -> float:
     return float(counter.get_total_flops())
 
 
+def engine_from_config(network: torch.nn.Module, config: str, device="cuda", **overrides) -> TorchEngine:
+    """A TorchEngine for ``config`` in this module's syntax ("fp16+compile+cl+..."); it also sets Inductor's
+    freezing as "freeze" says. ``overrides`` replace the keyword arguments the options give (e.g. static_batch)."""
+    precision, *opts = config.split("+")
+    torch._inductor.config.freezing = "freeze" in opts
+    kwargs = dict(compile="max-autotune-no-cudagraphs" if "max" in opts else "compile" in opts,
+                  channels_last="cl" in opts, half_weights="half" in opts, cuda_graphs="graphs" in opts,
+                  fold_convolutions="fold" in opts, merge_upsampling="merge" in opts, fuse_norms="fuse" in opts)
+    return TorchEngine(network, device, precision, **{**kwargs, **overrides})
+
+
 def time_engine(engine, batch: int, patch, iters: int, repeats: int, warmup: int) -> tuple[float, float]:
     x = torch.randn((batch, 1, *patch), device=engine.device)
     t0 = time.perf_counter()
@@ -75,15 +86,9 @@ def main() -> None:
     result = {"scenario": "engine_throughput", "machine": machine(), "patch": patch, "gflop_per_patch": round(flops / 1e9, 1),
               "tensor_core_floor_patches_s": TENSOR_CORE_FLOOR_PATCHES_S, "runs": []}
     for cfg in args.configs:
-        precision, *opts = cfg.split("+")
         for b in args.batches:
-            comp = "max-autotune-no-cudagraphs" if "max" in opts else "compile" in opts
             torch._dynamo.reset()  # each configuration compiles afresh, for its batch size only
-            torch._inductor.config.freezing = "freeze" in opts
-            engine = TorchEngine(model.build_network(), args.device, precision, compile=comp,
-                                 channels_last="cl" in opts, half_weights="half" in opts, cuda_graphs="graphs" in opts,
-                                 fold_convolutions="fold" in opts, merge_upsampling="merge" in opts,
-                                 fuse_norms="fuse" in opts)
+            engine = engine_from_config(model.build_network(), cfg, args.device)
             try:
                 rate, warm = time_engine(engine, b, patch, args.iters, args.repeats, warmup=3)
             except torch.OutOfMemoryError:

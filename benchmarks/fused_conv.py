@@ -97,12 +97,10 @@ def engine_ab(engine_config: str, batch: int, repeats: int) -> list[dict]:
     """The engine of ``engine_config`` built alternately as ``BEFORE`` and with the modules' defaults (twice each,
     one process), patches/s as benchmarks.engine_throughput measures them."""
     from accel import norm_fusion
-    from accel.engines import TorchEngine
     from benchmarks.case_latency import make_fullres_model
-    from benchmarks.engine_throughput import time_engine
+    from benchmarks.engine_throughput import engine_from_config, time_engine
     from trtseg.model import load_model_folder
     model = load_model_folder(make_fullres_model(tempfile.mkdtemp(prefix="trtseg_fullres_")))
-    precision, *opts = engine_config.split("+")
     after: dict[str, Any] = {"widths": norm_fusion.FUSED_WIDTHS, "conv_configs": dict(triton_fusion.CONV_CONFIGS)}
     runs = []
     for label, setup in (("before", BEFORE), ("after", after), ("before, again", BEFORE), ("after, again", after)):
@@ -110,11 +108,7 @@ def engine_ab(engine_config: str, batch: int, repeats: int) -> list[dict]:
         triton_fusion.CONV_CONFIGS.clear()
         triton_fusion.CONV_CONFIGS.update(setup["conv_configs"])
         torch._dynamo.reset()
-        comp = "max-autotune-no-cudagraphs" if "max" in opts else "compile" in opts
-        engine = TorchEngine(model.build_network(), "cuda", precision, compile=comp, channels_last="cl" in opts,
-                             half_weights="half" in opts, cuda_graphs="graphs" in opts,
-                             fold_convolutions="fold" in opts, merge_upsampling="merge" in opts,
-                             fuse_norms="fuse" in opts)
+        engine = engine_from_config(model.build_network(), engine_config)
         rate, warm = time_engine(engine, batch, model.patch_size, iters=10, repeats=repeats, warmup=3)
         runs.append({"label": label, "fused_widths": list(setup["widths"]), "fused_blocks": engine.fused_norms,
                      "conv_configs": {k: list(v) for k, v in setup["conv_configs"].items()},
