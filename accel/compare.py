@@ -1,6 +1,7 @@
 """`trtseg compare`: the same real patches through two engines or precisions, and how far apart they are.
 
-An engine is named ``KIND[:PRECISION]`` (torch:fp32, onnxruntime:fp16, tensorrt:fp16, ...) or given as a file
+An engine is named in EngineSpec's syntax, ``KIND[:TOKEN+...]`` (torch:fp32, onnxruntime:fp16,
+torch:fp16+compile+channels-last, ...; trtseg/options.py), or given as a file
 (``path.onnx``, run by ONNX Runtime; ``path.engine``, run by TensorRT). It is how users check an engine before
 trusting it.
 """
@@ -9,7 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from accel.engines import Engine, OnnxRuntimeEngine, create_engines
+from accel.engine import Engine
+from accel.engines import create_engines
+from accel.onnxruntime_engine import OnnxRuntimeEngine
 from accel.onnx_export import compare_outputs
 from accel.precision import dice_per_label
 
@@ -26,8 +29,9 @@ def engine_from_spec(spec: str, model, device: str, cache_url: str | None, fold:
         check_engine_fits(meta, model, spec)
         check_target(meta, current_target(BuildSpec()), spec)
         return TensorRTEngine(storage.read_bytes(spec), device)
-    kind, _, precision = spec.partition(":")
-    return create_engines(model.with_folds([fold]), kind, device, precision or None, cache_url=cache_url)[0]
+    from trtseg.options import EngineSpec
+    parsed = EngineSpec.parse(spec, EngineSpec(device=device, cache=cache_url))
+    return create_engines(model.with_folds([fold]), parsed)[0]
 
 
 @torch.inference_mode()

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import tempfile
+from typing import Any, Callable
 
 import numpy as np
 
@@ -71,20 +72,20 @@ def dice_per_label(a: np.ndarray, b: np.ndarray, labels) -> dict[str, float]:
     return out
 
 
-def accuracy_report(model, reference_engines, test_engines, cases, step_size: float = 0.5,
-                    use_mirroring: bool = False) -> dict:
+# (engines, an image read by trtseg.read.read_case) -> its mask (z, y, x): the pipeline's whole case, which the
+# caller supplies (trtseg.predict.Predictor), so that this module needs nothing above the engines
+PredictMask = Callable[[list, Any], np.ndarray]
+
+
+def accuracy_report(model, reference_engines, test_engines, cases, predict_mask: PredictMask) -> dict:
     """Masks of ``cases`` with the reference (FP32) engines and the test engines, compared case by case."""
-    from trtseg.predict import Predictor, Settings
     from trtseg.read import read_case
 
-    settings = Settings(device="cpu", step_size=step_size, use_mirroring=use_mirroring)
-    ref_pred = Predictor(model, settings, reference_engines)
-    test_pred = Predictor(model, settings, test_engines)
     per_case = []
     for case in cases:
         image = read_case(list(case.files), model.num_input_channels)
-        a = ref_pred.predict_image(image).mask
-        b = test_pred.predict_image(image).mask
+        a = predict_mask(reference_engines, image)
+        b = predict_mask(test_engines, image)
         labels = model.labels.regions_class_order or model.labels.foreground_labels
         per_case.append({"case": case.case_id, "voxel_agreement": float((a == b).mean()),
                          "dice": dice_per_label(a, b, labels)})
@@ -92,6 +93,12 @@ def accuracy_report(model, reference_engines, test_engines, cases, step_size: fl
     mean_dice = {k: float(np.mean([c["dice"][k] for c in per_case])) for k in labels}
     return {"cases": per_case, "mean_dice_vs_fp32": mean_dice,
             "min_voxel_agreement": float(min(c["voxel_agreement"] for c in per_case)) if per_case else None}
+
+
+def _required(predict_mask: PredictMask | None) -> PredictMask:
+    if predict_mask is None:
+        raise ValueError("an FP16/INT8 accuracy report needs predict_mask (whole cases through the pipeline)")
+    return predict_mask
 
 
 def gate(report: dict, max_dice_drop: float | None) -> tuple[bool, str]:
@@ -115,15 +122,18 @@ def refuse(url: str, reason: str) -> TrtsegError:
 
 def make_artefact(model, out_url: str, precision: str = "fp32", batch: int | None = 1, dynamic_spatial: bool = False,
                   calibration: str | None = None, calibration_cases: int = 4, calibration_method: str = "minmax",
-                  n_patches: int = 4, max_dice_drop: float | None = None) -> dict:
+                  n_patches: int = 4, max_dice_drop: float | None = None,
+                  predict_mask: PredictMask | None = None) -> dict:
     """Exports the first fold of ``model`` to ``out_url`` at ``precision`` and writes ``out_url``.report.json.
 
     Every artefact is checked (onnx.checker) and compared with PyTorch FP32 through ONNX Runtime on random and,
     with ``calibration``, real patches. FP16/INT8 artefacts also get the accuracy report on ``calibration`` cases;
-    when ``max_dice_drop`` refuses one, only the report is written and TrtsegError says why.
+    when ``max_dice_drop`` refuses one, only the report is written and TrtsegError says why. ``predict_mask`` runs
+    those whole cases (the CLI passes trtseg.predict's, mirroring off).
     Intermediate graphs live in a temporary folder: nothing but the artefact and its report is ever written.
     """
-    from accel.engines import OnnxRuntimeEngine, TorchEngine
+    from accel.onnxruntime_engine import OnnxRuntimeEngine
+    from accel.torch_engine import TorchEngine
     from accel.onnx_export import compare_with_pytorch, export_onnx
     from accel.patches import random_patches, sample_patches
     from trtseg.dataset import list_cases
@@ -151,7 +161,8 @@ def make_artefact(model, out_url: str, precision: str = "fp32", batch: int | Non
         if precision != "fp32":
             cases = [c for c in list_cases(calibration, model.num_input_channels) if not c.problem][:calibration_cases]
             acc = accuracy_report(model, [TorchEngine(net, "cpu")],
-                                  [OnnxRuntimeEngine(candidate, "cpu", model.labels.num_heads)], cases)
+                                  [OnnxRuntimeEngine(candidate, "cpu", model.labels.num_heads)], cases,
+                                  _required(predict_mask))
             report["accuracy_vs_fp32"] = acc
             ok, why = gate(acc, max_dice_drop)
             report["accepted"], report["gate"] = ok, why

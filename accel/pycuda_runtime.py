@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from accel.engines import Engine
+from accel.engine import Engine
 from accel.trt_api import shape_of, trt
 from trtseg.errors import TrtsegError
 

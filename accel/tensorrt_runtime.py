@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from accel.engines import Engine
+from accel.engine import Engine
 from accel.trt_api import shape_of, trt
 from trtseg.errors import TrtsegError
 

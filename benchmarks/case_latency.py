@@ -24,7 +24,8 @@ from trtseg import synthetic as syn
 from trtseg.cli import add_compile_option, compile_setting
 from trtseg.dataset import list_cases
 from trtseg.model import load_model_folder
-from trtseg.predict import Predictor, Settings
+from trtseg.options import EngineSpec, OutputOptions, Settings, WindowOptions
+from trtseg.predict import Predictor
 
 FULLRES_FEATURES = (32, 64, 128, 256, 320, 320)
 

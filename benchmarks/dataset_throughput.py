@@ -41,7 +41,7 @@ from jobs.config import JobConfig
 from jobs.driver import run_job
 from trtseg import synthetic as syn
 from trtseg.cli import add_compile_option, compile_setting
-from trtseg.predict import Settings
+from trtseg.options import EngineSpec, OutputOptions, Settings, WindowOptions
 
 
 class NvmlSampler:

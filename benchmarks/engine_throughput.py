@@ -7,9 +7,9 @@ A configuration is a precision (fp32, fp16, bf16) with options joined by "+": co
 (torch.compile with mode "max-autotune-no-cudagraphs"), cl (channels-last-3d memory order), graphs (replay captured
 CUDA graphs), half (an fp16 network with fp32 normalization layers instead of autocast), freeze (Inductor's freezing:
 weights folded into the compiled graph as constants), fold (the 32-channel convolutions width-folded,
-accel/conv_fold.py), merge (each decoder stage's transposed convolution merged into the convolution after it,
-accel/upsample_merge.py), fuse (InstanceNorm + LeakyReLU fused into the full-resolution 32-channel convolutions,
-the first block and the head with Triton kernels, accel/norm_fusion.py; needs cl and half).
+accel/rewrites/conv_fold.py), merge (each decoder stage's transposed convolution merged into the convolution after it,
+accel/rewrites/upsample_merge.py), fuse (InstanceNorm + LeakyReLU fused into the full-resolution 32-channel convolutions,
+the first block and the head with Triton kernels, accel/rewrites/norm_fusion.py; needs cl and half).
 
 Model: nnU-Net 3d_fullres for CT (PlainConvUNet 32->320, 6 stages, 128^3 patch, 4 labels). FLOPs per patch are
 counted with torch's FlopCounterMode (multiply-add = 2 FLOPs). Inputs are standard-normal patches (the
@@ -27,7 +27,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from accel.engines import TorchEngine
+from accel.torch_engine import TorchEngine
 from benchmarks.case_latency import make_fullres_model
 from benchmarks.common import machine, save
 from trtseg.model import load_model_folder

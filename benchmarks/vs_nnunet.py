@@ -23,7 +23,8 @@ from benchmarks.common import machine, save
 from trtseg import synthetic as syn
 from trtseg.dataset import list_cases
 from trtseg.model import load_model_folder
-from trtseg.predict import Predictor, Settings
+from trtseg.options import EngineSpec, OutputOptions, Settings, WindowOptions
+from trtseg.predict import Predictor
 
 
 def main() -> None:

@@ -33,33 +33,32 @@ import ray
 import torch
 
 from accel.engines import create_engines
-from jobs.stages import chunk_region, peak_rss_mb, worker_device
+from jobs.stages import peak_rss_mb, worker_device
 from jobs.timeline import GpuTimeline
 from trtseg import storage, transfer
-from trtseg.aggregate import weight_map
+from trtseg.aggregate import Merger
 from trtseg.export import export_on_device, exported_on_host
-from trtseg.infer import predict_tiles
+from trtseg.infer import run_tiles
 from trtseg.model import NnUNetModel
-from trtseg.predict import Settings
+from trtseg.options import Settings
 from trtseg.preprocess import Preprocessed
 from trtseg.tile import model_gaussian
+from trtseg.window import WindowPlan
 
 # chunks an actor leaves queued on its GPU when infer_chunk returns: enough to cover a Ray call between chunks
-# (the engine is busy 0.976 of the GPU's span with 2 on the H100, benchmarks/results/h100_dataset_throughput_fast*.json)
-QUEUED_CHUNKS = int(os.environ.get("TRTSEG_QUEUED_CHUNKS", "2"))
+# (the engine is busy 0.976 of the GPU's span with 2 on an NVIDIA H100, benchmarks/results/h100_dataset_throughput_fast*.json)
+QUEUED_CHUNKS = 2
 EXPORT_GROUP, UPLOAD_GROUP = "export", "upload"
 CONCURRENCY_GROUPS = {EXPORT_GROUP: 1, UPLOAD_GROUP: 1}  # ray.remote(concurrency_groups=...) of the actor class
 
 
 class _CaseState:
-    """What an actor holds for one case: the volume, the running sum, the tiles it covered, and every tile start of
-    the volume (the weight map is made from them when the sum is normalized, on the export thread)."""
+    """What an actor holds for one case: the volume on its device and the case's Merger (the running sums and the
+    tiles it covered; the weight map is made from the plan when the sums are normalized, on the export thread)."""
 
-    def __init__(self, volume: torch.Tensor, all_starts: list, num_classes: int):
+    def __init__(self, volume: torch.Tensor, merger: Merger):
         self.volume = volume
-        self.all_starts = all_starts
-        self.sum = torch.zeros((num_classes, *volume.shape[1:]), dtype=torch.float32, device=volume.device)
-        self.starts: list = []
+        self.merger = merger
 
 
 class CaseStateLost(RuntimeError):
@@ -68,7 +67,7 @@ class CaseStateLost(RuntimeError):
 
 class InferenceActor:
     def __init__(self, model: NnUNetModel, settings: Settings, name: str, torch_threads: int | None = None,
-                 storage_options=None):
+                 storage_options=None, diagnostics: bool = False):
         storage.set_default_options(storage_options)
         self.name = name
         self.device = worker_device(settings)
@@ -77,18 +76,13 @@ class InferenceActor:
             torch.set_num_threads(torch_threads)
         self.model = model
         self.settings = settings
-        self.engines = create_engines(model, settings.engine, self.device, settings.resolved_precision() if gpu else "fp32",
-                                      settings.compile, settings.engine_cache, max(settings.batch_size, 1),
-                                      settings.cuda_graphs and gpu, settings.channels_last and gpu,
-                                      settings.half_weights and gpu, settings.fold_convolutions and gpu,
-                                      settings.merge_upsampling, settings.fuse_norms and gpu)
+        self.engines = create_engines(model, settings.engine, self.device)
         # the actor's own CUDA streams, apart from other processes' work: tiles and sums queue on one, exports on
         # the other (a second thread, see finalize)
         self.stream = torch.cuda.Stream(self.device) if gpu else None
         self.export_stream = torch.cuda.Stream(self.device) if gpu else None
         self.copy_stream = torch.cuda.Stream(self.device) if gpu else None
         self.gaussian = model_gaussian(model, self.device)
-        self.mirror_axes = model.mirror_axes if settings.use_mirroring else None
         self._cases: dict[str, _CaseState] = {}
         self._uploads: dict[str, Future] = {}  # case -> (volume on the device, copy-done event), from prefetch
         # cases whose volume the tile thread took (kept for the actor's life, a few bytes each: a prefetch that
@@ -103,8 +97,8 @@ class InferenceActor:
         self._peak_gpu_mb = 0.0  # over the actor's life (the per-case counter is reset at each export)
         # the thread that last ran tiles, exports and uploads (three, in Ray), and the first warm-up's (the tiles')
         self._threads: dict[str, str] = {}
-        # TRTSEG_ACTOR_TRACE=1: host times of case starts and exports in stats()["trace"], to study the GPU's gaps
-        self._trace: list | None = [] if os.environ.get("TRTSEG_ACTOR_TRACE") == "1" else None
+        # --diagnostics: host times of case starts and exports in stats()["trace"], to study the GPU's gaps
+        self._trace: list | None = [] if diagnostics else None
         self._chunks_done: deque = deque()  # CUDA events: the ends of the chunks still queued on the GPU
         self.tiles = 0
         self.started = time.time()
@@ -123,7 +117,7 @@ class InferenceActor:
         self._threads.setdefault("warm_up", threading.current_thread().name)  # the first call's: the driver's
         if self.device.type != "cuda" or self._warm_thread == threading.get_ident():
             return self.warmup_seconds
-        shape = (max(self.settings.batch_size, 1), self.model.num_input_channels, *self.model.patch_size)
+        shape = (max(self.settings.engine.batch_size, 1), self.model.num_input_channels, *self.model.patch_size)
         with self._on_stream(), torch.inference_mode():
             self.warmup_seconds += sum(e.warm_up(shape) for e in self.engines)
         self._warm_thread = threading.get_ident()
@@ -133,13 +127,14 @@ class InferenceActor:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _case(self, case_id: str, data: np.ndarray, all_starts, prior_tiles: int) -> _CaseState:
-        have = len(self._cases[case_id].starts) if case_id in self._cases else 0
+    def _case(self, case_id: str, data: np.ndarray, plan: WindowPlan, prior_tiles: int) -> _CaseState:
+        have = len(self._cases[case_id].merger.covered) if case_id in self._cases else 0
         if have != prior_tiles:
             raise CaseStateLost(f"{self.name} holds {have} tiles of {case_id}, expected {prior_tiles} (it restarted)")
         if case_id not in self._cases:
             x = self._take_upload(case_id, data)
-            self._cases[case_id] = _CaseState(x, all_starts, self.model.labels.num_heads)
+            merger = Merger(plan, self.model.labels.num_heads, self.gaussian, len(self.engines))
+            self._cases[case_id] = _CaseState(x, merger)
         return self._cases[case_id]
 
     @ray.method(concurrency_group=UPLOAD_GROUP)
@@ -184,7 +179,7 @@ class InferenceActor:
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
     @torch.inference_mode()
-    def infer_chunk(self, case_id: str, data: np.ndarray, all_starts, chunk_starts, prior_tiles: int) -> dict:
+    def infer_chunk(self, case_id: str, data: np.ndarray, plan: WindowPlan, chunk_starts, prior_tiles: int) -> dict:
         """Adds the weighted logits of the tiles at ``chunk_starts`` (all folds, mirroring) to the case's sum.
 
         prior_tiles: how many of the case's tiles this actor should already hold; a restarted actor holds fewer,
@@ -192,36 +187,24 @@ class InferenceActor:
         """
         self.warm_up()
         with self._on_stream():
-            return self._infer_chunk(case_id, data, all_starts, chunk_starts, prior_tiles)
+            return self._infer_chunk(case_id, data, plan, chunk_starts, prior_tiles)
 
-    def _infer_chunk(self, case_id: str, data: np.ndarray, all_starts, chunk_starts, prior_tiles: int) -> dict:
+    def _infer_chunk(self, case_id: str, data: np.ndarray, plan: WindowPlan, chunk_starts, prior_tiles: int) -> dict:
         t0 = time.perf_counter()
         self.first_tile_at = self.first_tile_at or time.time()
         self._threads["tiles"] = threading.current_thread().name
         new_case = case_id not in self._cases
         entry = self.timeline.mark() if new_case else None
-        st = self._case(case_id, data, all_starts, prior_tiles)
+        st = self._case(case_id, data, plan, prior_tiles)
         if new_case and self._returned_at is not None:
             self.case_start_host_seconds["between_calls"] += t0 - self._returned_at
             self.case_start_host_seconds["setup"] += time.perf_counter() - t0
             if self._trace is not None:
                 self._trace.append(("case", case_id, round(self._returned_at - self._t0, 4), round(t0 - self._t0, 4),
                                     round(time.perf_counter() - self._t0, 4)))
-        patch = self.model.patch_size
-        bs = max(1, self.settings.batch_size)
-        kind = "case" if new_case else "chunk"
-        for engine in self.engines:
-            for i in range(0, len(chunk_starts), bs):
-                starts = chunk_starts[i:i + bs]
-                with self.timeline.batch(kind, entry if kind == "case" else None) as engine_timer:
-                    tiles = torch.stack([st.volume[(slice(None), *(slice(s, s + p) for s, p in zip(t, patch)))]
-                                         for t in starts])
-                    with engine_timer():
-                        logits = predict_tiles(engine, tiles, self.mirror_axes, self.model.nnunet_version == 1)
-                    for tl, t in zip(logits, starts):
-                        st.sum[(slice(None), *(slice(s, s + p) for s, p in zip(t, patch)))] += tl * self.gaussian
-                kind = "batch"
-        st.starts += list(chunk_starts)
+        run_tiles(self.engines, st.volume, plan, chunk_starts, self.settings.engine.batch_size, st.merger,
+                  lambda kind: self.timeline.batch(kind, entry if kind == "case" else None),
+                  first="case" if new_case else "chunk")
         self._keep_chunks_queued()
         self._returned_at = time.perf_counter()
         seconds = self._returned_at - t0
@@ -248,18 +231,13 @@ class InferenceActor:
         if self.export_stream is None:
             return contextlib.nullcontext()
         self.export_stream.wait_stream(self.stream)
-        for t in (st.sum, st.volume):
+        for t in (st.merger.sum, st.volume):
             t.record_stream(self.export_stream)
         return torch.cuda.stream(self.export_stream)
 
-    def _normalized(self, st: _CaseState, region: tuple[slice, ...]) -> torch.Tensor:
-        weights = weight_map(st.volume.shape[1:], st.all_starts, self.gaussian)  # 1 launch a tile: off the tile thread
-        out = st.sum[(slice(None), *region)] / weights[region]
-        return out / len(self.engines) if len(self.engines) > 1 else out
-
     def _pop(self, case_id: str, expected_tiles: int) -> _CaseState:
         st = self._cases.pop(case_id, None)
-        have = len(st.starts) if st else 0
+        have = len(st.merger.covered) if st else 0
         if have != expected_tiles:
             raise CaseStateLost(f"{self.name} holds {have} tiles of {case_id}, expected {expected_tiles} (it restarted)")
         assert st is not None
@@ -281,41 +259,42 @@ class InferenceActor:
         st = self._pop(case_id, expected_tiles)
         with self._export_stream(st), torch.inference_mode():
             started = self.timeline.export_started(self.export_stream)
-            origin, shape = chunk_region(st.starts, self.model.patch_size)
-            region = tuple(slice(o, o + n) for o, n in zip(origin, shape))
-            part = self._normalized(st, region).to(torch.float16 if dtype == "fp16" else torch.float32)
+            origin, part = st.merger.partial(torch.float16 if dtype == "fp16" else torch.float32)
             self.timeline.export_done(started, self.export_stream)
             return origin, transfer.to_host(part)
 
     @ray.method(concurrency_group=EXPORT_GROUP)
     def finalize(self, case_id: str, expected_tiles: int, meta: dict, light_model: NnUNetModel, *partials):
-        """Own sum + the other actors' partials -> export on this device -> (stats, the mask (z, y, x) numpy)."""
+        """Own sum + the other actors' partials -> export on this device -> (stats, the mask (z, y, x) numpy, the
+        probabilities (k, z, y, x) float32 numpy with --save-probabilities, else None)."""
         t0 = time.perf_counter()
         self._threads[EXPORT_GROUP] = threading.current_thread().name
         st = self._pop(case_id, expected_tiles)
         with self._export_stream(st), torch.inference_mode():
             started = self.timeline.export_started(self.export_stream)
-            logits = self._normalized(st, tuple(slice(0, n) for n in st.sum.shape[1:]))
-            del st  # the volume and the sums are freed before the export allocates
-            return self._export(logits, t0, started, meta, light_model, *partials)
+            st.volume = torch.empty(0)  # freed before the export allocates
+            logits = st.merger.finalize(partials)
+            del st
+            return self._export(logits, t0, started, meta, light_model, partials)
 
-    def _export(self, logits: torch.Tensor, t0: float, started, meta: dict, light_model: NnUNetModel, *partials):
-        for origin, arr in partials:
-            region = tuple(slice(o, o + n) for o, n in zip(origin, arr.shape[1:]))
-            logits[(slice(None), *region)] += transfer.to_device(arr, self.device).float()
-        logits = logits[(slice(None), *(slice(a, b) for a, b in meta["crop"]))]
-        on_device = export_on_device(logits, Preprocessed(data=torch.empty(0), **meta["pre"]), light_model)
+    def _export(self, logits: torch.Tensor, t0: float, started, meta: dict, light_model: NnUNetModel, partials):
+        with_probabilities = self.settings.output.save_probabilities
+        on_device = export_on_device(logits, Preprocessed(data=torch.empty(0), **meta["pre"]), light_model,
+                                     with_probabilities)
         self.timeline.export_done(started, self.export_stream)
         t1 = time.perf_counter()
-        mask = exported_on_host(*on_device, light_model).mask
+        exported = exported_on_host(*on_device, light_model)
         if self._trace is not None:
             self._trace.append(("export", meta.get("case_id"), round(t0 - self._t0, 4), round(t1 - self._t0, 4),
                                 round(time.perf_counter() - self._t0, 4)))
         seconds = time.perf_counter() - t0
         with self._lock:  # the tile and export threads both add to it
             self.busy_seconds += seconds
+        probability_bytes = int(exported.probabilities.nbytes) if exported.probabilities is not None else 0
         return {"export_seconds": seconds, "partial_bytes": int(sum(a.nbytes for _, a in partials)),
-                "owner": self.name, "peak_gpu_memory_mb": self._case_peak_gpu_mb()}, mask
+                "probability_bytes": probability_bytes,
+                "owner": self.name, "peak_gpu_memory_mb": self._case_peak_gpu_mb()}, exported.mask, \
+            exported.probabilities
 
     def _case_peak_gpu_mb(self) -> float | None:
         """The most GPU memory this actor had allocated since the previous case's export ended: the case's volume,

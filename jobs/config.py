@@ -1,10 +1,12 @@
-"""Everything a job run needs, as plain data that crosses process boundaries."""
+"""Everything a job run needs, as plain data that crosses process boundaries; its flags are declared with the
+fields (``trtseg.options.opt``), so `trtseg predict` and the benchmarks take them from here."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from trtseg.predict import Settings
+from trtseg.options import Settings, opt
 
 
 @dataclass
@@ -32,19 +34,29 @@ class JobConfig:
     model_card: dict[str, Any] | None = None  # {"card": URL, "network": ..., "weights": ..., "onnx": ...}
     settings: Settings = field(default_factory=Settings)
     storage_options: dict[str, Any] | None = None
-    address: str | None = None
-    cpu_actors: int | None = None
-    gpus_per_actor: float = 1.0
-    task_gpus: float = 0.0
-    actor_resources: dict[str, float] | None = None
-    max_cases_in_flight: int = 3
-    tiles_per_task: int = 8
-    partials: str = "fp16"
-    overwrite: bool = False
-    dry_run: bool = False
-    limit: int | None = None
+    address: str | None = opt(None, "--address", "Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    cpu_actors: int | None = opt(None, "--cpu-actors", "N inference actors on CPUs (default where no GPU: 1)", type=int)
+    gpus_per_actor: float = opt(1.0, "--gpus-per-actor", "GPU share per inference actor (0.5: two per GPU)",
+                                type=float)
+    task_gpus: float = opt(0.0, "--task-gpus", "GPU share of preprocessing/export tasks (0: on CPUs)", type=float)
+    actor_resources: dict[str, float] | None = opt(
+        None, "--actor-resources", 'JSON of custom Ray resources each inference actor needs, e.g. '
+        '\'{"accelerator_h100": 1}\'', type=json.loads)
+    max_cases_in_flight: int = opt(3, "--max-cases-in-flight", "volumes between reading and writing at once", type=int)
+    tiles_per_task: int = opt(8, "--tiles-per-task", "tiles an actor takes per call", type=int)
+    partials: str = opt("fp16", "--partials", "dtype of partial sums sent to the reducer", choices=["fp16", "fp32"])
+    overwrite: bool = opt(False, "--overwrite", "redo cases whose mask this model and these settings made",
+                          action="store_true")
+    dry_run: bool = opt(False, "--dry-run", "list the cases that would run (and be skipped) and stop",
+                        action="store_true")
+    limit: int | None = opt(None, "--limit", "process at most N cases", type=int)
     actor_restarts: int = 2
     task_retries: int = 3
     case_retries: int = 2  # a case whose summed tiles an actor lost (restart) is redone at most this often
-    progress: bool = True
-    log_json: bool = False
+    progress: bool = opt(True, "--no-progress", "no progress line", action="store_false")
+    log_json: bool = opt(False, "--log-json", "structured JSON log lines on stderr", action="store_true")
+    diagnostics: bool = opt(False, "--diagnostics", "actors record host times of case starts and exports in the "
+                            "run report (stats' trace), to study the GPU's idle gaps", action="store_true")
+
+# the flags every path takes (the rest are the Ray job's)
+COMMON_FLAGS = ("overwrite", "dry_run", "limit")

@@ -29,7 +29,7 @@ from trtseg import storage
 from trtseg.dataset import Case, list_cases
 from trtseg.errors import one_line
 from trtseg.model import NnUNetModel, load_model_folder
-from trtseg.write import read_stamp
+from trtseg.pipeline import CaseReport, run_report, select_cases, write_report
 
 log = logging.getLogger("trtseg.job")
 
@@ -125,7 +125,8 @@ class _CaseRun:
         self.assigned: dict[int, int] = {}
         self.stats: list[dict] = []
         self.redone: list[str] = []
-        self.mask = None
+        self.mask = None  # object refs of the owner's mask and probabilities
+        self.probabilities = None
         self.final: dict | None = None
 
     @property
@@ -166,8 +167,6 @@ def run_job(cfg: JobConfig) -> dict:
     """Runs the job described by ``cfg``; returns the run report (also written to OUTPUT/run_report.json)."""
     import ray
 
-    from jobs.stages import stamp
-
     _setup_logging(cfg.log_json)
     storage.set_default_options(cfg.storage_options)
     t_start = time.perf_counter()
@@ -180,24 +179,12 @@ def run_job(cfg: JobConfig) -> dict:
     cases = list_cases(cfg.input, model.num_input_channels)
     if cfg.limit is not None:
         cases = cases[: cfg.limit]
-    my_stamp = stamp(model, cfg.settings)
-    todo: list[Case] = []
-    results: dict[str, dict] = {}
-    for c in cases:
-        out = storage.join(cfg.output, c.case_id + ".nii.gz")
-        if not cfg.overwrite and read_stamp(out) == my_stamp:
-            results[c.case_id] = {"case_id": c.case_id, "status": "skipped", "output": out,
-                                  "error": None, "seconds": {}, "reason": "made by the same model and settings"}
-        else:
-            todo.append(c)
+    todo, results = select_cases(cases, cfg.output, model, cfg.settings, cfg.overwrite)
     if cfg.dry_run:
-        for c in todo:
-            print(f"would run {c.case_id}: {', '.join(c.files)}")
-        for cid in results:
-            print(f"would skip {cid}: {results[cid]['reason']}")
-        return {"dry_run": True, "cases": [c.case_id for c in todo], "skipped": sorted(results)}
+        from trtseg.predict import dry_run_listing
+        return dry_run_listing(todo, results)
 
-    cpu_mode = bool(cfg.cpu_actors) or cfg.settings.device == "cpu"
+    cpu_mode = bool(cfg.cpu_actors) or cfg.settings.engine.device == "cpu"
     started_ray = _init_ray(cfg, cfg.cpu_actors or 1)
     try:
         return _run(cfg, model, cases, todo, results, cpu_mode, t_start)
@@ -212,14 +199,15 @@ def _run(cfg: JobConfig, model: NnUNetModel, cases: list[Case], todo: list[Case]
     import ray
 
     from jobs.actor import CONCURRENCY_GROUPS, InferenceActor
-    from jobs.stages import prepare_case, write_case
+    from jobs.stages import prepare_task, write_task
 
     n_gpus = float(ray.cluster_resources().get("GPU", 0)) if not cpu_mode else 0.0
     if n_gpus == 0:
         cpu_mode = True
     n_actors = (cfg.cpu_actors or 1) if cpu_mode else gpu_actor_count(n_gpus, cfg.gpus_per_actor, cfg.task_gpus)
     run_id = uuid.uuid4().hex[:6]
-    settings = dataclasses.replace(cfg.settings, device="cpu" if cpu_mode else cfg.settings.device)
+    settings = dataclasses.replace(cfg.settings, engine=cfg.settings.engine.with_(
+        device="cpu" if cpu_mode else cfg.settings.engine.device))
     model_ref = ray.put(model)
     light = model.without_weights()
     light_ref = ray.put(light)
@@ -230,12 +218,13 @@ def _run(cfg: JobConfig, model: NnUNetModel, cases: list[Case], todo: list[Case]
     actors = [actor_cls.options(name=f"trtseg-infer-{run_id}-{i}", num_cpus=1, num_gpus=0 if cpu_mode else cfg.gpus_per_actor,
                                 resources=cfg.actor_resources or None, scheduling_strategy="SPREAD",
                                 max_restarts=cfg.actor_restarts, max_task_retries=cfg.task_retries)
-              .remote(model_ref, settings, f"infer-{i}", threads, cfg.storage_options) for i in range(n_actors)]
+              .remote(model_ref, settings, f"infer-{i}", threads, cfg.storage_options, cfg.diagnostics)
+              for i in range(n_actors)]
     for a in actors:  # compile and autotune on each actor's tile thread while the first volumes are read
         a.warm_up.remote()
     task_gpus = 0 if cpu_mode else cfg.task_gpus
     task_opts = {"num_cpus": 1, "num_gpus": task_gpus, "max_retries": cfg.task_retries}
-    prepare_fn, write_fn = ray.remote(prepare_case), ray.remote(write_case)
+    prepare_fn, write_fn = ray.remote(prepare_task), ray.remote(write_task)
 
     def prepare(cid: str):
         return prepare_fn.options(name=f"prepare:{cid}", num_returns=2, **task_opts)
@@ -243,7 +232,7 @@ def _run(cfg: JobConfig, model: NnUNetModel, cases: list[Case], todo: list[Case]
     def write(cid: str):
         return write_fn.options(name=f"write:{cid}", num_cpus=1, max_retries=cfg.task_retries)
     _event("job started", run_id=run_id, cases=len(todo), skipped=len(results), actors=n_actors,
-           mode="cpu" if cpu_mode else "gpu", engine=settings.engine)
+           mode="cpu" if cpu_mode else "gpu", engine=settings.engine.text())
 
     progress = Progress(len(todo), cfg.progress)
     load = defaultdict(int)  # tiles queued per actor index
@@ -253,7 +242,7 @@ def _run(cfg: JobConfig, model: NnUNetModel, cases: list[Case], todo: list[Case]
     waiting: dict = {}  # object ref -> (case id, kind, attempt, extra)
 
     def fail(cid: str, error: str, seconds=None) -> None:
-        results[cid] = {"case_id": cid, "status": "failed", "error": error, "seconds": seconds or {}}
+        results[cid] = CaseReport(cid, "failed", error=error, seconds=seconds or {})
         _event("case failed", case=cid, error=error)
         runs.pop(cid, None)
         progress.update(cases=1)
@@ -263,7 +252,8 @@ def _run(cfg: JobConfig, model: NnUNetModel, cases: list[Case], todo: list[Case]
         live = [i for i in range(n_actors) if i not in dead]
         if not live:
             raise RuntimeError("no inference actor is alive")
-        starts = run.meta["starts"]
+        plan = run.meta["plan"]
+        starts = plan.starts
         size = max(1, min(cfg.tiles_per_task, math.ceil(len(starts) / len(live))))
         run.owner = min(live, key=lambda k: load[k])
         run.assigned = defaultdict(int)
@@ -272,7 +262,7 @@ def _run(cfg: JobConfig, model: NnUNetModel, cases: list[Case], todo: list[Case]
             if i not in run.assigned:  # the volume goes to the actor's device while it works on earlier cases
                 actors[i].prefetch.remote(run.key, run.data)
             load[i] += len(chunk)
-            ref = actors[i].infer_chunk.remote(run.key, run.data, starts, chunk, run.assigned[i])
+            ref = actors[i].infer_chunk.remote(run.key, run.data, plan, chunk, run.assigned[i])
             run.assigned[i] += len(chunk)
             run.open += 1
             waiting[ref] = (run.case.case_id, "inferred", run.attempt, (i, len(chunk)))
@@ -280,9 +270,8 @@ def _run(cfg: JobConfig, model: NnUNetModel, cases: list[Case], todo: list[Case]
     def finalize(run: "_CaseRun") -> None:
         partials = [actors[i].take_partial.remote(run.key, n, cfg.partials)
                     for i, n in run.assigned.items() if i != run.owner]
-        stats_ref, mask_ref = actors[run.owner].finalize.options(num_returns=2).remote(
+        stats_ref, run.mask, run.probabilities = actors[run.owner].finalize.options(num_returns=3).remote(
             run.key, run.assigned[run.owner], run.meta, light_ref, *partials)
-        run.mask = mask_ref
         waiting[stats_ref] = (run.case.case_id, "finalized", run.attempt, None)
 
     def redo_or_fail(run: "_CaseRun", error: str) -> None:
@@ -344,7 +333,8 @@ def _run(cfg: JobConfig, model: NnUNetModel, cases: list[Case], todo: list[Case]
             elif kind == "finalized":
                 run.final = value
                 run.data = None  # the volume may leave the object store
-                waiting[write(cid).remote(run.meta, light_ref, settings, cfg.output, cfg.storage_options, run.mask)] = \
+                waiting[write(cid).remote(run.meta, light_ref, settings, cfg.output, cfg.storage_options, run.mask,
+                                          run.probabilities)] = \
                     (cid, "written", run.attempt, None)
             elif kind == "written":
                 meta = run.meta
@@ -357,18 +347,16 @@ def _run(cfg: JobConfig, model: NnUNetModel, cases: list[Case], todo: list[Case]
                 final = run.final or {}
                 seconds = {**meta.get("seconds", {}), "infer": sum(s["seconds"] for s in run.stats),
                            "export": final.get("export_seconds", 0.0), **value["seconds"]}
-                results[cid] = {"case_id": cid, "status": "ok", "output": value["output"], "error": None,
-                                "seconds": {k: round(v, 4) for k, v in seconds.items()},
-                                "tiles": len(meta.get("starts", [])), "actors": dict(per_actor),
-                                "owner": final.get("owner"), "redone": run.redone,
-                                "done_at_s": round(time.perf_counter() - t_start, 3),
-                                "object_store_bytes": {"volume": meta.get("volume_bytes", 0),
-                                                       "partials": final.get("partial_bytes", 0),
-                                                       "mask": int(np.prod(meta.get("shape_zyx", (0,))))},
-                                "peak_rss_mb": {"prepare_worker": meta.get("peak_rss_mb"),
-                                                "write_worker": value.get("peak_rss_mb")},
-                                "peak_gpu_memory_mb": final.get("peak_gpu_memory_mb")}
-                _event("case done", case=cid, seconds=results[cid]["seconds"], actors=dict(per_actor))
+                results[cid] = CaseReport(
+                    cid, "ok", output=value["output"], seconds=seconds, tiles=len(meta["plan"].starts) if "plan" in meta else 0,
+                    actors=dict(per_actor), owner=final.get("owner"), redone=run.redone,
+                    object_store_bytes={"volume": meta.get("volume_bytes", 0),
+                                        "partials": final.get("partial_bytes", 0),
+                                        "mask": int(np.prod(meta.get("shape_zyx", (0,)))),
+                                        "probabilities": final.get("probability_bytes", 0)},
+                    peak_rss_mb={"prepare_worker": meta.get("peak_rss_mb"), "write_worker": value.get("peak_rss_mb")},
+                    peak_gpu_memory_mb=final.get("peak_gpu_memory_mb"))
+                _event("case done", case=cid, seconds=results[cid].to_json()["seconds"], actors=dict(per_actor))
                 runs.pop(cid)
                 progress.update(cases=1)
     if cfg.progress and progress.tty:
@@ -376,30 +364,18 @@ def _run(cfg: JobConfig, model: NnUNetModel, cases: list[Case], todo: list[Case]
     actor_stats = ray.get([a.stats.remote() for a in actors])
     by_name = {a["actor"]: a for a in actor_stats}
     for r in results.values():  # which engine and GPU made each mask
-        names = list(r.get("actors", {}))
+        names = list(r.actors or {})
         if names:
-            r["engine"] = by_name.get(names[0], {}).get("engine")
-            r["gpus"] = sorted({str(by_name.get(n, {}).get("gpu")) for n in names})
-    wall = time.perf_counter() - t_start
-    ordered = [results[c.case_id] for c in cases if c.case_id in results]
-    report = {
-        "model": {"source": cfg.model or (cfg.model_card or {}).get("card"), "fingerprint": model.fingerprint,
-                  "folds": model.folds, "configuration": model.configuration_name},
-        "settings": dataclasses.asdict(settings),
-        "job": {"run_id": run_id, "actors": n_actors, "mode": "cpu" if cpu_mode else "gpu", "partials": cfg.partials,
-                "tiles_per_task": cfg.tiles_per_task, "max_cases_in_flight": cfg.max_cases_in_flight,
-                "ray_address": cfg.address or os.environ.get("RAY_ADDRESS") or "local"},
-        "engine": actor_stats[0]["engine"] if actor_stats else None,
-        "actors": actor_stats,
-        "cases": ordered,
-        "summary": {"total": len(ordered), "ok": sum(r["status"] == "ok" for r in ordered),
-                    "failed": sum(r["status"] == "failed" for r in ordered),
-                    "skipped": sum(r["status"] == "skipped" for r in ordered), "wall_seconds": round(wall, 3),
-                    "engine_busy_fraction": {a["actor"]: round(a["engine_seconds"] / wall, 4) for a in actor_stats},
-                    "engine_busy_in_span": {a["actor"]: a["engine_busy_in_span"] for a in actor_stats}},
-    }
+            r.engine = by_name.get(names[0], {}).get("engine")
+            r.gpus = sorted({str(by_name.get(n, {}).get("gpu")) for n in names})
+    job = {"run_id": run_id, "mode": "cpu" if cpu_mode else "gpu", "actors": n_actors, "partials": cfg.partials,
+           "tiles_per_task": cfg.tiles_per_task, "max_cases_in_flight": cfg.max_cases_in_flight,
+           "ray_address": cfg.address or os.environ.get("RAY_ADDRESS") or "local"}
+    report = run_report(model, cfg.model or (cfg.model_card or {}).get("card"), settings,
+                        actor_stats[0]["engine"] if actor_stats else None, cases, results,
+                        time.perf_counter() - t_start, job=job, actors=actor_stats)
     for a in actors:
         ray.kill(a)
-    storage.write_bytes_atomic(storage.join(cfg.output, "run_report.json"), json.dumps(report, indent=2, default=str).encode())
+    write_report(cfg.output, report)
     _event("job finished", **report["summary"])
     return report

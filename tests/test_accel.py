@@ -13,7 +13,10 @@ import pytest
 import torch
 
 from accel.card import model_from_card
-from accel.engines import OnnxRuntimeEngine, TorchEngine, create_engines
+from accel.engines import create_engines
+from accel.onnxruntime_engine import OnnxRuntimeEngine
+from accel.torch_engine import TorchEngine
+from trtseg.options import EngineSpec
 from accel.onnx_export import compare_with_pytorch, export_onnx
 from accel.patches import random_patches, sample_patches
 from trtseg import synthetic as syn
@@ -132,7 +135,7 @@ def test_card_model_predicts_and_rejects_contradictions(card_model, tmp_path, mo
     model = model_from_card(card, "cardnet:tiny_net", weights)
     export_onnx(model.build_network("0"), str(tmp_path / "tiny.onnx"), 1, model.patch_size, batch=None)
     onnx_model = model_from_card(card, onnx=str(tmp_path / "tiny.onnx"))
-    assert isinstance(create_engines(onnx_model, "auto", "cpu")[0], OnnxRuntimeEngine)
+    assert isinstance(create_engines(onnx_model, EngineSpec(device="cpu"))[0], OnnxRuntimeEngine)
     with pytest.raises(ModelFolderError, match="does not have 2 channels"):
         model_from_card(str(tmp_path / "bad.json"), onnx=str(tmp_path / "tiny.onnx"))
 
@@ -294,7 +297,7 @@ def _real_tensorrt_and_gpu() -> str | None:
 @pytest.mark.skipif(_real_tensorrt_and_gpu() is not None, reason=str(_real_tensorrt_and_gpu()))
 def test_tensorrt_engine_matches_pytorch_on_gpu(small_model, tmp_path):
     model = load_model_folder(small_model, ["0"])
-    trt_engine = create_engines(model, "tensorrt", "cuda", "fp32", cache_url=str(tmp_path / "cache"))[0]
+    trt_engine = create_engines(model, EngineSpec("tensorrt", "cuda", "fp32", cache=str(tmp_path / "cache")))[0]
     ref = TorchEngine(model.build_network("0"), "cuda", "fp32")
     x = torch.from_numpy(random_patches(model, 3)).cuda()
     a, b = ref.infer(x), trt_engine.infer(x)

@@ -1,12 +1,12 @@
-"""Width-folded convolutions (accel/conv_fold.py) compute the same function as the plain ones, eager and compiled,
+"""Width-folded convolutions (accel/rewrites/conv_fold.py) compute the same function as the plain ones, eager and compiled,
 alone and inside an nnU-Net network run by the PyTorch engine; the CLI flags of both network rewrites (this one and
-accel/upsample_merge.py) reach the engine."""
+accel/rewrites/upsample_merge.py) reach the engine."""
 import numpy as np
 import pytest
 import torch
 
-from accel.conv_fold import WidthFoldedConv3d, fold_narrow_convolutions
-from accel.engines import TorchEngine
+from accel.rewrites.conv_fold import WidthFoldedConv3d, fold_narrow_convolutions
+from accel.torch_engine import TorchEngine
 from trtseg import synthetic as syn
 from trtseg.model import load_model_folder
 
@@ -73,17 +73,18 @@ def test_engine_with_folded_convolutions_gives_the_same_logits(tmp_path):
     torch.testing.assert_close(folded.infer(x), plain.infer(x), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("flag,setting,described,count", [
-    ("--fold-convolutions", "fold_convolutions", "folded_convolutions", 2),
-    ("--merge-upsampling", "merge_upsampling", "merged_upsamplings", 1)])  # accel/upsample_merge.py
-def test_network_rewrite_flags_reach_the_engine(tmp_path, flag, setting, described, count):
-    from trtseg.cli import _predict_parser, _settings
+@pytest.mark.parametrize("flag,described,count", [
+    ("--fold-convolutions", "folded_convolutions", 2),
+    ("--merge-upsampling", "merged_upsamplings", 1)])  # accel/rewrites/upsample_merge.py
+def test_network_rewrite_flags_reach_the_engine(tmp_path, flag, described, count):
+    from trtseg.cli import _predict_parser
+    from trtseg.options import settings_from_args
     from trtseg.predict import Predictor
     folder = syn.make_model_folder(str(tmp_path / "m"), folds=(0,), patch_size=(8, 16, 16), spacing=(1.0, 1.0, 1.0),
                                    features=(32, 64))
     args = _predict_parser().parse_args(["-i", "in", "-o", "out", "-m", folder, "--engine", "torch", "--device", "cpu",
                                          flag])
-    settings = _settings(args)
-    assert getattr(settings, setting)
+    settings = settings_from_args(args)
+    assert settings.engine.rewrites == {flag.lstrip("-")}
     engine = Predictor(load_model_folder(folder, ["0"]), settings).engines[0]
     assert engine.describe()[described] == count

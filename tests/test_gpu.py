@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from accel.engines import TorchEngine
+from accel.torch_engine import TorchEngine
 from accel.patches import random_patches
 from trtseg import transfer
 from trtseg.dataset import list_cases
 from trtseg.model import load_model_folder
-from trtseg.predict import Predictor, Settings
+from trtseg.options import EngineSpec, OutputOptions, Settings, WindowOptions
+from trtseg.predict import Predictor
 
 from conftest import write_case
 
@@ -64,8 +65,8 @@ def test_fp16_weights_keep_norms_fp32_and_track_autocast(small_model):
                                                   "fuse_norms": True}, {"fused_norms": 4})],
                          ids=["folded", "folded_and_merged", "folded_merged_and_fused"])
 def test_compiled_fast_path_with_a_rewritten_network_gives_the_plain_logits(tmp_path, options, described):
-    """--fold-convolutions (accel/conv_fold.py), --merge-upsampling (accel/upsample_merge.py) and --fuse-norms
-    (accel/norm_fusion.py) under torch.compile in fp16 give the plain network's logits."""
+    """--fold-convolutions (accel/rewrites/conv_fold.py), --merge-upsampling (accel/rewrites/upsample_merge.py) and --fuse-norms
+    (accel/rewrites/norm_fusion.py) under torch.compile in fp16 give the plain network's logits."""
     from trtseg import synthetic as syn
     folder = syn.make_model_folder(str(tmp_path / "m"), folds=(0,), patch_size=(32, 64, 64), spacing=(1.0, 1.0, 1.0),
                                    features=(32, 64, 128))
@@ -85,8 +86,8 @@ def test_cuda_predictor_gives_the_cpu_masks(small_model, tmp_path, precision):
     write_case(str(tmp_path / "in"), "g", (70, 61, 23), (0.8, 0.8, 3.1), oblique_deg=20, zero_border=3)
     model = load_model_folder(small_model)
     case = list_cases(str(tmp_path / "in"), 1)[0]
-    cpu = Predictor(model, Settings(device="cpu", engine="torch")).predict_case(case, str(tmp_path / "cpu"))
-    gpu = Predictor(model, Settings(device="cuda", engine="torch", precision=precision, cuda_graphs=True)).predict_case(
+    cpu = Predictor(model, Settings(engine=EngineSpec("torch", "cpu"))).predict_case(case, str(tmp_path / "cpu"))
+    gpu = Predictor(model, Settings(engine=EngineSpec("torch", "cuda", precision, cuda_graphs=True))).predict_case(
         case, str(tmp_path / "gpu"))
     a = np.asarray(nib.load(cpu.output).dataobj)
     b = np.asarray(nib.load(gpu.output).dataobj)

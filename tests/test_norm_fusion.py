@@ -1,4 +1,4 @@
-"""--fuse-norms: the Triton kernels (accel/triton_fusion.py) and the network rewrite (accel/norm_fusion.py).
+"""--fuse-norms: the Triton kernels (accel/rewrites/triton_fusion.py) and the network rewrite (accel/rewrites/norm_fusion.py).
 
 Without a GPU, Triton runs its kernels in its interpreter (conftest sets TRITON_INTERPRET=1), on CPU tensors: the
 same kernel code, the same index arithmetic and masks. tests/test_gpu.py runs them compiled on CUDA."""
@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton", reason="the fused kernels are Triton kernels (pip install triton)")
 
-from accel import conv_fold, norm_fusion, triton_fusion, upsample_merge  # noqa: E402
-from accel.engines import TorchEngine, _fp16_with_fp32_norms  # noqa: E402
+from accel.rewrites import conv_fold, norm_fusion, triton_fusion, upsample_merge  # noqa: E402
+from accel.torch_engine import TorchEngine, _fp16_with_fp32_norms  # noqa: E402
 
 CL = torch.channels_last_3d
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

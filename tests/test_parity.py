@@ -12,7 +12,8 @@ import numpy as np
 from trtseg import synthetic as syn
 from trtseg.dataset import list_cases
 from trtseg.model import load_model_folder
-from trtseg.predict import Predictor, Settings
+from trtseg.options import EngineSpec, OutputOptions, Settings, WindowOptions
+from trtseg.predict import Predictor
 
 from conftest import nnunet_predict, voxel_agreement, write_case
 
@@ -21,7 +22,7 @@ BAR = 0.999
 
 def run_trtseg(model_dir, in_dir, out_dir, folds, use_mirroring=True):
     model = load_model_folder(model_dir, folds)
-    pred = Predictor(model, Settings(device="cpu", use_mirroring=use_mirroring))
+    pred = Predictor(model, Settings(window=WindowOptions(use_mirroring=use_mirroring), engine=EngineSpec(device="cpu")))
     results = [pred.predict_case(c, out_dir) for c in list_cases(in_dir, model.num_input_channels)]
     assert all(r.status == "ok" for r in results), [r.error for r in results]
     return results
@@ -101,7 +102,8 @@ def test_save_probabilities_like_nnunet(small_model, tmp_path):
     os.makedirs(tmp_path / "ref", exist_ok=True)
     p.predict_from_files_sequential([files], [str(tmp_path / "ref" / "prob")], save_probabilities=True, overwrite=True)
     model = load_model_folder(small_model, ["0"])
-    r = Predictor(model, Settings(device="cpu", use_mirroring=False, save_probabilities=True)).predict_case(
+    r = Predictor(model, Settings(window=WindowOptions(use_mirroring=False), engine=EngineSpec(device="cpu"),
+                                     output=OutputOptions(save_probabilities=True))).predict_case(
         list_cases(str(tmp_path / "in"), 1)[0], str(tmp_path / "ours"))
     assert r.status == "ok", r.error
     ref = np.load(tmp_path / "ref" / "prob.npz")["probabilities"]

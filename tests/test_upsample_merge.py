@@ -1,4 +1,4 @@
-"""The decoder's transposed convolutions merged into the convolutions after them (accel/upsample_merge.py) compute
+"""The decoder's transposed convolutions merged into the convolutions after them (accel/rewrites/upsample_merge.py) compute
 the same function as nnU-Net's decoder: isotropic and anisotropic strides and kernels, with and without biases,
 both memory layouts, deep supervision, eager and compiled, and through the PyTorch engine (the CLI flag:
 tests/test_conv_fold.py)."""
@@ -9,9 +9,9 @@ import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
-from accel.conv_fold import WidthFoldedConv3d
-from accel.engines import TorchEngine
-from accel.upsample_merge import MergedUpsamplingDecoder, MergedUpsamplingStage, axis_phases, merge_upsampling
+from accel.rewrites.conv_fold import WidthFoldedConv3d
+from accel.torch_engine import TorchEngine
+from accel.rewrites.upsample_merge import MergedUpsamplingDecoder, MergedUpsamplingStage, axis_phases, merge_upsampling
 from trtseg import synthetic as syn
 from trtseg.model import load_model_folder
 

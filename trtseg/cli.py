@@ -41,104 +41,51 @@ def _load_model(args):
     return load_model_folder(args.model, args.folds, args.checkpoint)
 
 
+# JobConfig fields that are flags of `trtseg predict` (the rest are set from other flags or are internal)
+_JOB_FLAGS = ("overwrite", "dry_run", "limit", "address", "cpu_actors", "gpus_per_actor", "actor_resources",
+              "task_gpus", "max_cases_in_flight", "tiles_per_task", "partials", "log_json", "progress",
+              "diagnostics")
+
+
 def _add_predict_args(p: argparse.ArgumentParser) -> None:
+    """`trtseg predict`'s flags: the input and output, the model, then the declared options (trtseg/options.py for
+    the window, engine and output; jobs/config.py for the Ray job)."""
+    from jobs.config import JobConfig
+    from trtseg.options import add_options, add_settings
+
     p.add_argument("-i", "--input", required=True, help="folder (or file) of NIfTI images; any fsspec URL")
     p.add_argument("-o", "--output", required=True, help="output folder; any fsspec URL")
     _add_model_args(p)
-    p.add_argument("--step-size", type=float, default=0.5, help="tile step as a fraction of the patch size")
-    p.add_argument("--disable-tta", action="store_true", help="no mirroring test-time augmentation")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--engine", default="auto", choices=["auto", "tensorrt", "torch", "onnxruntime", "pycuda"],
-                   help="auto: TensorRT if it imports and a GPU exists, then PyTorch CUDA, then ONNX Runtime (CPU)")
-    p.add_argument("--engine-cache", default=None, help="URL for exported ONNX and built engines (default ~/.cache/trtseg)")
-    p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"], help="engine precision (CUDA default fp16)")
-    add_compile_option(p)
-    p.add_argument("--cuda-graphs", action="store_true", help="capture and replay CUDA graphs (PyTorch/TensorRT on CUDA)")
-    p.add_argument("--channels-last", action="store_true", help="channels-last-3d weights and tiles (PyTorch CUDA engine)")
-    p.add_argument("--fp16-weights", action="store_true",
-                   help="with fp16: an fp16 network with fp32 normalization layers instead of autocast (PyTorch CUDA engine)")
-    p.add_argument("--fold-convolutions", action="store_true",
-                   help="compute the 32-channel 3x3x3 convolutions width-folded, the same function on wider tensor-core "
-                        "tiles (PyTorch CUDA engine; pays with --channels-last)")
-    p.add_argument("--merge-upsampling", action="store_true",
-                   help="merge each decoder stage's transposed convolution into the convolution after it, the same "
-                        "function with fewer multiply-adds (PyTorch engine)")
-    p.add_argument("--fuse-norms", action="store_true",
-                   help="fuse InstanceNorm + LeakyReLU into the full-resolution 32-channel convolutions, the first block "
-                        "and the head with Triton kernels, the same function with fewer passes over the largest "
-                        "tensors (PyTorch CUDA engine; needs --fp16-weights and --channels-last)")
-    p.add_argument("--batch-size", type=int, default=2, help="tiles per engine call")
-    p.add_argument("--save-probabilities", action="store_true", help="also write CASE.npz/CASE.pkl as nnU-Net does")
+    add_settings(p)
     p.add_argument("--storage-options", default=None, help="JSON of fsspec storage options (credentials stay out of reports)")
-    p.add_argument("--compress-level", type=int, default=6, help="gzip level of written masks (1 fastest, 9 smallest)")
-    p.add_argument("--memory-budget-gb", type=float, default=None,
-                   help="fail a case (clearly, before inference) whose volume and logits need more device memory")
-    p.add_argument("--limit", type=int, default=None, help="process at most N cases")
-    p.add_argument("--dry-run", action="store_true", help="list the cases that would run (and be skipped) and stop")
-    p.add_argument("--overwrite", action="store_true", help="redo cases whose mask this model and these settings made")
+    add_options(p, JobConfig, only=("overwrite", "dry_run", "limit"))
     j = p.add_argument_group("Ray job")
-    j.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
-    j.add_argument("--cpu-actors", type=int, default=None, help="N inference actors on CPUs (default where no GPU: 1)")
-    j.add_argument("--gpus-per-actor", type=float, default=1.0, help="GPU share per inference actor (0.5: two per GPU)")
-    j.add_argument("--actor-resources", default=None,
-                   help='JSON of custom Ray resources each inference actor needs, e.g. \'{"accelerator_h100": 1}\'')
-    j.add_argument("--task-gpus", type=float, default=0.0, help="GPU share of preprocessing/export tasks (0: on CPUs)")
-    j.add_argument("--max-cases-in-flight", type=int, default=3, help="volumes between reading and writing at once")
-    j.add_argument("--tiles-per-task", type=int, default=8, help="tiles an actor takes per call")
-    j.add_argument("--partials", default="fp16", choices=["fp16", "fp32"], help="dtype of partial sums sent to the reducer")
-    j.add_argument("--log-json", action="store_true", help="structured JSON log lines on stderr")
-    j.add_argument("--no-progress", action="store_true")
+    add_options(j, JobConfig, only=tuple(f for f in _JOB_FLAGS if f not in ("overwrite", "dry_run", "limit")))
     j.add_argument("--single-process", action="store_true", help="no Ray: every stage in this process")
 
 
-def add_compile_option(p: argparse.ArgumentParser) -> None:
-    """--compile [default|max-autotune], for `trtseg predict` and the benchmarks; see compile_setting."""
-    p.add_argument("--compile", nargs="?", const="default", default=None, choices=["default", "max-autotune"],
-                   help="torch.compile the network (PyTorch CUDA engine); max-autotune also times Triton kernels "
-                        "against cuDNN's, minutes of compile that Inductor's cache keeps for later runs")
-
-
-def compile_setting(mode: str | None) -> bool | str:
-    """--compile's value as Settings.compile: False (absent), True (default mode) or the mode's name."""
-    return False if mode is None else True if mode == "default" else mode
-
-
-def _settings(args):
-    from trtseg.predict import Settings
-    return Settings(step_size=args.step_size, use_mirroring=not args.disable_tta, device=args.device,
-                    engine=args.engine, engine_cache=args.engine_cache, batch_size=args.batch_size,
-                    precision=args.precision, compile=compile_setting(args.compile), cuda_graphs=args.cuda_graphs,
-                    channels_last=args.channels_last, half_weights=args.fp16_weights,
-                    fold_convolutions=args.fold_convolutions, merge_upsampling=args.merge_upsampling,
-                    fuse_norms=args.fuse_norms, save_probabilities=args.save_probabilities, memory_budget_gb=args.memory_budget_gb,
-                    compresslevel=args.compress_level)
-
-
 def cmd_predict(args) -> int:
+    from trtseg.options import settings_from_args
     opts = json.loads(args.storage_options) if args.storage_options else None
+    settings = settings_from_args(args)
     if args.single_process:
         from trtseg import storage
         from trtseg.predict import predict_folder
         storage.set_default_options(opts)
         report = predict_folder(args.input, args.output, _load_model(args), args.folds, args.checkpoint,
-                                _settings(args), opts, args.limit, args.dry_run)
+                                settings, opts, args.limit, args.dry_run, args.overwrite)
     else:
         from jobs.config import JobConfig
         from jobs.driver import run_job
         card = ({"card": args.card, "network": args.network, "weights": args.weights, "onnx": args.onnx_model}
                 if args.card else None)
-        report = run_job(JobConfig(
-            input=args.input, output=args.output, model=args.model, folds=args.folds, checkpoint=args.checkpoint,
-            model_card=card, settings=_settings(args), storage_options=opts, address=args.address,
-            cpu_actors=args.cpu_actors, gpus_per_actor=args.gpus_per_actor, task_gpus=args.task_gpus,
-            actor_resources=json.loads(args.actor_resources) if args.actor_resources else None,
-            max_cases_in_flight=args.max_cases_in_flight, tiles_per_task=args.tiles_per_task, partials=args.partials,
-            overwrite=args.overwrite, dry_run=args.dry_run, limit=args.limit, progress=not args.no_progress,
-            log_json=args.log_json))
+        report = run_job(JobConfig(input=args.input, output=args.output, model=args.model, folds=args.folds,
+                                   checkpoint=args.checkpoint, model_card=card, settings=settings,
+                                   storage_options=opts, **{f: getattr(args, f) for f in _JOB_FLAGS}))
     if report.get("dry_run"):
         return 0
     s = report["summary"]
-    print(f"{s['ok']}/{s['total']} cases ok, {s['failed']} failed, {s.get('skipped', 0)} skipped, "
+    print(f"{s['ok']}/{s['total']} cases ok, {s['failed']} failed, {s['skipped']} skipped, "
           f"{s['wall_seconds']} s; report: {args.output.rstrip('/')}/run_report.json")
     return 1 if s["failed"] else 0
 
@@ -150,10 +97,19 @@ def cmd_export(args) -> int:
     model = model.with_folds([(args.folds or model.folds)[0]])
     report = make_artefact(model, args.output, args.precision, None if args.dynamic_batch else args.batch,
                            args.dynamic_spatial, args.calibration, args.calibration_cases, args.calibration_method,
-                           args.patches, args.max_dice_drop)
+                           args.patches, args.max_dice_drop, cpu_mask_predictor(model))
     print(json.dumps({k: report[k] for k in ("vs_pytorch_fp32", "gate") if k in report}, indent=2))
     print(f"wrote {args.output} and {args.output}.report.json")
     return 0
+
+
+def cpu_mask_predictor(model):
+    """(engines, image) -> mask: whole cases through the pipeline on the CPU, mirroring off, as the FP16/INT8
+    accuracy reports run them (accel.precision)."""
+    from trtseg.options import EngineSpec, Settings, WindowOptions
+    from trtseg.predict import Predictor
+    settings = Settings(window=WindowOptions(use_mirroring=False), engine=EngineSpec(device="cpu"))
+    return lambda engines, image: Predictor(model, settings, engines).predict_image(image).mask
 
 
 def cmd_build(args) -> int:
@@ -258,8 +214,9 @@ def main(argv: list[str] | None = None) -> int:
 
     c = sub.add_parser("compare", help="run the same patches through two engines/precisions and report the gap")
     _add_model_args(c)
-    c.add_argument("--a", default="torch:fp32", help="KIND[:PRECISION], or a .onnx / .engine file")
-    c.add_argument("--b", required=True, help="KIND[:PRECISION], or a .onnx / .engine file")
+    c.add_argument("--a", default="torch:fp32", help="an engine spec KIND[:TOKEN+...] (torch:fp32, "
+                   "onnxruntime:fp16, torch:fp16+compile+channels-last; see trtseg/options.py), or a .onnx / .engine file")
+    c.add_argument("--b", required=True, help="as --a")
     c.add_argument("-i", "--input", default=None, help="folder of real volumes to cut patches from (default: random)")
     c.add_argument("--patches", type=int, default=4)
     c.add_argument("--device", default=None)

@@ -1,12 +1,22 @@
-"""Stage 4, infer: one batch of tiles through an engine, with nnU-Net's mirroring test-time augmentation (v2 averages
-logits over the mirrorings, v1 softmax probabilities)."""
+"""Stage 4, infer: batches of tiles through the engines, with nnU-Net's mirroring test-time augmentation (v2 averages
+logits over the mirrorings, v1 softmax probabilities), summed into a Merger.
+
+``run_tiles`` is the one sliding-window loop: the single-process path runs it over all of a volume's tiles, a Ray
+actor over the chunk of tiles it was sent.
+"""
 from __future__ import annotations
 
+import contextlib
 import itertools
+from typing import TYPE_CHECKING, Callable, ContextManager, Sequence
 
 import torch
 
-from accel.engines import Engine
+from trtseg.window import WindowPlan, batches
+
+if TYPE_CHECKING:
+    from accel.engine import Engine
+    from trtseg.aggregate import Merger
 
 
 def mirror_combinations(mirror_axes: tuple[int, ...] | None) -> list[tuple[int, ...]]:
@@ -27,7 +37,7 @@ def run_engine(engine: Engine, batch: torch.Tensor) -> torch.Tensor:
     An out-of-memory error halves the chunk and tries again, down to one tile; only a single tile that does not
     fit is an error. The halved size is kept for the engine's later batches.
     """
-    limit = min(batch.shape[0], engine.max_batch or batch.shape[0], getattr(engine, "oom_batch_limit", None) or batch.shape[0])
+    limit = min(batch.shape[0], engine.max_batch or batch.shape[0], engine.oom_batch_limit or batch.shape[0])
     while True:
         try:
             if limit >= batch.shape[0]:
@@ -39,7 +49,7 @@ def run_engine(engine: Engine, batch: torch.Tensor) -> torch.Tensor:
             if batch.device.type == "cuda":
                 torch.cuda.empty_cache()
             limit = max(1, limit // 2)
-            engine.oom_batch_limit = limit  # type: ignore[attr-defined]
+            engine.oom_batch_limit = limit
 
 
 @torch.inference_mode()
@@ -61,3 +71,33 @@ def predict_tiles(engine: Engine, tiles: torch.Tensor, mirror_axes: tuple[int, .
     if combos:
         pred /= len(combos) + 1
     return pred
+
+
+# timing(kind) -> a context manager around one batch that yields a factory of context managers around its engine
+# calls; kind is "case" (a volume's first batch on this worker), "chunk" (a chunk's first) or "batch"
+BatchTiming = Callable[[str], ContextManager[Callable[[], ContextManager]]]
+
+
+@contextlib.contextmanager
+def _untimed(kind: str):
+    yield contextlib.nullcontext
+
+
+@torch.inference_mode()
+def run_tiles(engines: "Sequence[Engine]", volume: torch.Tensor, plan: WindowPlan, starts, batch_size: int,
+              merger: "Merger", timing: BatchTiming | None = None, first: str = "chunk") -> None:
+    """Runs the tiles at ``starts`` of the padded ``volume`` (c, z, y, x) through every engine (one a fold) in
+    batches of ``batch_size`` and adds their logits to ``merger``; then records the tiles as covered.
+
+    timing: how a Ray actor measures its GPU time per batch (jobs/timeline.py); first: the first batch's kind."""
+    timing = timing or _untimed
+    kind = first
+    for engine in engines:
+        for chunk in batches(starts, batch_size):
+            with timing(kind) as engine_timer:
+                tiles = plan.gather(volume, chunk).to(engine.device)
+                with engine_timer():
+                    logits = predict_tiles(engine, tiles, plan.mirror_axes, plan.probabilities)
+                merger.add(logits, chunk)
+            kind = "batch"
+    merger.cover(starts)

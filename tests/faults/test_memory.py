@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from accel.engines import Engine, TorchEngine
+from accel.engine import Engine
+from accel.torch_engine import TorchEngine
 from accel.patches import random_patches
 from trtseg.cli import main
 from trtseg.infer import predict_tiles

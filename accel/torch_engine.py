@@ -1,0 +1,173 @@
+"""The PyTorch backend: the network itself, CPU fp32 or CUDA with fp16/bf16, compile, CUDA graphs and the network
+rewrites (``accel.rewrites``, each imported only when asked for)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+
+from accel.engine import Engine, pad_batch
+
+
+# --compile's names -> torch.compile's modes
+_TORCH_COMPILE_MODES: dict[str, str | None] = {"default": None, "max-autotune": "max-autotune-no-cudagraphs"}
+
+
+class TorchEngine(Engine):
+    """The network itself under PyTorch: CPU in float32, or CUDA with fp16/bf16 autocast and optional compile.
+
+    network: an nn.Module in eval mode, deep supervision off
+    device: "cpu" or "cuda[:N]"
+    precision: "fp32", "fp16" or "bf16" (autocast; on CPU only fp32 is offered, as nnU-Net does)
+    compile: wrap the network in torch.compile (CUDA; the first batches of each shape pay the compile time); a
+        string is torch.compile's mode; "max-autotune" means "max-autotune-no-cudagraphs" (CUDA graph trees are
+        bound to one thread, and a job's actor warms up in another thread than the one that runs its tiles)
+    cuda_graphs: capture one CUDA graph per batch shape and replay it (CUDA; static input/output buffers)
+    channels_last: keep weights and tiles in channels-last-3d memory order (b, z, y, x, c), which cuDNN's fp16
+        tensor-core convolutions prefer; values are unchanged
+    half_weights: with fp16, cast the network itself to fp16 instead of autocasting, keeping every normalization
+        layer in fp32 (its input is cast up and its output back), as the FP16 ONNX export does
+    fold_convolutions: compute the 3x3x3 convolutions with 32 input and output channels width-folded
+        (``accel.rewrites.conv_fold``): the same function on wider tensor-core tiles; it pays with channels_last on CUDA
+    merge_upsampling: merge each decoder stage's transposed convolution into the convolution after it
+        (``accel.rewrites.upsample_merge``, nnU-Net v2 networks): the same function with fewer multiply-adds and no
+        concatenation
+    fuse_norms: fuse InstanceNorm + LeakyReLU into the full-resolution 32-channel convolutions, the first block and
+        the segmentation head with Triton kernels (``accel.rewrites.norm_fusion``; CUDA with half_weights and channels_last):
+        the same function with fewer passes over the largest tensors
+    static_batch: with compile or CUDA graphs, pad a shorter batch with zero tiles to this size, so that one
+        compiled graph serves every batch; without it, each new short batch size (a volume's last batch) compiles
+        or captures another graph, some 15 s each under torch.compile
+    """
+
+    name = "torch"
+
+    def __init__(self, network: torch.nn.Module, device: torch.device | str = "cpu", precision: str = "fp32",
+                 compile: bool | str = False, cuda_graphs: bool = False, channels_last: bool = False,
+                 half_weights: bool = False, static_batch: int | None = None, fold_convolutions: bool = False,
+                 merge_upsampling: bool = False, fuse_norms: bool = False):
+        self.device = torch.device(device)
+        if precision not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
+        if self.device.type == "cpu" and precision != "fp32":
+            raise ValueError("the CPU engine runs fp32 only")
+        self.precision = precision
+        if half_weights and precision != "fp16":
+            raise ValueError("half_weights needs precision fp16")
+        self.half_weights = half_weights
+        self.channels_last = channels_last
+        network = network.to(self.device).eval()
+        # merged before folding, so that the skip halves of merged stages (32->32 at full resolution) fold too
+        self.merged_upsamplings = self.folded_convolutions = 0
+        if merge_upsampling:
+            from accel.rewrites.upsample_merge import merge_upsampling as merge
+            self.merged_upsamplings = merge(network)
+        if fold_convolutions:
+            from accel.rewrites.conv_fold import fold_narrow_convolutions
+            self.folded_convolutions = fold_narrow_convolutions(network)
+        if half_weights:
+            network = _fp16_with_fp32_norms(network)
+        if channels_last:
+            network = network.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+        if fuse_norms and not (self.device.type == "cuda" and half_weights and channels_last):
+            raise ValueError("fuse_norms needs a CUDA device, half_weights and channels_last: its kernels take fp16 "
+                             "channels-last tensors")
+        # last: the fused kernels read the fp16 weights the unfused network would use
+        self.fused_norms = 0
+        if fuse_norms:
+            from accel.rewrites.norm_fusion import fuse_norms as fuse
+            self.fused_norms = fuse(network)
+        self.network = network
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed tile shapes: let cuDNN pick the fastest kernels, as nnU-Net does
+        self._fn: Callable[[torch.Tensor], torch.Tensor] = self.network
+        self.compile_mode = (compile if isinstance(compile, str) else "default") if compile else None
+        if compile:
+            # static shapes: one graph per batch size (with static_batch, short batches are padded to the full one).
+            # Left to detect dynamic shapes, torch.compile would recompile on a short batch with a symbolic batch
+            # dimension, and that slower graph then serves the full batches too
+            mode = _TORCH_COMPILE_MODES.get(self.compile_mode, self.compile_mode)  # type: ignore[arg-type]
+            self._fn = torch.compile(self.network, mode=mode, dynamic=False)  # type: ignore[assignment]
+        self.compiled = bool(compile)
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.cuda_graphs = cuda_graphs
+        self._graphs: dict[tuple, tuple] = {}  # batch shape -> (graph, static input, static output)
+        self.static_batch = static_batch if (compile or cuda_graphs) else None
+        self.max_batch = self.static_batch
+
+    def _replay(self, batch: torch.Tensor) -> torch.Tensor:
+        key = tuple(batch.shape)
+        if key not in self._graphs:
+            static_in = batch.clone()
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side), self._autocast():
+                for _ in range(2):  # warm-up outside the graph (cuDNN autotuning, lazy init)
+                    self._fn(static_in)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), self._autocast():
+                static_out = self._fn(static_in)
+            self._graphs[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = self._graphs[key]
+        static_in.copy_(batch)
+        graph.replay()
+        return static_out.clone()
+
+    def _prepare(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.half_weights:
+            batch = batch.half()
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last_3d)
+        return batch
+
+    def _autocast(self):
+        if self.precision == "fp32" or self.half_weights:
+            return contextlib.nullcontext()
+        dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    @torch.inference_mode()
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        n = batch.shape[0]
+        if self.static_batch:  # after an out-of-memory halving (trtseg.infer.run_engine), the smaller size is static
+            batch = pad_batch(batch, min(self.static_batch, self.oom_batch_limit or self.static_batch))
+        batch = self._prepare(batch)
+        if self.cuda_graphs:
+            return self._replay(batch)[:n].float().contiguous()
+        with self._autocast():
+            out = self._fn(batch)
+        return out[:n].float().contiguous()
+
+    def describe(self) -> dict:
+        return {"engine": self.name, "device": str(self.device), "precision": self.precision, "compiled": self.compiled,
+                "compile_mode": self.compile_mode,
+                "cuda_graphs": self.cuda_graphs, "channels_last": self.channels_last, "half_weights": self.half_weights,
+                "folded_convolutions": self.folded_convolutions, "merged_upsamplings": self.merged_upsamplings,
+                "fused_norms": self.fused_norms}
+
+
+class _Fp32Norm(torch.nn.Module):
+    """Runs a normalization layer in fp32 inside an fp16 network: InstanceNorm's variance loses accuracy in fp16."""
+
+    def __init__(self, norm: torch.nn.Module):
+        super().__init__()
+        self.norm = norm.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.float()).to(x.dtype)
+
+
+_NORMS = (torch.nn.modules.instancenorm._InstanceNorm, torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm,
+          torch.nn.LayerNorm)
+
+
+def _fp16_with_fp32_norms(network: torch.nn.Module) -> torch.nn.Module:
+    network = network.half()
+    for parent in list(network.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, _NORMS):
+                setattr(parent, name, _Fp32Norm(child))
+    return network

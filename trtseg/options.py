@@ -1,0 +1,221 @@
+"""What a run does, declared once as typed data: the window, the engine spec and the output.
+
+Each option is a dataclass field whose metadata holds its command-line flag and help. ``add_options`` puts them on
+any argparse parser (`trtseg predict`, `trtseg compare`, the benchmarks) and ``from_args`` reads them back, so a
+flag exists in exactly one place. ``EngineSpec.parse`` is the one text syntax for an engine
+(``KIND[:TOKEN+TOKEN...]``, e.g. ``torch:fp16+compile+channels-last``), shared by `trtseg compare` and the
+benchmarks. Everything here is plain data: it crosses process boundaries to Ray workers.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+ENGINE_KINDS = ("auto", "tensorrt", "torch", "onnxruntime", "pycuda")
+PRECISIONS = ("fp32", "fp16", "bf16")
+COMPILE_MODES = ("default", "max-autotune")
+# the PyTorch engine's network rewrites: same function, less GPU time (see accel/rewrites/)
+REWRITES = {
+    "fold-convolutions": "compute the 32-channel 3x3x3 convolutions width-folded, the same function on wider "
+                         "tensor-core tiles (PyTorch CUDA engine; pays with --channels-last)",
+    "merge-upsampling": "merge each decoder stage's transposed convolution into the convolution after it, the same "
+                        "function with fewer multiply-adds (PyTorch engine)",
+    "fuse-norms": "fuse InstanceNorm + LeakyReLU into the full-resolution 32-channel convolutions, the first block "
+                  "and the head with Triton kernels, the same function with fewer passes over the largest tensors "
+                  "(PyTorch CUDA engine; needs --fp16-weights and --channels-last)",
+}
+# short spellings of EngineSpec.parse's tokens, kept so that recorded benchmark commands still run
+_ALIASES = {"cl": "channels-last", "half": "fp16-weights", "graphs": "cuda-graphs", "max": "max-autotune",
+            "fold": "fold-convolutions", "merge": "merge-upsampling", "fuse": "fuse-norms"}
+
+
+def opt(default: Any, flag: str, help: str, **argparse_kwargs) -> Any:
+    """A dataclass field declared with its command-line flag (argparse_kwargs: choices, type, action, nargs...)."""
+    meta = {"flag": flag, "help": help, **argparse_kwargs}
+    if isinstance(default, (set, frozenset, list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class WindowOptions:
+    """The sliding window: tile step as a fraction of the patch (nnU-Net's 0.5), mirroring test-time augmentation
+    over the checkpoint's allowed axes."""
+
+    step_size: float = opt(0.5, "--step-size", "tile step as a fraction of the patch size", type=float)
+    use_mirroring: bool = opt(True, "--disable-tta", "no mirroring test-time augmentation", action="store_false")
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What runs the network, and how.
+
+    kind: auto (TensorRT if it imports and a GPU exists, then PyTorch CUDA, then ONNX Runtime on the CPU), tensorrt,
+        torch, onnxruntime or pycuda
+    device: "cpu", "cuda" or "cuda:N"; None picks cuda when available
+    precision: fp32, fp16 or bf16; None: fp16 on CUDA (nnU-Net's autocast), fp32 on the CPU
+    batch_size: tiles per engine call (a TensorRT profile's and a compiled graph's batch)
+    compile: torch.compile mode ("default" or "max-autotune"); None: eager
+    rewrites: the network rewrites to apply (keys of REWRITES)
+    cache: URL of exported ONNX graphs and built engines (default $TRTSEG_CACHE or ~/.cache/trtseg)
+    """
+
+    kind: str = opt("auto", "--engine", "auto: TensorRT if it imports and a GPU exists, then PyTorch CUDA, then ONNX "
+                    "Runtime (CPU)", choices=ENGINE_KINDS)
+    device: str | None = opt(None, "--device", "cpu, cuda or cuda:N (default: cuda when available)")
+    precision: str | None = opt(None, "--precision", "engine precision (CUDA default fp16)", choices=PRECISIONS)
+    batch_size: int = opt(2, "--batch-size", "tiles per engine call", type=int)
+    compile: str | None = opt(None, "--compile", "torch.compile the network (PyTorch CUDA engine); max-autotune also "
+                              "times Triton kernels against cuDNN's, minutes of compile that Inductor's cache keeps",
+                              nargs="?", const="default", choices=COMPILE_MODES)
+    cuda_graphs: bool = opt(False, "--cuda-graphs", "capture and replay CUDA graphs (PyTorch/TensorRT on CUDA)",
+                            action="store_true")
+    channels_last: bool = opt(False, "--channels-last", "channels-last-3d weights and tiles (PyTorch CUDA engine)",
+                              action="store_true")
+    fp16_weights: bool = opt(False, "--fp16-weights", "with fp16: an fp16 network with fp32 normalization layers "
+                             "instead of autocast (PyTorch CUDA engine)", action="store_true")
+    rewrites: frozenset = opt(frozenset(), "", "network rewrites", rewrites=REWRITES)
+    cache: str | None = opt(None, "--engine-cache", "URL for exported ONNX and built engines (default "
+                            "~/.cache/trtseg)")
+
+    def __post_init__(self):
+        object.__setattr__(self, "rewrites", frozenset(self.rewrites))
+        unknown = self.rewrites - set(REWRITES)
+        if unknown:
+            raise ValueError(f"unknown network rewrite(s) {sorted(unknown)}; known: {sorted(REWRITES)}")
+
+    def with_(self, **changes) -> "EngineSpec":
+        return dataclasses.replace(self, **changes)
+
+    def resolved_device(self):
+        """The torch.device: ``device``, else cuda when available, else cpu."""
+        import torch
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def resolved_precision(self, device=None) -> str:
+        """``precision``, else fp16 on CUDA (nnU-Net's autocast) and fp32 on the CPU (of ``device``, default
+        ``resolved_device()``)."""
+        device = device if device is not None else self.resolved_device()
+        return self.precision or ("fp16" if device.type == "cuda" else "fp32")
+
+    @classmethod
+    def parse(cls, text: str, base: "EngineSpec | None" = None) -> "EngineSpec":
+        """``KIND[:TOKEN+TOKEN...]`` or ``TOKEN+TOKEN...`` (kind torch) -> an EngineSpec over ``base``.
+
+        Tokens: a precision (fp32, fp16, bf16), compile or max-autotune, and the flag names of the boolean
+        options and rewrites without their dashes in front (cuda-graphs, channels-last, fp16-weights,
+        fold-convolutions, ...), or their short spellings (graphs, cl, half, fold, merge, fuse, max)."""
+        base = base or cls()
+        kind, sep, rest = text.partition(":")
+        if not sep:
+            kind, rest = ("torch", text) if text not in ENGINE_KINDS else (text, "")
+        if kind not in ENGINE_KINDS:
+            raise ValueError(f"{text!r}: engine kind must be one of {ENGINE_KINDS}")
+        changes: dict[str, Any] = {"kind": kind}
+        rewrites = set(base.rewrites)
+        flags = {f.metadata["flag"].lstrip("-"): f.name for f in dataclasses.fields(cls)
+                 if f.metadata.get("action") == "store_true"}
+        for token in filter(None, rest.split("+")):
+            token = _ALIASES.get(token, token)
+            if token in PRECISIONS:
+                changes["precision"] = token
+            elif token == "compile" or token in COMPILE_MODES:
+                changes["compile"] = "default" if token == "compile" else token
+            elif token in flags:
+                changes[flags[token]] = True
+            elif token in REWRITES:
+                rewrites.add(token)
+            else:
+                raise ValueError(f"{text!r}: unknown engine option {token!r}")
+        return dataclasses.replace(base, rewrites=frozenset(rewrites), **changes)
+
+    def text(self) -> str:
+        """The spec in ``parse``'s syntax (options that differ from the defaults)."""
+        tokens = [self.precision] if self.precision else []
+        if self.compile:
+            tokens.append("compile" if self.compile == "default" else self.compile)
+        tokens += [f.metadata["flag"].lstrip("-") for f in dataclasses.fields(self)
+                   if f.metadata.get("action") == "store_true" and getattr(self, f.name)]
+        tokens += sorted(self.rewrites)
+        return self.kind + (":" + "+".join(tokens) if tokens else "")
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """What is written per case besides the mask, and how."""
+
+    save_probabilities: bool = opt(False, "--save-probabilities", "also write CASE.npz/CASE.pkl as nnU-Net does",
+                                   action="store_true")
+    compress_level: int = opt(6, "--compress-level", "gzip level of written masks (1 fastest, 9 smallest)", type=int)
+
+
+def add_options(parser: argparse.ArgumentParser | Any, cls: type, only: tuple[str, ...] | None = None,
+                defaults: Any = None) -> None:
+    """Adds the flags of dataclass ``cls``'s fields to ``parser`` (every field, or those named in ``only``).
+
+    defaults: an instance whose values become the flags' defaults (a benchmark's own)."""
+    for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
+        meta = dict(f.metadata)
+        flag, help_ = meta.pop("flag"), meta.pop("help")
+        default = getattr(defaults, f.name) if defaults is not None else \
+            (f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
+        if "rewrites" in meta:
+            for name, text in meta.pop("rewrites").items():
+                parser.add_argument(f"--{name}", action="store_true", default=name in default, help=text)
+            continue
+        parser.add_argument(flag, dest=f.name, default=default, help=help_, **meta)
+
+
+def from_args(cls: type, args: argparse.Namespace):
+    """The ``cls`` instance that ``add_options``' flags parsed into ``args``."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if "rewrites" in f.metadata:
+            values[f.name] = frozenset(n for n in f.metadata["rewrites"] if getattr(args, n.replace("-", "_"), False))
+        elif hasattr(args, f.name):
+            values[f.name] = getattr(args, f.name)
+    return cls(**values)
+
+
+def option_flags(cls: type) -> set[str]:
+    """Every flag ``add_options`` gives ``cls``: what a test compares across parsers."""
+    flags = set()
+    for f in dataclasses.fields(cls):
+        flags |= {f"--{n}" for n in f.metadata["rewrites"]} if "rewrites" in f.metadata else {f.metadata["flag"]}
+    return flags
+
+
+@dataclass
+class Settings:
+    """Everything that decides how a case is predicted: what `trtseg predict` and the Ray job's workers share.
+
+    memory_budget_gb: a case whose volume and logits would need more device memory fails, clearly, before
+        inference (see trtseg.pipeline.case_bytes); None: no limit
+    """
+
+    window: WindowOptions = field(default_factory=WindowOptions)
+    engine: EngineSpec = field(default_factory=EngineSpec)
+    output: OutputOptions = field(default_factory=OutputOptions)
+    memory_budget_gb: float | None = opt(None, "--memory-budget-gb", "fail a case (clearly, before inference) whose "
+                                         "volume and logits need more device memory", type=float)
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["engine"]["rewrites"] = sorted(self.engine.rewrites)
+        return d
+
+
+def add_settings(parser: argparse.ArgumentParser | Any) -> None:
+    """Every Settings flag: the window's, the engine's, the output's and the memory budget."""
+    for cls in (WindowOptions, EngineSpec, OutputOptions):
+        add_options(parser, cls)
+    add_options(parser, Settings, only=("memory_budget_gb",))
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    return Settings(window=from_args(WindowOptions, args), engine=from_args(EngineSpec, args),
+                    output=from_args(OutputOptions, args), memory_budget_gb=args.memory_budget_gb)

@@ -1,0 +1,196 @@
+"""The case stages every path runs: which cases to do, prepare (read -> preprocess -> window plan), write, and the
+run report. ``trtseg.predict`` runs them in one process; the Ray job (jobs/) runs the same functions as tasks and
+its actors run the sliding window (``trtseg.infer.run_tiles`` into a ``trtseg.aggregate.Merger``) between them.
+
+A mask carries a stamp of what made it (model fingerprint, folds, the settings that change masks) in its header;
+a rerun skips a case whose mask has this run's stamp, unless ``overwrite``. Both paths write the same report.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from trtseg import storage, transfer
+from trtseg.dataset import Case
+from trtseg.errors import CaseError, TrtsegError, one_line
+from trtseg.export import empty_export
+from trtseg.options import Settings
+from trtseg.preprocess import preprocess
+from trtseg.read import read_case
+from trtseg.window import plan_window
+from trtseg.write import read_stamp, write_mask, write_probabilities
+
+
+def stamp(model, settings: Settings) -> str:
+    """What made a mask: the model fingerprint, its folds and the settings that change masks."""
+    w = settings.window
+    return f"{model.fingerprint} folds={','.join(model.folds)} step={w.step_size} tta={int(w.use_mirroring)}"
+
+
+def mask_url(output_url: str, case_id: str) -> str:
+    return storage.join(output_url, case_id + ".nii.gz")
+
+
+def case_bytes(channels: int, classes: int, padded_shape, cropped_shape) -> int:
+    """Device bytes a case needs at its peak: the volume, the logit sums and weights (float32) over the padded
+    grid, and the logits resampled back to the cropped input grid (twice, for the resampling's intermediate)."""
+    padded, cropped = math.prod(int(s) for s in padded_shape), math.prod(int(s) for s in cropped_shape)
+    return 4 * ((channels + classes + 1) * padded + 2 * classes * cropped)
+
+
+def check_budget(settings: Settings, where: str, channels: int, classes: int, padded_shape, cropped_shape) -> None:
+    if settings.memory_budget_gb is None:
+        return
+    need = case_bytes(channels, classes, padded_shape, cropped_shape) / 2 ** 30
+    if need > settings.memory_budget_gb:
+        raise CaseError(where, f"needs about {need:.2f} GiB for its volume and logits, more than --memory-budget-gb "
+                               f"{settings.memory_budget_gb:g}; raise the budget or use a device with more memory")
+
+
+def select_cases(cases: list[Case], output_url: str, model, settings: Settings, overwrite: bool,
+                 storage_options: storage.StorageOptions | None = None) -> tuple[list[Case], dict[str, "CaseReport"]]:
+    """(the cases to run, {case id: report} of those skipped because this model and these settings made their
+    mask already)."""
+    mine = stamp(model, settings)
+    todo, skipped = [], {}
+    for c in cases:
+        out = mask_url(output_url, c.case_id)
+        if not overwrite and read_stamp(out, storage_options) == mine:
+            skipped[c.case_id] = CaseReport(c.case_id, "skipped", output=out,
+                                            reason="made by the same model and settings")
+        else:
+            todo.append(c)
+    return todo, skipped
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prepare_case(case: Case, model, settings: Settings, device: torch.device,
+                 storage_options: storage.StorageOptions | None = None, to_host: bool = True) -> tuple[dict, Any]:
+    """Reads and preprocesses one case on ``device`` and plans its window.
+
+    Returns (meta, the padded volume (c, z, y, x) float32, or None). The volume is numpy on the host when
+    ``to_host`` (it goes through Ray's object store), else a tensor on ``device``. meta holds the case id, files,
+    input header and shape (z, y, x), seconds per stage, what export needs ("pre"), the window "plan", and either
+    "error" (the one-line error of a case that cannot run) or "empty" (an all-zero volume: no network run).
+    """
+    seconds: dict[str, float] = {}
+    meta: dict[str, Any] = {"case_id": case.case_id, "files": list(case.files), "seconds": seconds}
+    try:
+        if case.problem:
+            raise TrtsegError(f"{case.files[0]}: {case.problem}")
+        t = time.perf_counter()
+        image = read_case(list(case.files), model.num_input_channels, storage_options)
+        seconds["read"] = time.perf_counter() - t
+        meta.update(header=image.header, shape_zyx=image.shape_zyx, spacing_zyx=image.spacing_zyx)
+        if not np.any(image.data):
+            meta["empty"] = True
+            return meta, None
+        t = time.perf_counter()
+        pre = preprocess(image, model, device)
+        padded, plan = plan_window(pre.data, model, settings.window.step_size, settings.window.use_mirroring)
+        check_budget(settings, case.files[0], padded.shape[0], model.labels.num_heads, padded.shape[1:],
+                     pre.shape_after_cropping)
+        volume = transfer.to_host(padded) if to_host else padded
+        _sync(device)
+        seconds["preprocess"] = time.perf_counter() - t
+    except TrtsegError as e:
+        meta["error"] = storage.redact(str(e))
+        return meta, None
+    except Exception as e:
+        meta["error"] = storage.redact(f"{case.files[0]}: {one_line(e)}")
+        return meta, None
+    meta.update(pre={"shape_before_cropping": pre.shape_before_cropping, "bbox": pre.bbox,
+                     "shape_after_cropping": pre.shape_after_cropping, "spacing_transposed": pre.spacing_transposed},
+                plan=plan, volume_bytes=int(volume.nbytes) if to_host else 0)
+    return meta, volume
+
+
+def write_case(meta: dict, model, settings: Settings, output_url: str, storage_options,
+               mask: np.ndarray | None, probabilities: np.ndarray | None = None) -> dict:
+    """Writes a case's mask (an empty one for an all-zero volume) with its stamp, atomically, and with
+    --save-probabilities nnU-Net's CASE.npz / CASE.pkl first (so a mask never exists without them).
+
+    Returns {"output", "seconds"} or {"error", "seconds"}."""
+    out_url = mask_url(output_url, meta["case_id"])
+    t = time.perf_counter()
+    try:
+        if mask is None:
+            empty = empty_export(meta["shape_zyx"], model, settings.output.save_probabilities)
+            mask, probabilities = empty.mask, empty.probabilities
+        if settings.output.save_probabilities:
+            if probabilities is None:
+                raise RuntimeError("--save-probabilities: the export returned no probabilities")
+            write_probabilities(storage.join(output_url, meta["case_id"]), probabilities,
+                                {"spacing": [float(s) for s in meta["spacing_zyx"][::-1]],
+                                 "shape_zyx": list(meta["shape_zyx"])}, storage_options)
+        write_mask(out_url, mask, meta["header"], storage_options, settings.output.compress_level,
+                   stamp(model, settings))
+    except Exception as e:
+        return {"error": storage.redact(f"{meta['files'][0]}: {one_line(e)}"),
+                "seconds": {"write": time.perf_counter() - t}}
+    return {"output": out_url, "seconds": {"write": time.perf_counter() - t}}
+
+
+@dataclass
+class CaseReport:
+    """One case's entry in run_report.json, the same on every path.
+
+    status: "ok", "failed" or "skipped"; reason: why a case was skipped; seconds: per stage (read, preprocess,
+    infer, export, write). The Ray job fills the rest: tiles per actor, the owner, object-store bytes, peak memory.
+    """
+
+    case_id: str
+    status: str
+    output: str | None = None
+    error: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    reason: str | None = None
+    tiles: int | None = None
+    actors: dict[str, int] | None = None
+    owner: str | None = None
+    redone: list[str] = field(default_factory=list)
+    object_store_bytes: dict[str, int] | None = None
+    peak_rss_mb: dict[str, float | None] | None = None
+    peak_gpu_memory_mb: float | None = None
+    engine: dict | None = None
+    gpus: list[str] | None = None
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["seconds"] = {k: round(v, 4) for k, v in self.seconds.items()}
+        return d
+
+
+def run_report(model, source: str | None, settings: Settings, engine: dict | None, cases: list[Case],
+               results: dict[str, CaseReport], wall_seconds: float, job: dict | None = None,
+               actors: list[dict] | None = None) -> dict:
+    """run_report.json: the model, the settings, the engine, every case in input order and a summary (total, ok,
+    failed, skipped, wall seconds); the Ray job adds its "job" settings and per-actor counters."""
+    ordered = [results[c.case_id].to_json() for c in cases if c.case_id in results]
+    summary: dict[str, Any] = {"total": len(ordered)}
+    for status in ("ok", "failed", "skipped"):
+        summary[status] = sum(r["status"] == status for r in ordered)
+    summary["wall_seconds"] = round(wall_seconds, 3)
+    if actors:
+        summary["engine_busy_fraction"] = {a["actor"]: round(a["engine_seconds"] / wall_seconds, 4) for a in actors}
+        summary["engine_busy_in_span"] = {a["actor"]: a["engine_busy_in_span"] for a in actors}
+    return {"model": {"source": source, "fingerprint": model.fingerprint, "folds": model.folds,
+                      "configuration": model.configuration_name},
+            "settings": settings.to_json(), "job": job, "engine": engine, "actors": actors or [],
+            "cases": ordered, "summary": summary}
+
+
+def write_report(output_url: str, report: dict, storage_options=None) -> None:
+    import json
+    storage.write_bytes_atomic(storage.join(output_url, "run_report.json"),
+                               json.dumps(report, indent=2, default=str).encode(), storage_options)
