@@ -67,13 +67,7 @@ def create_engines(model, spec: "EngineSpec", device: torch.device | str | None 
     engines: list[Engine] = []
     for fold in model.folds:
         if kind == "torch":
-            from accel.torch_engine import TorchEngine
-
-            engines.append(TorchEngine(model.build_network(fold), device, precision, spec.compile or False,
-                                       spec.cuda_graphs, spec.channels_last, spec.fp16_weights, static_batch=batch,
-                                       fold_convolutions="fold-convolutions" in spec.rewrites,
-                                       merge_upsampling="merge-upsampling" in spec.rewrites,
-                                       fuse_norms="fuse-norms" in spec.rewrites))
+            engines.append(torch_engine(model.build_network(fold), spec, device))
         elif kind == "onnxruntime":
             from accel.onnxruntime_engine import OnnxRuntimeEngine
 
@@ -96,6 +90,20 @@ def create_engines(model, spec: "EngineSpec", device: torch.device | str | None 
 
                 engines.append(PyCudaEngine(engine_bytes))
     return engines
+
+
+def torch_engine(network: torch.nn.Module, spec: EngineSpec, device: torch.device | str | None = None,
+                 **overrides) -> Engine:
+    """A TorchEngine for ``network`` as ``spec`` says (the benchmarks build theirs here too); ``overrides`` replace
+    TorchEngine's keyword arguments (e.g. static_batch)."""
+    from accel.torch_engine import TorchEngine
+
+    device = torch.device(device) if device is not None else spec.resolved_device()
+    kwargs = dict(compile=spec.compile or False, cuda_graphs=spec.cuda_graphs, channels_last=spec.channels_last,
+                  half_weights=spec.fp16_weights, static_batch=max(spec.batch_size, 1),
+                  fold_convolutions="fold-convolutions" in spec.rewrites,
+                  merge_upsampling="merge-upsampling" in spec.rewrites, fuse_norms="fuse-norms" in spec.rewrites)
+    return TorchEngine(network, device, spec.resolved_precision(device), **{**kwargs, **overrides})
 
 
 def check_device_options(spec: "EngineSpec", device: torch.device, kind: str) -> None:

@@ -21,10 +21,9 @@ import torch
 from benchmarks.common import machine, median_stages, save
 from trtseg import codec
 from trtseg import synthetic as syn
-from trtseg.cli import add_compile_option, compile_setting
 from trtseg.dataset import list_cases
 from trtseg.model import load_model_folder
-from trtseg.options import EngineSpec, OutputOptions, Settings, WindowOptions
+from trtseg.options import EngineSpec, OutputOptions, Settings, WindowOptions, add_options, from_args
 from trtseg.predict import Predictor
 
 FULLRES_FEATURES = (32, 64, 128, 256, 320, 320)
@@ -36,26 +35,21 @@ def make_fullres_model(folder: str, patch=(128, 128, 128), spacing=(1.0, 0.78, 0
                                  dataset_json=ds)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", nargs=3, type=int, default=[512, 512, 240], help="x y z voxels")
     ap.add_argument("--spacing", nargs=3, type=float, default=[0.7, 0.7, 1.25], help="x y z mm")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--precision", default=None)
-    ap.add_argument("--batch-size", type=int, default=4)
-    add_compile_option(ap)
-    ap.add_argument("--cuda-graphs", action="store_true")
-    ap.add_argument("--channels-last", action="store_true")
-    ap.add_argument("--fp16-weights", action="store_true")
-    ap.add_argument("--fold-convolutions", action="store_true")
-    ap.add_argument("--merge-upsampling", action="store_true")
-    ap.add_argument("--fuse-norms", action="store_true")
-    ap.add_argument("--compress-level", type=int, default=6, help="gzip level of the written mask (1: igzip, fastest)")
+    add_options(ap, EngineSpec, defaults=EngineSpec("torch", batch_size=4))  # the same flags as trtseg predict
+    add_options(ap, OutputOptions)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mirroring", choices=["off", "on", "both"], default="both")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
 
     work = args.workdir or tempfile.mkdtemp(prefix="trtseg_bench_")
     t0 = time.perf_counter()
@@ -71,12 +65,8 @@ def main() -> None:
               "setup_seconds": round(setup_s, 2), "runs": {}}
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.mirroring]
     for mirror in modes:
-        settings = Settings(device=args.device, engine="torch", precision=args.precision, batch_size=args.batch_size,
-                            compile=compile_setting(args.compile), cuda_graphs=args.cuda_graphs, use_mirroring=mirror,
-                            channels_last=args.channels_last, half_weights=args.fp16_weights,
-                            fold_convolutions=args.fold_convolutions, merge_upsampling=args.merge_upsampling,
-                            fuse_norms=args.fuse_norms,
-                            compresslevel=args.compress_level)
+        settings = Settings(window=WindowOptions(use_mirroring=mirror), engine=from_args(EngineSpec, args),
+                            output=from_args(OutputOptions, args))
         pred = Predictor(model, settings)
         t = time.perf_counter()
         warm = pred.predict_case(case, os.path.join(work, "out"))
@@ -88,12 +78,9 @@ def main() -> None:
             r = pred.predict_case(case, os.path.join(work, "out"))
             walls.append(time.perf_counter() - t)
             runs.append(r.seconds)
-        entry = {"settings": {"device": str(settings.resolved_device()), "precision": settings.resolved_precision(),
-                              "batch_size": args.batch_size, "compile": args.compile or False, "cuda_graphs": args.cuda_graphs,
-                              "channels_last": args.channels_last, "fp16_weights": args.fp16_weights,
-                              "fold_convolutions": args.fold_convolutions,
-                              "merge_upsampling": args.merge_upsampling, "fuse_norms": args.fuse_norms,
-                              "mirroring": mirror, "compress_level": args.compress_level, "gzip": codec.backend()},
+        entry = {"settings": {**settings.to_json(), "device": str(settings.engine.resolved_device()),
+                              "precision": settings.engine.resolved_precision(), "engine_spec": settings.engine.text(),
+                              "gzip": codec.backend()},
                  "warmup_seconds_excluded": round(warm_s, 3), "median_stage_seconds": median_stages(runs),
                  "median_wall_seconds": round(float(np.median(walls)), 3), "repeats": args.repeats,
                  "labels_present": [int(v) for v in np.unique(np.asarray(nib.load(r.output).dataobj))]}

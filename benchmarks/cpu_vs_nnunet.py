@@ -56,8 +56,9 @@ def main() -> None:
     model = load_model_folder(model_dir)
     case = list_cases(os.path.join(work, "in"), 1)[0]
     for engine in ("onnxruntime", "torch"):
-        pred = Predictor(model, Settings(device="cpu", engine=engine, use_mirroring=False, batch_size=2,
-                                         engine_cache=os.path.join(work, "cache")))
+        pred = Predictor(model, Settings(window=WindowOptions(use_mirroring=False),
+                                         engine=EngineSpec(engine, "cpu", batch_size=2,
+                                                           cache=os.path.join(work, "cache")))))
         walls, r = [], None
         for i in range(args.repeats + 1):
             t = time.perf_counter()

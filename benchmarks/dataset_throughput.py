@@ -40,8 +40,9 @@ from benchmarks.common import machine, save
 from jobs.config import JobConfig
 from jobs.driver import run_job
 from trtseg import synthetic as syn
-from trtseg.cli import add_compile_option, compile_setting
-from trtseg.options import EngineSpec, OutputOptions, Settings, WindowOptions
+from trtseg.options import EngineSpec, OutputOptions, Settings, WindowOptions, add_options, from_args
+
+JOB_FLAGS = ("gpus_per_actor", "task_gpus", "tiles_per_task", "max_cases_in_flight", "partials", "diagnostics")
 
 
 class NvmlSampler:
@@ -78,25 +79,22 @@ def _write_volume(dest: str, shape_xyz, seed: int) -> None:
     syn.save_nifti(dest, syn.ct_like_volume(shape_xyz, seed=seed), syn.affine_for((0.7, 0.7, 1.25)))
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", type=int, default=8)
     ap.add_argument("--shape", nargs=3, type=int, default=[512, 512, 240])
-    ap.add_argument("--gpus-per-actor", type=float, default=0.8)
-    ap.add_argument("--task-gpus", type=float, default=0.1)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--tiles-per-task", type=int, default=16)
-    ap.add_argument("--max-cases-in-flight", type=int, default=3)
     ap.add_argument("--mirroring", action="store_true")
-    add_compile_option(ap)
-    ap.add_argument("--channels-last", action="store_true")
-    ap.add_argument("--fp16-weights", action="store_true")
-    ap.add_argument("--fold-convolutions", action="store_true")
-    ap.add_argument("--merge-upsampling", action="store_true")
-    ap.add_argument("--fuse-norms", action="store_true")
-    ap.add_argument("--compress-level", type=int, default=6)
+    # the same flags as trtseg predict, with this scenario's defaults
+    add_options(ap, EngineSpec, defaults=EngineSpec("torch", "cuda", batch_size=4))
+    add_options(ap, OutputOptions)
+    add_options(ap, JobConfig, only=JOB_FLAGS, defaults=JobConfig(input="", output="", gpus_per_actor=0.8,
+                                                                  task_gpus=0.1, tiles_per_task=16))
     ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     work = tempfile.mkdtemp(prefix="trtseg_dataset_")
     model = make_fullres_model(os.path.join(work, "model"))
     os.makedirs(os.path.join(work, "in"))
@@ -109,14 +107,9 @@ def main() -> None:
         shutil.copyfile(dests[i % 4], dests[i])
     gen_s = time.perf_counter() - t
     cfg = JobConfig(input=os.path.join(work, "in"), output=os.path.join(work, "out"), model=model,
-                    settings=Settings(device="cuda", engine="torch", batch_size=args.batch_size,
-                                      use_mirroring=args.mirroring, compile=compile_setting(args.compile),
-                                      channels_last=args.channels_last, half_weights=args.fp16_weights,
-                                      fold_convolutions=args.fold_convolutions,
-                                      merge_upsampling=args.merge_upsampling, fuse_norms=args.fuse_norms,
-                                      compresslevel=args.compress_level),
-                    gpus_per_actor=args.gpus_per_actor, task_gpus=args.task_gpus, tiles_per_task=args.tiles_per_task,
-                    max_cases_in_flight=args.max_cases_in_flight, progress=False)
+                    settings=Settings(window=WindowOptions(use_mirroring=args.mirroring),
+                                      engine=from_args(EngineSpec, args), output=from_args(OutputOptions, args)),
+                    progress=False, **{f: getattr(args, f) for f in JOB_FLAGS})
     sampler = NvmlSampler()
     t_job = time.time()
     report = run_job(cfg)

@@ -3,13 +3,11 @@
     python -m benchmarks.engine_throughput [--device cuda] [--batches 1 2 4 8] [--configs fp16+compile+cl ...]
                                            [--json results.json]
 
-A configuration is a precision (fp32, fp16, bf16) with options joined by "+": compile (torch.compile), max
-(torch.compile with mode "max-autotune-no-cudagraphs"), cl (channels-last-3d memory order), graphs (replay captured
-CUDA graphs), half (an fp16 network with fp32 normalization layers instead of autocast), freeze (Inductor's freezing:
-weights folded into the compiled graph as constants), fold (the 32-channel convolutions width-folded,
-accel/rewrites/conv_fold.py), merge (each decoder stage's transposed convolution merged into the convolution after it,
-accel/rewrites/upsample_merge.py), fuse (InstanceNorm + LeakyReLU fused into the full-resolution 32-channel convolutions,
-the first block and the head with Triton kernels, accel/rewrites/norm_fusion.py; needs cl and half).
+A configuration is an engine spec in trtseg's one text syntax (EngineSpec.parse, trtseg/options.py; kind torch
+on --device): a precision (fp32, fp16, bf16) with options joined by "+", named as `trtseg predict`'s flags or by
+their short forms: compile, max (max-autotune), cl (channels-last), graphs (cuda-graphs), half (fp16-weights),
+fold (fold-convolutions, accel/rewrites/conv_fold.py), merge (merge-upsampling, accel/rewrites/upsample_merge.py),
+fuse (fuse-norms, accel/rewrites/norm_fusion.py; needs cl and half).
 
 Model: nnU-Net 3d_fullres for CT (PlainConvUNet 32->320, 6 stages, 128^3 patch, 4 labels). FLOPs per patch are
 counted with torch's FlopCounterMode (multiply-add = 2 FLOPs). Inputs are standard-normal patches (the
@@ -27,7 +25,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from accel.engines import torch_engine
 from accel.torch_engine import TorchEngine
+from trtseg.options import EngineSpec
 from benchmarks.case_latency import make_fullres_model
 from benchmarks.common import machine, save
 from trtseg.model import load_model_folder
@@ -43,14 +43,11 @@ def flops_per_patch(net: torch.nn.Module, patch, device) -> float:
 
 
 def engine_from_config(network: torch.nn.Module, config: str, device="cuda", **overrides) -> TorchEngine:
-    """A TorchEngine for ``config`` in this module's syntax ("fp16+compile+cl+..."); it also sets Inductor's
-    freezing as "freeze" says. ``overrides`` replace the keyword arguments the options give (e.g. static_batch)."""
-    precision, *opts = config.split("+")
-    torch._inductor.config.freezing = "freeze" in opts
-    kwargs = dict(compile="max-autotune-no-cudagraphs" if "max" in opts else "compile" in opts,
-                  channels_last="cl" in opts, half_weights="half" in opts, cuda_graphs="graphs" in opts,
-                  fold_convolutions="fold" in opts, merge_upsampling="merge" in opts, fuse_norms="fuse" in opts)
-    return TorchEngine(network, device, precision, **{**kwargs, **overrides})
+    """A TorchEngine for ``config`` in EngineSpec's text syntax ("fp16+compile+cl+...", trtseg/options.py);
+    ``overrides`` replace the keyword arguments the options give (e.g. static_batch)."""
+    engine = torch_engine(network, EngineSpec.parse(config, EngineSpec("torch", device)), device, **overrides)
+    assert isinstance(engine, TorchEngine)
+    return engine
 
 
 def time_engine(engine, batch: int, patch, iters: int, repeats: int, warmup: int) -> tuple[float, float]:

@@ -56,8 +56,9 @@ def main() -> None:
     for name, model_dir, in_dir, folds in scenarios(work):
         model = load_model_folder(model_dir, folds)
         paths = {}
-        for tag, s in {"cpu_fp32": Settings(device="cpu"), "cuda_fp32": Settings(device="cuda", precision="fp32"),
-                       "cuda_fp16": Settings(device="cuda", precision="fp16")}.items():
+        for tag, s in {"cpu_fp32": Settings(engine=EngineSpec(device="cpu")),
+                       "cuda_fp32": Settings(engine=EngineSpec(device="cuda", precision="fp32")),
+                       "cuda_fp16": Settings(engine=EngineSpec(device="cuda", precision="fp16"))}.items():
             pred = Predictor(model, s)
             for c in list_cases(in_dir, model.num_input_channels):
                 r = pred.predict_case(c, f"{work}/{name}_{tag}")

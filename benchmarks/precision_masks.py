@@ -23,7 +23,7 @@ from benchmarks.common import machine, save
 from trtseg import synthetic as syn
 from trtseg.dataset import list_cases
 from trtseg.model import load_model_folder
-from trtseg.options import EngineSpec, OutputOptions, Settings, WindowOptions
+from trtseg.options import EngineSpec, Settings, WindowOptions
 from trtseg.predict import Predictor
 
 
@@ -40,22 +40,16 @@ def main() -> None:
                    syn.affine_for((0.7, 0.7, 1.25)))
     case = list_cases(os.path.join(work, "in"), 1)[0]
     masks = {}
-    base = dict(device="cuda", engine="torch", use_mirroring=False, batch_size=4)
-    configs = {"fp32": Settings(precision="fp32", **base), "fp16": Settings(precision="fp16", **base),
-               "bf16": Settings(precision="bf16", **base),
-               "fp16_compiled": Settings(precision="fp16", compile=True, **base),
-               "fp16_compiled_channels_last": Settings(precision="fp16", compile=True, channels_last=True, **base),
-               "fp16_weights_compiled_channels_last": Settings(precision="fp16", compile=True, channels_last=True,
-                                                               half_weights=True, **base),
-               "fp16_weights_compiled_channels_last_folded": Settings(precision="fp16", compile=True,
-                                                                      channels_last=True, half_weights=True,
-                                                                      fold_convolutions=True, **base),
-               "fp16_weights_compiled_channels_last_folded_merged": Settings(
-                   precision="fp16", compile=True, channels_last=True, half_weights=True, fold_convolutions=True,
-                   merge_upsampling=True, **base),
-               "fp16_weights_compiled_channels_last_folded_merged_fused": Settings(
-                   precision="fp16", compile=True, channels_last=True, half_weights=True, fold_convolutions=True,
-                   merge_upsampling=True, fuse_norms=True, **base)}
+    # each configuration in EngineSpec's text syntax (trtseg/options.py), over torch on cuda at batch 4
+    specs = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "fp16_compiled": "fp16+compile",
+             "fp16_compiled_channels_last": "fp16+compile+cl",
+             "fp16_weights_compiled_channels_last": "fp16+compile+cl+half",
+             "fp16_weights_compiled_channels_last_folded": "fp16+compile+cl+half+fold",
+             "fp16_weights_compiled_channels_last_folded_merged": "fp16+compile+cl+half+fold+merge",
+             "fp16_weights_compiled_channels_last_folded_merged_fused": "fp16+compile+cl+half+fold+merge+fuse"}
+    base = EngineSpec("torch", "cuda", batch_size=4)
+    configs = {name: Settings(window=WindowOptions(use_mirroring=False), engine=EngineSpec.parse(text, base))
+               for name, text in specs.items()}
     for name, s in configs.items():
         if args.only and name != "fp32" and name not in args.only:
             continue

@@ -48,7 +48,8 @@ def main() -> None:
     out = {"scenario": "scaling", "machine": machine(), "cases": args.cases, "shape_xyz": args.shape, "runs": []}
     for n in args.actors:
         cfg = JobConfig(input=os.path.join(work, "in"), output=os.path.join(work, f"out{n}"), model=model,
-                        settings=Settings(device="cuda", engine="torch", batch_size=4, use_mirroring=False),
+                        settings=Settings(window=WindowOptions(use_mirroring=False),
+                                          engine=EngineSpec("torch", "cuda", batch_size=4)),
                         gpus_per_actor=round(0.8 / n, 3), task_gpus=0.1, tiles_per_task=16, progress=False)
         r = run_job(cfg)
         ok = [c for c in r["cases"] if c["status"] == "ok"]

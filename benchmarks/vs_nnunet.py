@@ -54,8 +54,9 @@ def main() -> None:
         nn.predict_from_files([[src]], ref_dir, save_probabilities=False, overwrite=True,
                               num_processes_preprocessing=3, num_processes_segmentation_export=3)
         nn_s = time.perf_counter() - t
-        pred = Predictor(model, Settings(device="cuda", engine="torch", precision="fp16", compile=True, batch_size=4,
-                                         use_mirroring=mirror, compresslevel=1))
+        pred = Predictor(model, Settings(window=WindowOptions(use_mirroring=mirror),
+                                         engine=EngineSpec("torch", "cuda", "fp16", 4, compile="default"),
+                                         output=OutputOptions(compress_level=1)))
         t = time.perf_counter()
         pred.predict_case(case, os.path.join(work, f"trtseg_{m}"))
         warm = time.perf_counter() - t

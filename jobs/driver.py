@@ -355,7 +355,8 @@ def _run(cfg: JobConfig, model: NnUNetModel, cases: list[Case], todo: list[Case]
                                         "mask": int(np.prod(meta.get("shape_zyx", (0,)))),
                                         "probabilities": final.get("probability_bytes", 0)},
                     peak_rss_mb={"prepare_worker": meta.get("peak_rss_mb"), "write_worker": value.get("peak_rss_mb")},
-                    peak_gpu_memory_mb=final.get("peak_gpu_memory_mb"))
+                    peak_gpu_memory_mb=final.get("peak_gpu_memory_mb"),
+                    done_at_s=round(time.perf_counter() - t_start, 3))
                 _event("case done", case=cid, seconds=results[cid].to_json()["seconds"], actors=dict(per_actor))
                 runs.pop(cid)
                 progress.update(cases=1)

@@ -90,7 +90,7 @@ def test_kuberay_manifests_validate_and_run_a_real_trtseg_command(name, kuberay_
         argv = shlex.split(job["entrypoint"])
         assert argv[:2] == ["trtseg", "predict"]
         args = _predict_parser().parse_args(argv[2:])
-        assert args.input.startswith("s3://") and args.engine_cache.startswith("s3://")
+        assert args.input.startswith("s3://") and args.cache.startswith("s3://")  # --engine-cache (EngineSpec.cache)
         RuntimeEnv(**yaml.safe_load(job["runtimeEnvYAML"]))
         assert job["shutdownAfterJobFinishes"] is True and job["backoffLimit"] >= 1
         assert job["activeDeadlineSeconds"] > 0

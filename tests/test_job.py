@@ -74,6 +74,21 @@ def test_ray_job_matches_single_process_and_reruns_skip(ray_local, small_model, 
     last = json.load(open(tmp_path / "ray32" / "run_report.json"))
     assert [(c["case_id"], c["status"]) for c in last["cases"]] == [("big", "ok")]
 
+    # the single process stamps, skips and overwrites the same way, and reports in the same schema
+    single_dir = tmp_path / "single"
+    before = {f: os.stat(single_dir / f).st_mtime_ns for f in single}
+    assert main(["predict", *common, "-o", str(single_dir), "--single-process"]) == 0
+    again = json.load(open(single_dir / "run_report.json"))
+    assert [c["status"] for c in again["cases"]] == ["skipped", "skipped"]
+    assert before == {f: os.stat(single_dir / f).st_mtime_ns for f in single}
+    assert set(again) == set(rerun) and set(again["summary"]) <= set(rerun["summary"])
+    assert set(again["cases"][0]) == set(rerun["cases"][0])
+    # a mask the single process made is one the Ray job skips: one stamp
+    assert main(["predict", *common, "-o", str(single_dir), "--cpu-actors", "1"]) == 0
+    assert [c["status"] for c in json.load(open(single_dir / "run_report.json"))["cases"]] == ["skipped", "skipped"]
+    assert main(["predict", *common, "-o", str(single_dir), "--single-process", "--overwrite"]) == 0
+    assert [c["status"] for c in json.load(open(single_dir / "run_report.json"))["cases"]] == ["ok", "ok"]
+
 
 def test_dry_run_lists_without_running(ray_local, small_model, inputs, tmp_path, capsys):
     assert main(["predict", "-i", inputs, "-o", str(tmp_path / "o"), "-m", small_model, "--dry-run"]) == 0

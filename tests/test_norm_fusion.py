@@ -146,12 +146,6 @@ def test_fused_network_gives_the_unfused_logits(merge):
     assert b.shape == a.shape == (2, 3, 6, 10, 14)
     assert (b - a).abs().max() <= 0.02 * a.abs().max(), (b - a).abs().max()  # fp16 sums in another order
     assert (b.argmax(1) == a.argmax(1)).float().mean() >= 0.99
-    # channels=(32, 64) fuses the encoder's 64->64 block too (here at an odd width: fold 1)
-    wider, _ = _fp16(net, merge)
-    assert norm_fusion.fuse_norms(wider, channels=(32, 64)) == 4 + merged
-    with torch.no_grad():
-        c = wider(x).float()
-    assert (c - a).abs().max() <= 0.02 * a.abs().max(), (c - a).abs().max()
 
 
 def test_deep_supervision_keeps_its_heads():

@@ -8,6 +8,7 @@ import os
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from trtseg import synthetic as syn
 from trtseg.dataset import list_cases
@@ -18,13 +19,31 @@ from trtseg.predict import Predictor
 from conftest import nnunet_predict, voxel_agreement, write_case
 
 BAR = 0.999
+pytestmark = pytest.mark.usefixtures("ray_local")  # every comparison runs the Ray job too
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray for the module: the Ray job of every comparison joins it instead of starting its own."""
+    import ray
+    ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 def run_trtseg(model_dir, in_dir, out_dir, folds, use_mirroring=True):
+    """Both paths: the single process (Predictor) into out_dir, and the Ray job (one CPU actor) into out_dir_ray."""
+    from jobs.config import JobConfig
+    from jobs.driver import run_job
+
     model = load_model_folder(model_dir, folds)
-    pred = Predictor(model, Settings(window=WindowOptions(use_mirroring=use_mirroring), engine=EngineSpec(device="cpu")))
+    settings = Settings(window=WindowOptions(use_mirroring=use_mirroring), engine=EngineSpec(device="cpu"))
+    pred = Predictor(model, settings)
     results = [pred.predict_case(c, out_dir) for c in list_cases(in_dir, model.num_input_channels)]
     assert all(r.status == "ok" for r in results), [r.error for r in results]
+    report = run_job(JobConfig(input=in_dir, output=out_dir + "_ray", model=model_dir, folds=folds,
+                               settings=settings, cpu_actors=1, progress=False))
+    assert report["summary"]["ok"] == len(results), report["cases"]
     return results
 
 
@@ -45,9 +64,12 @@ def compare(model_dir, cases, tmp, folds, use_mirroring=True, min_labels=2):
     run_trtseg(model_dir, in_dir, os.path.join(tmp, "ours"), [str(f) for f in folds], use_mirroring)
     for files, ref in zip(cases, refs):
         ours = os.path.join(tmp, "ours", os.path.basename(ref))
-        agreement = voxel_agreement(ref, ours)
-        assert agreement >= BAR, f"{ours}: {agreement:.5f} voxel agreement with nnU-Net"
-        assert_same_geometry(files[0], ours)
+        ray = os.path.join(tmp, "ours_ray", os.path.basename(ref))
+        for path in (ours, ray):
+            agreement = voxel_agreement(ref, path)
+            assert agreement >= BAR, f"{path}: {agreement:.5f} voxel agreement with nnU-Net"
+            assert_same_geometry(files[0], path)
+        assert voxel_agreement(ours, ray) == 1.0, f"{ray}: the Ray job's mask differs from the single process's"
         present = np.unique(np.asarray(nib.load(ref).dataobj))
         assert len(present) >= min_labels, f"reference mask has labels {present}: the comparison would be vacuous"
 
@@ -92,25 +114,32 @@ def test_region_based_model(tmp_path):
     compare(model, cases, str(tmp_path), folds=[0])
 
 
-def test_save_probabilities_like_nnunet(small_model, tmp_path):
+def test_save_probabilities_like_nnunet_on_both_paths(small_model, tmp_path):
+    """--save-probabilities writes nnU-Net's CASE.npz ('probabilities', float32, (k, z, y, x)) and CASE.pkl, from
+    the single process and from the Ray job (two actors, fp32 partials), close to nnunetv2's own."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     import torch
+
+    from trtseg.cli import main
 
     files = write_case(str(tmp_path / "in"), "prob", (40, 38, 15), (0.9, 0.9, 2.5), oblique_deg=8, seed=12)
     p = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
     p.initialize_from_trained_model_folder(small_model, use_folds=(0,))
     os.makedirs(tmp_path / "ref", exist_ok=True)
     p.predict_from_files_sequential([files], [str(tmp_path / "ref" / "prob")], save_probabilities=True, overwrite=True)
-    model = load_model_folder(small_model, ["0"])
-    r = Predictor(model, Settings(window=WindowOptions(use_mirroring=False), engine=EngineSpec(device="cpu"),
-                                     output=OutputOptions(save_probabilities=True))).predict_case(
-        list_cases(str(tmp_path / "in"), 1)[0], str(tmp_path / "ours"))
-    assert r.status == "ok", r.error
+    common = ["predict", "-i", str(tmp_path / "in"), "-m", small_model, "-f", "0", "--disable-tta",
+              "--save-probabilities", "--no-progress", "--tiles-per-task", "2"]
+    assert main([*common, "-o", str(tmp_path / "single"), "--single-process"]) == 0
+    assert main([*common, "-o", str(tmp_path / "ray"), "--cpu-actors", "2", "--partials", "fp32"]) == 0
     ref = np.load(tmp_path / "ref" / "prob.npz")["probabilities"]
-    ours = np.load(tmp_path / "ours" / "prob.npz")["probabilities"]
-    assert ours.shape == ref.shape and ours.dtype == np.float32
-    # nnU-Net's come from float16 sums of weighted logits (resolution ~2 at sums of ~3000): close, not equal
-    diff = np.abs(ours - ref)
-    assert diff.mean() < 1e-3 and diff.max() < 0.1, (diff.mean(), diff.max())
-    assert (ours.argmax(0) == ref.argmax(0)).mean() >= BAR
-    assert os.path.exists(tmp_path / "ours" / "prob.pkl")
+    for path in ("single", "ray"):
+        ours = np.load(tmp_path / path / "prob.npz")["probabilities"]
+        assert ours.shape == ref.shape and ours.dtype == np.float32, (path, ours.shape, ours.dtype)
+        # nnU-Net's come from float16 sums of weighted logits (resolution ~2 at sums of ~3000): close, not equal
+        diff = np.abs(ours - ref)
+        print(f"{path}: probabilities vs nnunetv2 max abs {diff.max():.2e}, mean {diff.mean():.2e}")
+        assert diff.mean() < 1e-3 and diff.max() < 0.1, (path, diff.mean(), diff.max())
+        assert (ours.argmax(0) == ref.argmax(0)).mean() >= BAR, path
+        assert os.path.exists(tmp_path / path / "prob.pkl"), path
+    single, ray = (np.load(tmp_path / d / "prob.npz")["probabilities"] for d in ("single", "ray"))
+    np.testing.assert_allclose(ray, single, atol=1e-5)

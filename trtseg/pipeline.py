@@ -164,6 +164,7 @@ class CaseReport:
     peak_gpu_memory_mb: float | None = None
     engine: dict | None = None
     gpus: list[str] | None = None
+    done_at_s: float | None = None  # seconds from the run's start to this case's end
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)

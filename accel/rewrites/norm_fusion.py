@@ -259,22 +259,19 @@ def _tensor_core_width(n: int) -> bool:
     return n >= 16 and n & (n - 1) == 0
 
 
-# the widths whose channels -> channels blocks are fused by default: full resolution only. Fusing the 64 -> 64 blocks
-# too (channels=(32, 64)) gained nothing on the H200: in the engine their Triton convolutions took 1.67 ms per batch
-# of 4 where cuDNN's took 1.33, and that ate the statistics and normalize passes they save (12.49 ms of kernels
-# either way; benchmarks.fused_conv, h200_fused_conv_engine_ab.json)
+# the widths whose channels -> channels blocks are fused: full resolution only. Fusing the 64 -> 64 blocks too gained
+# nothing on an NVIDIA H200: in the engine their Triton convolutions took 1.67 ms per batch of 4 where cuDNN's took
+# 1.33, and that ate the statistics and normalize passes they save (docs/performance.md)
 FUSED_WIDTHS: tuple[int, ...] = (32,)
 
 
-def fuse_norms(network: torch.nn.Module, channels: tuple[int, ...] | None = None, stem_channels: int = 4) -> int:
+def fuse_norms(network: torch.nn.Module, stem_channels: int = 4) -> int:
     """Replaces, in place, the blocks of an nnU-Net v2 network (dynamic-network-architectures ``PlainConvUNet``
     encoder stages or a ``ResidualEncoderUNet``'s stem; a plain or merged ``UNetDecoder``) that the fused kernels
-    serve; returns how many were replaced (0: left as it was). channels: the widths of the fused channels ->
-    channels blocks (default ``FUSED_WIDTHS``). Apply it to the fp16, channels-last network (after
+    serve; returns how many were replaced (0: left as it was); the channels -> channels blocks fused are those of
+    ``FUSED_WIDTHS``. Apply it to the fp16, channels-last network (after
     ``merge_upsampling`` and ``fold_narrow_convolutions``): the kernels read its fp16 weights. Needs Triton."""
-    channels = FUSED_WIDTHS if channels is None else tuple(channels)
-    if not all(_tensor_core_width(c) for c in channels):
-        raise ValueError(f"fuse_norms: channels must be powers of two, 16 or more, got {channels}")
+    channels = FUSED_WIDTHS
     if not triton_fusion.available():
         raise RuntimeError("--fuse-norms needs Triton (it ships with CUDA builds of PyTorch)")
     count = 0

@@ -233,13 +233,14 @@ def norm_scale_shift(sums: torch.Tensor, squares: torch.Tensor, count: int, weig
 
 # conv3x3x3's launch configurations: (BLOCK_X coarse positions, ROWS, num_warps, pipeline stages, KX x taps per
 # matrix product), keyed "FOLD", "FOLD/CIN" or "FOLD/CIN+slots" (adding a merged upsampling's slots); the most
-# specific key present wins. Each entry is the fastest that ``python -m benchmarks.fused_conv`` found on the H200
-# for the engine's shapes at batch 4: 32->32 at 128^3 (fold 2, coarse width 64), the same adding slots, and, for
-# fuse_norms(channels=(32, 64)), 64->64 at 64^3 (coarse width 32: 32-wide rows, so that no program holds a
-# half-masked tile). Another GPU may want other tiles: TRTSEG_CONV_CONFIGS="2/32:64,2,4,4,1;2/64:32,4,4,3,1"
-# replaces or adds entries (the sweep prints its fastest).
+# specific key present wins. Each entry is the fastest that ``python -m benchmarks.fused_conv`` found on an NVIDIA
+# H200 for the engine's shapes at batch 4: 32->32 at 128^3 (fold 2, coarse width 64) and the same adding slots.
+# Another GPU may want other tiles: TRTSEG_CONV_CONFIGS="2/32:64,2,4,4,1;2/32+slots:32,4,4,3,2" replaces or adds
+# entries (the sweep prints its fastest). It is read when the first fused convolution is configured, not at import,
+# so an engine without --fuse-norms never depends on it.
 CONV_CONFIGS: dict[str, tuple[int, int, int, int, int]] = {
-    "2": (64, 2, 4, 4, 1), "2/32+slots": (32, 4, 4, 3, 2), "2/64": (32, 4, 4, 3, 1), "1": (128, 1, 8, 4, 1)}
+    "2": (64, 2, 4, 4, 1), "2/32+slots": (32, 4, 4, 3, 2), "1": (128, 1, 8, 4, 1)}
+_ENV_READ = False
 _KEY = re.compile(r"^[0-9]+(/[0-9]+)?(\+slots)?$")
 
 
@@ -260,7 +261,13 @@ def parse_conv_configs(text: str) -> dict[str, tuple[int, int, int, int, int]]:
     return table
 
 
-CONV_CONFIGS.update(parse_conv_configs(os.environ.get("TRTSEG_CONV_CONFIGS", "")))
+def _with_environment() -> dict[str, tuple[int, int, int, int, int]]:
+    """CONV_CONFIGS with TRTSEG_CONV_CONFIGS' entries applied, the first time a configuration is asked for."""
+    global _ENV_READ
+    if not _ENV_READ:
+        CONV_CONFIGS.update(parse_conv_configs(os.environ.get("TRTSEG_CONV_CONFIGS", "")))
+        _ENV_READ = True
+    return CONV_CONFIGS
 
 
 def _depth_ok(kx: int, fold: int, cin: int) -> bool:
@@ -274,7 +281,8 @@ def conv_config(fold: int, cin: int, slots: bool = False) -> tuple[int, int, int
     """The ``CONV_CONFIGS`` entry for this convolution (most specific key first; fold 1's for an unknown fold), with
     KX lowered to the largest that fits CIN (1 always does, for power-of-two CIN)."""
     keys = ([f"{fold}/{cin}+slots"] if slots else []) + [f"{fold}/{cin}", f"{fold}", "1"]
-    block_x, rows, warps, stages, kx = next(CONV_CONFIGS[k] for k in keys if k in CONV_CONFIGS)
+    table = _with_environment()
+    block_x, rows, warps, stages, kx = next(table[k] for k in keys if k in table)
     while kx > 1 and not _depth_ok(kx, fold, cin):
         kx -= 1
     return block_x, rows, warps, stages, kx
