@@ -24,7 +24,7 @@ from benchmarks.common import machine, save
 from trtseg import synthetic as syn
 from trtseg.dataset import list_cases
 from trtseg.model import load_model_folder
-from trtseg.options import EngineSpec, OutputOptions, Settings, WindowOptions
+from trtseg.options import EngineSpec, Settings, WindowOptions
 from trtseg.predict import Predictor
 
 
@@ -58,7 +58,7 @@ def main() -> None:
     for engine in ("onnxruntime", "torch"):
         pred = Predictor(model, Settings(window=WindowOptions(use_mirroring=False),
                                          engine=EngineSpec(engine, "cpu", batch_size=2,
-                                                           cache=os.path.join(work, "cache")))))
+                                                           cache=os.path.join(work, "cache"))))
         walls, r = [], None
         for i in range(args.repeats + 1):
             t = time.perf_counter()

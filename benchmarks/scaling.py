@@ -25,7 +25,7 @@ from benchmarks.common import machine, save
 from jobs.config import JobConfig
 from jobs.driver import run_job
 from trtseg import synthetic as syn
-from trtseg.options import EngineSpec, OutputOptions, Settings, WindowOptions
+from trtseg.options import EngineSpec, Settings, WindowOptions
 
 
 def main() -> None:

@@ -13,14 +13,13 @@ settings (a stamp in the mask's header), unless ``overwrite``.
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
+import enum
 import math
 import os
-import sys
 import time
 import uuid
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,56 +28,8 @@ from trtseg import storage
 from trtseg.dataset import Case, list_cases
 from trtseg.errors import one_line
 from trtseg.model import NnUNetModel, load_model_folder
+from trtseg.log import Progress, event as _event, setup_logging
 from trtseg.pipeline import CaseReport, run_report, select_cases, write_report
-
-log = logging.getLogger("trtseg.job")
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": round(record.created, 3), "level": record.levelname, "msg": record.getMessage()}
-        entry.update(getattr(record, "fields", {}))
-        return json.dumps(entry)
-
-
-class _TextFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        fields = " ".join(f"{k}={v}" for k, v in getattr(record, "fields", {}).items())
-        return f"{self.formatTime(record, '%H:%M:%S')} {record.getMessage()} {fields}".rstrip()
-
-
-def _setup_logging(as_json: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if as_json else _TextFormatter())
-    log.handlers[:] = [handler]
-    log.setLevel(logging.INFO)
-    log.propagate = False
-
-
-def _event(msg: str, **fields) -> None:
-    log.info(msg, extra={"fields": fields})
-
-
-class Progress:
-    """cases done/total, tiles/s and ETA on one line (a terminal) or one line per case (a log)."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.done, self.tiles, self.t0 = total, 0, 0, time.perf_counter()
-        self.enabled, self.tty = enabled, sys.stderr.isatty()
-
-    def update(self, cases: int = 0, tiles: int = 0) -> None:
-        self.done += cases
-        self.tiles += tiles
-        if not self.enabled or (not cases and not self.tty):
-            return
-        el = time.perf_counter() - self.t0
-        rate = self.done / el if el > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-        line = (f"[{self.done}/{self.total} cases] {self.tiles / max(el, 1e-9):.1f} tiles/s, "
-                f"elapsed {el:.0f}s, ETA {eta:.0f}s")
-        sys.stderr.write(("\r" + line) if self.tty else line + "\n")
-        sys.stderr.flush()
-
 
 def load_model(cfg: JobConfig) -> NnUNetModel:
     if cfg.model_card:
@@ -167,7 +118,7 @@ def run_job(cfg: JobConfig) -> dict:
     """Runs the job described by ``cfg``; returns the run report (also written to OUTPUT/run_report.json)."""
     import ray
 
-    _setup_logging(cfg.log_json)
+    setup_logging(cfg.log_json)
     storage.set_default_options(cfg.storage_options)
     t_start = time.perf_counter()
     if not cfg.dry_run:
@@ -193,189 +144,252 @@ def run_job(cfg: JobConfig) -> dict:
             ray.shutdown()
 
 
-def _run(cfg: JobConfig, model: NnUNetModel, cases: list[Case], todo: list[Case], results: dict, cpu_mode: bool,
-         t_start: float) -> dict:
-    """Schedules the cases of ``todo`` on a connected Ray; ``results`` already holds the skipped ones."""
-    import ray
+class Event(enum.Enum):
+    """What a finished Ray call means for its case."""
 
-    from jobs.actor import CONCURRENCY_GROUPS, InferenceActor
-    from jobs.stages import prepare_task, write_task
+    PREPARED = "prepared"    # prepare_task: the volume is in the object store (or the case failed / is empty)
+    INFERRED = "inferred"    # an actor's infer_chunk: a chunk of tiles is summed
+    FINALIZED = "finalized"  # the owner's finalize: the mask is in the object store
+    WRITTEN = "written"      # write_task: the mask (and probabilities) are committed
 
-    n_gpus = float(ray.cluster_resources().get("GPU", 0)) if not cpu_mode else 0.0
-    if n_gpus == 0:
-        cpu_mode = True
-    n_actors = (cfg.cpu_actors or 1) if cpu_mode else gpu_actor_count(n_gpus, cfg.gpus_per_actor, cfg.task_gpus)
-    run_id = uuid.uuid4().hex[:6]
-    settings = dataclasses.replace(cfg.settings, engine=cfg.settings.engine.with_(
-        device="cpu" if cpu_mode else cfg.settings.engine.device))
-    model_ref = ray.put(model)
-    light = model.without_weights()
-    light_ref = ray.put(light)
-    threads = max(1, (os.cpu_count() or 1) // n_actors) if cpu_mode else None
-    actor_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(InferenceActor)
-    # SPREAD: actors go to different nodes where they fit, so a multi-node cluster's GPUs (and the network links
-    # and CPUs beside them) all work; actor_resources pins them to nodes with a custom resource (a GPU type)
-    actors = [actor_cls.options(name=f"trtseg-infer-{run_id}-{i}", num_cpus=1, num_gpus=0 if cpu_mode else cfg.gpus_per_actor,
-                                resources=cfg.actor_resources or None, scheduling_strategy="SPREAD",
-                                max_restarts=cfg.actor_restarts, max_task_retries=cfg.task_retries)
-              .remote(model_ref, settings, f"infer-{i}", threads, cfg.storage_options, cfg.diagnostics)
-              for i in range(n_actors)]
-    for a in actors:  # compile and autotune on each actor's tile thread while the first volumes are read
-        a.warm_up.remote()
-    task_gpus = 0 if cpu_mode else cfg.task_gpus
-    task_opts = {"num_cpus": 1, "num_gpus": task_gpus, "max_retries": cfg.task_retries}
-    prepare_fn, write_fn = ray.remote(prepare_task), ray.remote(write_task)
 
-    def prepare(cid: str):
-        return prepare_fn.options(name=f"prepare:{cid}", num_returns=2, **task_opts)
+@dataclass
+class _Waiting:
+    """A pending Ray call: its case, what its end means, the case attempt it belongs to, and for a chunk the actor
+    index and tile count."""
 
-    def write(cid: str):
-        return write_fn.options(name=f"write:{cid}", num_cpus=1, max_retries=cfg.task_retries)
-    _event("job started", run_id=run_id, cases=len(todo), skipped=len(results), actors=n_actors,
-           mode="cpu" if cpu_mode else "gpu", engine=settings.engine.text())
+    case_id: str
+    event: Event
+    attempt: int
+    chunk: tuple[int, int] | None = None
 
-    progress = Progress(len(todo), cfg.progress)
-    load = defaultdict(int)  # tiles queued per actor index
-    dead: set[int] = set()  # actors that died past their restarts
-    pending = list(todo)
-    runs: dict[str, _CaseRun] = {}
-    waiting: dict = {}  # object ref -> (case id, kind, attempt, extra)
 
-    def fail(cid: str, error: str, seconds=None) -> None:
-        results[cid] = CaseReport(cid, "failed", error=error, seconds=seconds or {})
+class Scheduler:
+    """Runs the cases of a job on a connected Ray: one method per event of a case (prepared, inferred, finalized,
+    written, failed), driven by ``run``'s loop over ``ray.wait``.
+
+    Up to ``max_cases_in_flight`` cases hold a volume at once (prepare -> finalize); each case's tiles are spread
+    over the live actors, least-loaded first, and the least-loaded owns the case; a case whose sums an actor lost
+    is redone on live actors at most ``case_retries`` times."""
+
+    def __init__(self, cfg: JobConfig, model: NnUNetModel, todo: list[Case], results: dict, cpu_mode: bool,
+                 t_start: float):
+        import ray
+
+        from jobs.actor import CONCURRENCY_GROUPS, InferenceActor
+        from jobs.stages import prepare_task, write_task
+
+        self.cfg, self.t_start, self.results = cfg, t_start, results
+        n_gpus = float(ray.cluster_resources().get("GPU", 0)) if not cpu_mode else 0.0
+        self.cpu_mode = cpu_mode or n_gpus == 0
+        self.n_actors = (cfg.cpu_actors or 1) if self.cpu_mode else \
+            gpu_actor_count(n_gpus, cfg.gpus_per_actor, cfg.task_gpus)
+        self.run_id = uuid.uuid4().hex[:6]
+        self.settings = dataclasses.replace(cfg.settings, engine=cfg.settings.engine.with_(
+            device="cpu" if self.cpu_mode else cfg.settings.engine.device))
+        self.light_ref = ray.put(model.without_weights())
+        model_ref = ray.put(model)
+        threads = max(1, (os.cpu_count() or 1) // self.n_actors) if self.cpu_mode else None
+        actor_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(InferenceActor)
+        # SPREAD: actors go to different nodes where they fit, so a multi-node cluster's GPUs (and the network links
+        # and CPUs beside them) all work; actor_resources pins them to nodes with a custom resource (a GPU type)
+        self.actors = [actor_cls.options(
+            name=f"trtseg-infer-{self.run_id}-{i}", num_cpus=1, num_gpus=0 if self.cpu_mode else cfg.gpus_per_actor,
+            resources=cfg.actor_resources or None, scheduling_strategy="SPREAD", max_restarts=cfg.actor_restarts,
+            max_task_retries=cfg.task_retries).remote(model_ref, self.settings, f"infer-{i}", threads,
+                                                      cfg.storage_options, cfg.diagnostics)
+            for i in range(self.n_actors)]
+        for a in self.actors:  # compile and autotune on each actor's tile thread while the first volumes are read
+            a.warm_up.remote()
+        task_opts = {"num_cpus": 1, "num_gpus": 0 if self.cpu_mode else cfg.task_gpus, "max_retries": cfg.task_retries}
+        self._prepare = lambda cid: ray.remote(prepare_task).options(name=f"prepare:{cid}", num_returns=2, **task_opts)
+        self._write = lambda cid: ray.remote(write_task).options(name=f"write:{cid}", num_cpus=1,
+                                                                 max_retries=cfg.task_retries)
+        self.progress = Progress(len(todo), cfg.progress)
+        self.load: dict[int, int] = defaultdict(int)  # tiles queued per actor index
+        self.dead: set[int] = set()  # actors that died past their restarts
+        self.pending = list(todo)
+        self.runs: dict[str, _CaseRun] = {}
+        self.waiting: dict = {}  # object ref -> _Waiting
+        _event("job started", run_id=self.run_id, cases=len(todo), skipped=len(results), actors=self.n_actors,
+               mode=self.mode, engine=self.settings.engine.text())
+
+    @property
+    def mode(self) -> str:
+        return "cpu" if self.cpu_mode else "gpu"
+
+    def run(self) -> list[dict]:
+        """Schedules every case to its end; returns the actors' counters."""
+        import ray
+
+        while self.pending or self.runs:
+            self._admit()
+            ready, _ = ray.wait(list(self.waiting), num_returns=1, timeout=5.0)
+            for ref in ready:
+                w = self.waiting.pop(ref)
+                run = self.runs.get(w.case_id)
+                if run is None or w.attempt != run.attempt:
+                    continue  # a stale answer of an abandoned attempt
+                try:
+                    value = ray.get(ref)
+                except Exception as e:
+                    self.on_error(run, w, e)
+                    continue
+                getattr(self, f"on_{w.event.value}")(run, value, w)
+        self.progress.close()
+        return ray.get([a.stats.remote() for a in self.actors])
+
+    def _admit(self) -> None:
+        """Starts prepare tasks while fewer than max_cases_in_flight cases hold a volume (prepare -> finalize; a
+        case being written holds just its mask)."""
+        while self.pending and sum(r.final is None for r in self.runs.values()) < self.cfg.max_cases_in_flight:
+            case = self.pending.pop(0)
+            meta_ref, data_ref = self._prepare(case.case_id).remote(case, self.light_ref, self.settings,
+                                                                    self.cfg.storage_options)
+            self.runs[case.case_id] = _CaseRun(case, data_ref)
+            self.waiting[meta_ref] = _Waiting(case.case_id, Event.PREPARED, 0)
+
+    def on_error(self, run: "_CaseRun", w: _Waiting, e: BaseException) -> None:
+        import ray
+
+        error = storage.redact(f"{run.case.files[0]}: {_cause(e)}")
+        if isinstance(e, ray.exceptions.ActorDiedError) and w.chunk is not None:
+            self.dead.add(w.chunk[0])
+        if w.event in (Event.INFERRED, Event.FINALIZED):
+            self.redo_or_fail(run, error)
+        else:
+            self.on_failed(run.case.case_id, error)
+
+    def on_prepared(self, run: "_CaseRun", meta: dict, w: _Waiting) -> None:
+        run.meta = meta
+        if meta.get("error"):
+            self.on_failed(run.case.case_id, meta["error"], meta.get("seconds"))
+        elif meta.get("empty"):
+            self._write_case(run, None, None)
+        else:
+            self.distribute(run)
+
+    def on_inferred(self, run: "_CaseRun", stats: dict, w: _Waiting) -> None:
+        assert w.chunk is not None
+        i, n = w.chunk
+        self.load[i] -= n
+        run.stats.append(stats)
+        run.open -= 1
+        self.progress.update(tiles=n)
+        if run.open == 0:
+            self.finalize(run)
+
+    def on_finalized(self, run: "_CaseRun", final: dict, w: _Waiting) -> None:
+        run.final = final
+        run.data = None  # the volume may leave the object store
+        self._write_case(run, run.mask, run.probabilities)
+
+    def on_written(self, run: "_CaseRun", value: dict, w: _Waiting) -> None:
+        cid, meta = run.case.case_id, run.meta
+        if value.get("error"):
+            self.on_failed(cid, value["error"], {**meta.get("seconds", {}), **value.get("seconds", {})})
+            return
+        self.results[cid] = self._case_report(run, value)
+        _event("case done", case=cid, seconds=self.results[cid].to_json()["seconds"],
+               actors=self.results[cid].actors)
+        self.runs.pop(cid)
+        self.progress.update(cases=1)
+
+    def on_failed(self, cid: str, error: str, seconds=None) -> None:
+        self.results[cid] = CaseReport(cid, "failed", error=error, seconds=seconds or {})
         _event("case failed", case=cid, error=error)
-        runs.pop(cid, None)
-        progress.update(cases=1)
+        self.runs.pop(cid, None)
+        self.progress.update(cases=1)
 
-    def distribute(run: "_CaseRun") -> None:
+    def _write_case(self, run: "_CaseRun", mask_ref, probabilities_ref) -> None:
+        ref = self._write(run.case.case_id).remote(run.meta, self.light_ref, self.settings, self.cfg.output,
+                                                   self.cfg.storage_options, mask_ref, probabilities_ref)
+        self.waiting[ref] = _Waiting(run.case.case_id, Event.WRITTEN, run.attempt)
+
+    def distribute(self, run: "_CaseRun") -> None:
         """Sends a case's tiles to the live actors in chunks; the least-loaded actor owns the case."""
-        live = [i for i in range(n_actors) if i not in dead]
+        live = [i for i in range(self.n_actors) if i not in self.dead]
         if not live:
             raise RuntimeError("no inference actor is alive")
         plan = run.meta["plan"]
-        starts = plan.starts
-        size = max(1, min(cfg.tiles_per_task, math.ceil(len(starts) / len(live))))
-        run.owner = min(live, key=lambda k: load[k])
+        size = max(1, min(self.cfg.tiles_per_task, math.ceil(len(plan.starts) / len(live))))
+        run.owner = min(live, key=lambda k: self.load[k])
         run.assigned = defaultdict(int)
-        for n, chunk in enumerate(_chunks(starts, size)):
-            i = run.owner if n == 0 else min(live, key=lambda k: load[k])
+        for n, chunk in enumerate(_chunks(plan.starts, size)):
+            i = run.owner if n == 0 else min(live, key=lambda k: self.load[k])
             if i not in run.assigned:  # the volume goes to the actor's device while it works on earlier cases
-                actors[i].prefetch.remote(run.key, run.data)
-            load[i] += len(chunk)
-            ref = actors[i].infer_chunk.remote(run.key, run.data, plan, chunk, run.assigned[i])
+                self.actors[i].prefetch.remote(run.key, run.data)
+            self.load[i] += len(chunk)
+            ref = self.actors[i].infer_chunk.remote(run.key, run.data, plan, chunk, run.assigned[i])
             run.assigned[i] += len(chunk)
             run.open += 1
-            waiting[ref] = (run.case.case_id, "inferred", run.attempt, (i, len(chunk)))
+            self.waiting[ref] = _Waiting(run.case.case_id, Event.INFERRED, run.attempt, (i, len(chunk)))
 
-    def finalize(run: "_CaseRun") -> None:
-        partials = [actors[i].take_partial.remote(run.key, n, cfg.partials)
+    def finalize(self, run: "_CaseRun") -> None:
+        """The helpers hand their partial sums to the owner, which exports the mask on its device."""
+        partials = [self.actors[i].take_partial.remote(run.key, n, self.cfg.partials)
                     for i, n in run.assigned.items() if i != run.owner]
-        stats_ref, run.mask, run.probabilities = actors[run.owner].finalize.options(num_returns=3).remote(
-            run.key, run.assigned[run.owner], run.meta, light_ref, *partials)
-        waiting[stats_ref] = (run.case.case_id, "finalized", run.attempt, None)
+        stats_ref, run.mask, run.probabilities = self.actors[run.owner].finalize.options(num_returns=3).remote(
+            run.key, run.assigned[run.owner], run.meta, self.light_ref, *partials)
+        self.waiting[stats_ref] = _Waiting(run.case.case_id, Event.FINALIZED, run.attempt)
 
-    def redo_or_fail(run: "_CaseRun", error: str) -> None:
+    def redo_or_fail(self, run: "_CaseRun", error: str) -> None:
         """A case whose summed tiles were lost (an actor restarted or died) is redone, a bounded number of times."""
         for i in run.assigned:
-            actors[i].drop.remote(run.key)
-            load[i] = max(0, load[i] - run.assigned[i])
-        if run.attempt >= cfg.case_retries:
-            fail(run.case.case_id, error)
+            self.actors[i].drop.remote(run.key)
+            self.load[i] = max(0, self.load[i] - run.assigned[i])
+        if run.attempt >= self.cfg.case_retries:
+            self.on_failed(run.case.case_id, error)
             return
         run.attempt += 1
         run.redone.append(error)
         run.open = 0
         run.stats = []
         _event("case redone", case=run.case.case_id, attempt=run.attempt, cause=error)
-        distribute(run)
+        self.distribute(run)
 
-    while pending or runs:
-        # only cases that hold a volume count (prepare -> finalize); a case being written holds just its mask
-        while pending and sum(r.final is None for r in runs.values()) < cfg.max_cases_in_flight:
-            case = pending.pop(0)
-            meta_ref, data_ref = prepare(case.case_id).remote(case, light_ref, settings, cfg.storage_options)
-            runs[case.case_id] = _CaseRun(case, data_ref)
-            waiting[meta_ref] = (case.case_id, "prepared", 0, None)
-        ready, _ = ray.wait(list(waiting), num_returns=1, timeout=5.0)
-        for ref in ready:
-            cid, kind, attempt, extra = waiting.pop(ref)
-            run = runs.get(cid)
-            if run is None or attempt != run.attempt:
-                continue  # a stale answer of an abandoned attempt
-            try:
-                value = ray.get(ref)
-            except Exception as e:
-                error = storage.redact(f"{run.case.files[0]}: {_cause(e)}")
-                if isinstance(e, ray.exceptions.ActorDiedError) and extra is not None:
-                    dead.add(extra[0])
-                if kind in ("inferred", "finalized"):
-                    redo_or_fail(run, error)
-                else:
-                    fail(cid, error)
-                continue
-            if kind == "prepared":
-                run.meta = value
-                if value.get("error"):
-                    fail(cid, value["error"], value.get("seconds"))
-                elif value.get("empty"):
-                    waiting[write(cid).remote(value, light_ref, settings, cfg.output, cfg.storage_options, None)] = \
-                        (cid, "written", run.attempt, None)
-                else:
-                    distribute(run)
-            elif kind == "inferred":
-                i, n = extra
-                load[i] -= n
-                run.stats.append(value)
-                run.open -= 1
-                progress.update(tiles=n)
-                if run.open == 0:
-                    finalize(run)
-            elif kind == "finalized":
-                run.final = value
-                run.data = None  # the volume may leave the object store
-                waiting[write(cid).remote(run.meta, light_ref, settings, cfg.output, cfg.storage_options, run.mask,
-                                          run.probabilities)] = \
-                    (cid, "written", run.attempt, None)
-            elif kind == "written":
-                meta = run.meta
-                if value.get("error"):
-                    fail(cid, value["error"], {**meta.get("seconds", {}), **value.get("seconds", {})})
-                    continue
-                per_actor: dict[str, int] = defaultdict(int)
-                for s in run.stats:
-                    per_actor[s["actor"]] += s["tiles"]
-                final = run.final or {}
-                seconds = {**meta.get("seconds", {}), "infer": sum(s["seconds"] for s in run.stats),
-                           "export": final.get("export_seconds", 0.0), **value["seconds"]}
-                results[cid] = CaseReport(
-                    cid, "ok", output=value["output"], seconds=seconds, tiles=len(meta["plan"].starts) if "plan" in meta else 0,
-                    actors=dict(per_actor), owner=final.get("owner"), redone=run.redone,
-                    object_store_bytes={"volume": meta.get("volume_bytes", 0),
-                                        "partials": final.get("partial_bytes", 0),
-                                        "mask": int(np.prod(meta.get("shape_zyx", (0,)))),
-                                        "probabilities": final.get("probability_bytes", 0)},
-                    peak_rss_mb={"prepare_worker": meta.get("peak_rss_mb"), "write_worker": value.get("peak_rss_mb")},
-                    peak_gpu_memory_mb=final.get("peak_gpu_memory_mb"),
-                    done_at_s=round(time.perf_counter() - t_start, 3))
-                _event("case done", case=cid, seconds=results[cid].to_json()["seconds"], actors=dict(per_actor))
-                runs.pop(cid)
-                progress.update(cases=1)
-    if cfg.progress and progress.tty:
-        sys.stderr.write("\n")
-    actor_stats = ray.get([a.stats.remote() for a in actors])
-    by_name = {a["actor"]: a for a in actor_stats}
-    for r in results.values():  # which engine and GPU made each mask
-        names = list(r.actors or {})
-        if names:
-            r.engine = by_name.get(names[0], {}).get("engine")
-            r.gpus = sorted({str(by_name.get(n, {}).get("gpu")) for n in names})
-    job = {"run_id": run_id, "mode": "cpu" if cpu_mode else "gpu", "actors": n_actors, "partials": cfg.partials,
-           "tiles_per_task": cfg.tiles_per_task, "max_cases_in_flight": cfg.max_cases_in_flight,
-           "ray_address": cfg.address or os.environ.get("RAY_ADDRESS") or "local"}
-    report = run_report(model, cfg.model or (cfg.model_card or {}).get("card"), settings,
-                        actor_stats[0]["engine"] if actor_stats else None, cases, results,
-                        time.perf_counter() - t_start, job=job, actors=actor_stats)
-    for a in actors:
+    def _case_report(self, run: "_CaseRun", written: dict) -> CaseReport:
+        meta, final = run.meta, run.final or {}
+        per_actor: dict[str, int] = defaultdict(int)
+        for st in run.stats:
+            per_actor[st["actor"]] += st["tiles"]
+        seconds = {**meta.get("seconds", {}), "infer": sum(st["seconds"] for st in run.stats),
+                   "export": final.get("export_seconds", 0.0), **written["seconds"]}
+        return CaseReport(
+            run.case.case_id, "ok", output=written["output"], seconds=seconds,
+            tiles=len(meta["plan"].starts) if "plan" in meta else 0, actors=dict(per_actor), owner=final.get("owner"),
+            redone=run.redone,
+            object_store_bytes={"volume": meta.get("volume_bytes", 0), "partials": final.get("partial_bytes", 0),
+                                "mask": int(np.prod(meta.get("shape_zyx", (0,)))),
+                                "probabilities": final.get("probability_bytes", 0)},
+            peak_rss_mb={"prepare_worker": meta.get("peak_rss_mb"), "write_worker": written.get("peak_rss_mb")},
+            peak_gpu_memory_mb=final.get("peak_gpu_memory_mb"), done_at_s=round(time.perf_counter() - self.t_start, 3))
+
+    def report(self, model: NnUNetModel, cases: list[Case], actor_stats: list[dict]) -> dict:
+        by_name = {a["actor"]: a for a in actor_stats}
+        for r in self.results.values():  # which engine and GPU made each mask
+            names = list(r.actors or {})
+            if names:
+                r.engine = by_name.get(names[0], {}).get("engine")
+                r.gpus = sorted({str(by_name.get(n, {}).get("gpu")) for n in names})
+        cfg = self.cfg
+        job = {"run_id": self.run_id, "mode": self.mode, "actors": self.n_actors, "partials": cfg.partials,
+               "tiles_per_task": cfg.tiles_per_task, "max_cases_in_flight": cfg.max_cases_in_flight,
+               "ray_address": cfg.address or os.environ.get("RAY_ADDRESS") or "local"}
+        return run_report(model, cfg.model or (cfg.model_card or {}).get("card"), self.settings,
+                          actor_stats[0]["engine"] if actor_stats else None, cases, self.results,
+                          time.perf_counter() - self.t_start, job=job, actors=actor_stats)
+
+
+def _run(cfg: JobConfig, model: NnUNetModel, cases: list[Case], todo: list[Case], results: dict, cpu_mode: bool,
+         t_start: float) -> dict:
+    """Schedules the cases of ``todo`` on a connected Ray; ``results`` already holds the skipped ones."""
+    import ray
+
+    scheduler = Scheduler(cfg, model, todo, results, cpu_mode, t_start)
+    actor_stats = scheduler.run()
+    report = scheduler.report(model, cases, actor_stats)
+    for a in scheduler.actors:
         ray.kill(a)
     write_report(cfg.output, report)
     _event("job finished", **report["summary"])

@@ -33,7 +33,7 @@ def nnunet_predict(model_dir: str, cases: list[list[str]], out_dir: str, folds, 
     return [o + ".nii.gz" for o in outs]
 
 
-def run_ray_cli(args, *, attempts: int = 6, **kwargs) -> "subprocess.CompletedProcess[str]":
+def run_ray_cli(args, *, attempts: int = 6, **kwargs) -> "subprocess.CompletedProcess[str]":  # noqa: F821
     """Runs a `ray ...` command line (subprocess.run arguments); a `ray job submit` refused because the head's job
     agent has not registered yet (Ray waits only 10 s for it, which a loaded 2-core machine can exceed) is tried
     again, since the refusal happens before any job exists. Any other outcome is returned as it is."""

@@ -13,7 +13,7 @@ from accel.patches import random_patches
 from trtseg import transfer
 from trtseg.dataset import list_cases
 from trtseg.model import load_model_folder
-from trtseg.options import EngineSpec, OutputOptions, Settings, WindowOptions
+from trtseg.options import EngineSpec, Settings
 from trtseg.predict import Predictor
 
 from conftest import write_case

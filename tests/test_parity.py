@@ -13,7 +13,7 @@ import pytest
 from trtseg import synthetic as syn
 from trtseg.dataset import list_cases
 from trtseg.model import load_model_folder
-from trtseg.options import EngineSpec, OutputOptions, Settings, WindowOptions
+from trtseg.options import EngineSpec, Settings, WindowOptions
 from trtseg.predict import Predictor
 
 from conftest import nnunet_predict, voxel_agreement, write_case

@@ -70,10 +70,12 @@ def cmd_predict(args) -> int:
     settings = settings_from_args(args)
     if args.single_process:
         from trtseg import storage
+        from trtseg.log import setup_logging
         from trtseg.predict import predict_folder
+        setup_logging(args.log_json)
         storage.set_default_options(opts)
         report = predict_folder(args.input, args.output, _load_model(args), args.folds, args.checkpoint,
-                                settings, opts, args.limit, args.dry_run, args.overwrite)
+                                settings, opts, args.limit, args.dry_run, args.overwrite, args.progress)
     else:
         from jobs.config import JobConfig
         from jobs.driver import run_job

@@ -106,13 +106,14 @@ def _sync(device: torch.device) -> None:
 def predict_folder(input_url: str, output_url: str, model_folder: "str | NnUNetModel", folds: list[str] | None = None,
                    checkpoint_name: str = "checkpoint_final.pth", settings: Settings | None = None,
                    storage_options: storage.StorageOptions | None = None, limit: int | None = None,
-                   dry_run: bool = False, overwrite: bool = False, log=print) -> dict:
+                   dry_run: bool = False, overwrite: bool = False, progress_bar: bool = True, log=print) -> dict:
     """Single-process prediction of every case in ``input_url``; writes OUTPUT/run_report.json, returns the report.
 
     The same case stages, stamps, skips and report as the Ray job (``trtseg.pipeline``). Cases fail one at a time:
     a bad case is reported with its error and the others still run.
     """
     from trtseg.dataset import list_cases
+    from trtseg.log import Progress, event
     from trtseg.model import load_model_folder
     from trtseg.pipeline import run_report, select_cases, write_report
 
@@ -129,10 +130,18 @@ def predict_folder(input_url: str, output_url: str, model_folder: "str | NnUNetM
     if dry_run:
         return dry_run_listing(todo, results, log)
     predictor = Predictor(model, settings)
-    for i, case in enumerate(todo):
+    event("run started", mode="single-process", cases=len(todo), skipped=len(results),
+          engine=settings.engine.text())
+    progress = Progress(len(todo), progress_bar)
+    for case in todo:
         r = predictor.predict_case(case, output_url, storage_options)
         results[case.case_id] = r
-        log(f"[{i + 1}/{len(todo)}] {case.case_id}: {r.status}" + (f" ({r.error})" if r.error else ""))
+        if r.status == "ok":
+            event("case done", case=case.case_id, seconds=r.to_json()["seconds"])
+        else:
+            event("case failed", case=case.case_id, error=r.error)
+        progress.update(cases=1, tiles=r.tiles or 0)
+    progress.close()
     source = model_folder if isinstance(model_folder, str) else model.folder
     report = run_report(model, source, settings, predictor.engines[0].describe() if predictor.engines else None,
                         cases, results, time.perf_counter() - t0, job={"mode": "single-process"})

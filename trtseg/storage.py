@@ -8,8 +8,6 @@ all-or-nothing, so the object is written in one request and never exists partial
 from __future__ import annotations
 
 import os
-import random
-import time
 import uuid
 from typing import Any, Callable, TypeVar
 
@@ -20,25 +18,27 @@ StorageOptions = dict[str, Any]
 T = TypeVar("T")
 
 #: transient storage errors (a store that stops for a few seconds, 5xx answers, dropped connections) are retried
-#: this many times in all, with exponential backoff from RETRY_BASE_SECONDS (jittered): about 15 s in all
+#: this many times in all, with exponential backoff from RETRY_BASE_SECONDS (jittered): about 12 s in all
 RETRY_ATTEMPTS = int(os.environ.get("TRTSEG_STORAGE_ATTEMPTS", "5"))
 RETRY_BASE_SECONDS = float(os.environ.get("TRTSEG_STORAGE_BACKOFF", "1.0"))
 _PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError, TypeError)
 
 
 def retrying(fn: Callable[[], T], what: str = "") -> T:
-    """Calls ``fn``; a transient failure is retried with backoff, a permanent one (missing file, access denied,
-    bad argument) or the last attempt's failure is raised."""
-    for attempt in range(RETRY_ATTEMPTS):
-        try:
-            return fn()
-        except _PERMANENT:
-            raise
-        except Exception:
-            if attempt == RETRY_ATTEMPTS - 1:
-                raise
-            time.sleep(RETRY_BASE_SECONDS * 2 ** attempt * (0.5 + random.random() / 2))
-    raise AssertionError("unreachable")
+    """Calls ``fn``; a transient failure is retried with jittered exponential backoff (tenacity), a permanent one
+    (missing file, access denied, bad argument) or the last attempt's failure is raised as it is.
+
+    Retried here rather than by each client's own settings: s3fs, gcsfs and local files each retry differently or
+    not at all, and a store that stops for seconds must look the same to every path."""
+    import tenacity
+
+    retry = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(RETRY_ATTEMPTS),
+        # 0.75, 1.5, 3, 6 x the base plus up to half the base of jitter: growing gaps, about 12 s over 5 attempts
+        wait=tenacity.wait_exponential_jitter(initial=0.75 * RETRY_BASE_SECONDS, jitter=0.5 * RETRY_BASE_SECONDS,
+                                              max=60 * RETRY_BASE_SECONDS),
+        retry=tenacity.retry_if_not_exception_type(_PERMANENT), reraise=True)
+    return retry(fn)
 
 _default_options: StorageOptions = {}
 
