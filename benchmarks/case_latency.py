@@ -22,7 +22,7 @@ from benchmarks.common import machine, median_stages, save
 from trtseg import codec
 from trtseg import synthetic as syn
 from trtseg.dataset import list_cases
-from trtseg.model import load_model_folder
+from trtseg.model_folder import load_model_folder
 from trtseg.options import EngineSpec, OutputOptions, Settings, WindowOptions, add_options, from_args
 from trtseg.predict import Predictor
 

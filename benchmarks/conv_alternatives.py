@@ -17,7 +17,7 @@ channels-last-3d, with cudnn.benchmark on. Three parts:
    32->32 convolution at batch 1 (per-channel statistics are per-instance there); for each: whether any engine
    supports it, its fastest plan's time against torch's convolution, and its relative error. Needs the
    nvidia-cudnn-frontend package; the part is skipped, with the reason, without it.
-3. fold: width-folded convolutions (accel/rewrites/conv_fold.py, fold 2): the full-resolution 32->32 and 64->32 ones timed
+3. fold: width-folded convolutions (trtseg/accel/rewrites/conv_fold.py, fold 2): the full-resolution 32->32 and 64->32 ones timed
    alone against the plain ones, then the whole network under torch.compile with fp16 weights, plain against its
    32->32 convolutions folded (the engine's --fold-convolutions), as GPU kernel time per batch by kind of kernel
    (engine_profile's profiler).
@@ -32,12 +32,12 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from accel.torch_engine import TorchEngine
+from trtseg.accel.torch_engine import TorchEngine
 from benchmarks.case_latency import make_fullres_model
 from benchmarks.common import machine, save
-from accel.rewrites.conv_fold import WidthFoldedConv3d, fold_narrow_convolutions
+from trtseg.accel.rewrites.conv_fold import WidthFoldedConv3d, fold_narrow_convolutions
 from benchmarks.engine_profile import by_kind, kernel_ms_per_batch
-from trtseg.model import load_model_folder
+from trtseg.model_folder import load_model_folder
 
 CL = torch.channels_last_3d
 

@@ -14,7 +14,7 @@ stated, with each actor's warm-up seconds. Three engine-busy fractions:
 - in span: engine time over the GPU's own clock from the first engine call's start to the last one's end (CUDA
   events), which leaves out start-up and the last case's export and write.
 gpu_busy_in_span: the share of that span in which any of the actor's GPU work ran (tile gathers, engine,
-accumulation, exports; jobs/timeline.py); case_gap_seconds splits the engine's idle time at case starts.
+accumulation, exports; trtseg/jobs/timeline.py); case_gap_seconds splits the engine's idle time at case starts.
 gpu_utilization_nvml: NVML's utilization of GPU 0 (share of time any kernel ran: engine, accumulation, export),
 sampled by nvidia-smi every 100 ms and averaged over the job, from the first tile to the end, over the actor's
 engine span (its first tile's wall time plus the span), and over that span less its first and last second (NVML
@@ -37,8 +37,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 from benchmarks.case_latency import make_fullres_model
 from benchmarks.common import machine, save
-from jobs.config import JobConfig
-from jobs.driver import run_job
+from trtseg.jobs.config import JobConfig
+from trtseg.jobs.driver import run_job
 from trtseg import synthetic as syn
 from trtseg.options import EngineSpec, OutputOptions, Settings, WindowOptions, add_options, from_args
 

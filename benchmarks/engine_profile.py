@@ -19,11 +19,11 @@ import torch
 from benchmarks.case_latency import make_fullres_model
 from benchmarks.common import machine, save
 from benchmarks.engine_throughput import engine_from_config
-from trtseg.model import load_model_folder
+from trtseg.model_folder import load_model_folder
 
 KINDS = [  # (kind, pattern on the kernel's name), first match wins; Inductor names its Triton kernels after every
     # op they fused (e.g. triton_poi_fused__native_batch_norm_legit__to_copy_clone_convolution_leaky_relu_...)
-    ("fused convolution + normalization (accel/rewrites/triton_fusion.py)", r"^_(conv3x3x3|stem|norm_act_pointwise)_kernel"),
+    ("fused convolution + normalization (trtseg/accel/rewrites/triton_fusion.py)", r"^_(conv3x3x3|stem|norm_act_pointwise)_kernel"),
     ("normalization statistics (Triton reductions)", r"^triton_(red|per)_"),
     ("normalize + LeakyReLU, casts, concatenation (Triton pointwise)", r"^triton_poi_"),
     ("transposed convolution", r"dgrad|convTranspose|ConvTranspose|col2im"),

@@ -6,8 +6,8 @@
 A configuration is an engine spec in trtseg's one text syntax (EngineSpec.parse, trtseg/options.py; kind torch
 on --device): a precision (fp32, fp16, bf16) with options joined by "+", named as `trtseg predict`'s flags or by
 their short forms: compile, max (max-autotune), cl (channels-last), graphs (cuda-graphs), half (fp16-weights),
-fold (fold-convolutions, accel/rewrites/conv_fold.py), merge (merge-upsampling, accel/rewrites/upsample_merge.py),
-fuse (fuse-norms, accel/rewrites/norm_fusion.py; needs cl and half).
+fold (fold-convolutions, trtseg/accel/rewrites/conv_fold.py), merge (merge-upsampling, trtseg/accel/rewrites/upsample_merge.py),
+fuse (fuse-norms, trtseg/accel/rewrites/norm_fusion.py; needs cl and half).
 
 Model: nnU-Net 3d_fullres for CT (PlainConvUNet 32->320, 6 stages, 128^3 patch, 4 labels). FLOPs per patch are
 counted with torch's FlopCounterMode (multiply-add = 2 FLOPs). Inputs are standard-normal patches (the
@@ -25,12 +25,12 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from accel.engines import torch_engine
-from accel.torch_engine import TorchEngine
+from trtseg.accel.engines import torch_engine
+from trtseg.accel.torch_engine import TorchEngine
 from trtseg.options import EngineSpec
 from benchmarks.case_latency import make_fullres_model
 from benchmarks.common import machine, save
-from trtseg.model import load_model_folder
+from trtseg.model_folder import load_model_folder
 
 TENSOR_CORE_FLOOR_PATCHES_S = 840  # the measured fp16 tensor-core floor on the H100 (docs of this project's issues)
 

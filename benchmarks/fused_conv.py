@@ -1,4 +1,4 @@
-"""--fuse-norms' convolution kernel (accel/triton_fusion.conv3x3x3): launch configurations timed alone, then the
+"""--fuse-norms' convolution kernel (trtseg/accel/triton_fusion.conv3x3x3): launch configurations timed alone, then the
 whole engine with the kernel's configurations as they were before the per-shape ones (ac802d8) and as they are
 now, in one process on one GPU.
 
@@ -13,7 +13,7 @@ num_warps, pipeline stages, KX x taps per matrix product). Each is checked again
 (max |diff| over max |y| <= 1e-2, else it is reported as wrong and not ranked). Times are triton.testing.do_bench's
 medians (its warm-up excluded; Triton's compile is excluded). The engine part builds the engine of --engine-config
 four times, alternating ``BEFORE`` (32-channel blocks, one configuration per fold) and the modules' defaults
-(``accel.rewrites.norm_fusion.FUSED_WIDTHS``, ``accel.rewrites.triton_fusion.CONV_CONFIGS``), and reports patches/s as
+(``trtseg.accel.rewrites.norm_fusion.FUSED_WIDTHS``, ``trtseg.accel.rewrites.triton_fusion.CONV_CONFIGS``), and reports patches/s as
 benchmarks.engine_throughput does (compile and warm-up excluded, median of --repeats).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from accel.rewrites import triton_fusion
+from trtseg.accel.rewrites import triton_fusion
 from benchmarks.common import machine, save
 
 CL = torch.channels_last_3d
@@ -38,7 +38,7 @@ def _case(b: int, cin: int, cout: int, size: int, slots: bool, seed: int = 0) ->
     w = (torch.randn((cout, cin, 3, 3, 3), device="cuda", generator=g) / (27 * cin) ** 0.5).half()
     bias = torch.randn((cout,), device="cuda", generator=g).half()
     case = {"x": x, "w": w, "bias": bias, "taps": triton_fusion.taps_weight(w, 2), "slots": None}
-    if slots:  # a full-resolution merged decoder stage's upsampled half: stride 2, lead 1 (accel/upsample_merge)
+    if slots:  # a full-resolution merged decoder stage's upsampled half: stride 2, lead 1 (trtseg/accel/upsample_merge)
         coarse = size // 2 + 1
         case["slots"] = torch.randn((b, 8 * cout, coarse, coarse, coarse), device="cuda",
                                     generator=g).half().contiguous(memory_format=CL)
@@ -53,7 +53,7 @@ def _run(case: dict, config):
 def _reference(case: dict) -> torch.Tensor:
     y = F.conv3d(case["x"], case["w"], case["bias"], padding=1)
     if case["slots"] is not None:
-        from accel.rewrites.upsample_merge import slots_to_volume
+        from trtseg.accel.rewrites.upsample_merge import slots_to_volume
         y = y + slots_to_volume(case["slots"], (2, 2, 2), (1, 1, 1), tuple(case["x"].shape[2:]))
     return y
 
@@ -96,10 +96,10 @@ BEFORE: dict[str, Any] = {"widths": (32,), "conv_configs": {"2": (64, 2, 4, 4, 1
 def engine_ab(engine_config: str, batch: int, repeats: int) -> list[dict]:
     """The engine of ``engine_config`` built alternately as ``BEFORE`` and with the modules' defaults (twice each,
     one process), patches/s as benchmarks.engine_throughput measures them."""
-    from accel.rewrites import norm_fusion
+    from trtseg.accel.rewrites import norm_fusion
     from benchmarks.case_latency import make_fullres_model
     from benchmarks.engine_throughput import engine_from_config, time_engine
-    from trtseg.model import load_model_folder
+    from trtseg.model_folder import load_model_folder
     model = load_model_folder(make_fullres_model(tempfile.mkdtemp(prefix="trtseg_fullres_")))
     after: dict[str, Any] = {"widths": norm_fusion.FUSED_WIDTHS, "conv_configs": dict(triton_fusion.CONV_CONFIGS)}
     runs = []

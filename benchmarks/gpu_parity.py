@@ -18,7 +18,7 @@ import numpy as np
 from benchmarks.common import machine, save
 from trtseg import synthetic as syn
 from trtseg.dataset import list_cases
-from trtseg.model import load_model_folder
+from trtseg.model_folder import load_model_folder
 from trtseg.options import EngineSpec, Settings
 from trtseg.predict import Predictor
 

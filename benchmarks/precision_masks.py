@@ -22,7 +22,7 @@ from benchmarks.case_latency import make_fullres_model
 from benchmarks.common import machine, save
 from trtseg import synthetic as syn
 from trtseg.dataset import list_cases
-from trtseg.model import load_model_folder
+from trtseg.model_folder import load_model_folder
 from trtseg.options import EngineSpec, Settings, WindowOptions
 from trtseg.predict import Predictor
 

@@ -10,7 +10,7 @@ estimate, not a measurement of it).
 
 Per run: volumes per second in the GPU span (the longest actor span: its first engine call's start to its last one's end,
 start-up excluded), each actor's tiles, engine seconds, engine-busy and GPU-busy fractions in its own span (see
-jobs/timeline.py), and the partial sums shipped per case.
+trtseg/jobs/timeline.py), and the partial sums shipped per case.
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import tempfile
 
 from benchmarks.case_latency import make_fullres_model
 from benchmarks.common import machine, save
-from jobs.config import JobConfig
-from jobs.driver import run_job
+from trtseg.jobs.config import JobConfig
+from trtseg.jobs.driver import run_job
 from trtseg import synthetic as syn
 from trtseg.options import EngineSpec, Settings, WindowOptions
 

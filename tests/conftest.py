@@ -13,7 +13,7 @@ import torch
 from trtseg import synthetic as syn
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-if not torch.cuda.is_available():  # Triton's interpreter runs the fused kernels (accel/rewrites/triton_fusion.py) on the CPU
+if not torch.cuda.is_available():  # Triton's interpreter runs the fused kernels (trtseg/accel/rewrites/triton_fusion.py) on the CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # exported ONNX graphs and engines of the tests' models go to a throw-away cache, not ~/.cache/trtseg
 os.environ.setdefault("TRTSEG_CACHE", tempfile.mkdtemp(prefix="trtseg_test_cache_"))

@@ -12,17 +12,17 @@ import nibabel as nib
 import pytest
 import torch
 
-from accel.card import model_from_card
-from accel.engines import create_engines
-from accel.onnxruntime_engine import OnnxRuntimeEngine
-from accel.torch_engine import TorchEngine
+from trtseg.accel.card import model_from_card
+from trtseg.accel.engines import create_engines
+from trtseg.accel.onnxruntime_engine import OnnxRuntimeEngine
+from trtseg.accel.torch_engine import TorchEngine
 from trtseg.options import EngineSpec
-from accel.onnx_export import compare_with_pytorch, export_onnx
-from accel.patches import random_patches, sample_patches
+from trtseg.accel.onnx_export import compare_with_pytorch, export_onnx
+from trtseg.accel.patches import random_patches, sample_patches
 from trtseg import synthetic as syn
 from trtseg.cli import main
 from trtseg.errors import ModelFolderError, TrtsegError
-from trtseg.model import load_model_folder
+from trtseg.model_folder import load_model_folder
 
 from conftest import voxel_agreement, write_case
 
@@ -179,9 +179,9 @@ needs_rtx = pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None,
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_tensorrt_rtx_builds_our_nnunet_onnx_with_the_batch_profile(precision, small_model, tmp_path, monkeypatch):
     monkeypatch.setenv("TRTSEG_TENSORRT_MODULE", "tensorrt_rtx")
-    import accel.trt_api as api
+    import trtseg.accel.trt_api as api
     monkeypatch.setattr(api, "_loaded", None)
-    from accel.tensorrt_build import BuildSpec, EngineCache
+    from trtseg.accel.tensorrt_build import BuildSpec, EngineCache
 
     model = load_model_folder(small_model, ["0"])
     onnx_url = str(tmp_path / f"m.{precision}.onnx")
@@ -198,9 +198,9 @@ def test_tensorrt_rtx_builds_our_nnunet_onnx_with_the_batch_profile(precision, s
 @needs_rtx
 def test_engine_cache_keys_and_rebuild_rules(small_model, tmp_path, monkeypatch):
     monkeypatch.setenv("TRTSEG_TENSORRT_MODULE", "tensorrt_rtx")
-    import accel.trt_api as api
+    import trtseg.accel.trt_api as api
     monkeypatch.setattr(api, "_loaded", None)
-    from accel.tensorrt_build import BuildSpec, EngineCache
+    from trtseg.accel.tensorrt_build import BuildSpec, EngineCache
 
     model = load_model_folder(small_model, ["0"])
     a, b = str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx")
@@ -243,9 +243,9 @@ def test_engine_cache_keys_and_rebuild_rules(small_model, tmp_path, monkeypatch)
 @needs_rtx
 def test_an_engine_built_for_another_model_is_refused(small_model, resenc_model, tmp_path, monkeypatch):
     monkeypatch.setenv("TRTSEG_TENSORRT_MODULE", "tensorrt_rtx")
-    import accel.trt_api as api
+    import trtseg.accel.trt_api as api
     monkeypatch.setattr(api, "_loaded", None)
-    from accel.tensorrt_build import BuildSpec, EngineCache, check_engine_fits
+    from trtseg.accel.tensorrt_build import BuildSpec, EngineCache, check_engine_fits
 
     small = load_model_folder(small_model, ["0"])
     export_onnx(small.build_network("0"), str(tmp_path / "s.onnx"), 1, small.patch_size, batch=None)
@@ -258,7 +258,7 @@ def test_an_engine_built_for_another_model_is_refused(small_model, resenc_model,
 
 
 def test_bad_onnx_and_engine_files_give_clear_errors(small_model, tmp_path):
-    from accel.tensorrt_build import engine_file_meta
+    from trtseg.accel.tensorrt_build import engine_file_meta
 
     with pytest.raises(TrtsegError, match="missing.onnx: ONNX file not found"):
         OnnxRuntimeEngine(str(tmp_path / "missing.onnx"))
@@ -276,7 +276,8 @@ def test_tensorrt_runtime_type_checks_against_tensorrt_stubs():
     stubs = os.path.join(ROOT, ".venv", "typestubs", "tensorrt")
     if not os.path.isdir(stubs):
         pytest.fail("tensorrt-stubs missing: scripts/install.sh installs them into .venv/typestubs")
-    files = ["accel/trt_api.py", "accel/tensorrt_build.py", "accel/tensorrt_runtime.py", "accel/pycuda_runtime.py"]
+    files = ["trtseg/accel/trt_api.py", "trtseg/accel/tensorrt_build.py", "trtseg/accel/tensorrt_runtime.py",
+             "trtseg/accel/pycuda_runtime.py"]
     r = subprocess.run([sys.executable, "-m", "mypy", *files], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -306,7 +307,7 @@ def test_tensorrt_engine_matches_pytorch_on_gpu(small_model, tmp_path):
 
 
 def test_models_over_2gb_export_with_external_data(small_model, tmp_path, monkeypatch):
-    import accel.onnx_export as ox
+    import trtseg.accel.onnx_export as ox
     monkeypatch.setattr(ox, "EXTERNAL_DATA_LIMIT", 1024)  # the 2 GB path, on a small model
     model = load_model_folder(small_model, ["0"])
     url = str(tmp_path / "big.onnx")

@@ -1,14 +1,14 @@
-"""Width-folded convolutions (accel/rewrites/conv_fold.py) compute the same function as the plain ones, eager and compiled,
+"""Width-folded convolutions (trtseg/accel/rewrites/conv_fold.py) compute the same function as the plain ones, eager and compiled,
 alone and inside an nnU-Net network run by the PyTorch engine; the CLI flags of both network rewrites (this one and
-accel/rewrites/upsample_merge.py) reach the engine."""
+trtseg/accel/rewrites/upsample_merge.py) reach the engine."""
 import numpy as np
 import pytest
 import torch
 
-from accel.rewrites.conv_fold import WidthFoldedConv3d, fold_narrow_convolutions
-from accel.torch_engine import TorchEngine
+from trtseg.accel.rewrites.conv_fold import WidthFoldedConv3d, fold_narrow_convolutions
+from trtseg.accel.torch_engine import TorchEngine
 from trtseg import synthetic as syn
-from trtseg.model import load_model_folder
+from trtseg.model_folder import load_model_folder
 
 CL = torch.channels_last_3d
 
@@ -75,7 +75,7 @@ def test_engine_with_folded_convolutions_gives_the_same_logits(tmp_path):
 
 @pytest.mark.parametrize("flag,described,count", [
     ("--fold-convolutions", "folded_convolutions", 2),
-    ("--merge-upsampling", "merged_upsamplings", 1)])  # accel/rewrites/upsample_merge.py
+    ("--merge-upsampling", "merged_upsamplings", 1)])  # trtseg/accel/rewrites/upsample_merge.py
 def test_network_rewrite_flags_reach_the_engine(tmp_path, flag, described, count):
     from trtseg.cli import _predict_parser
     from trtseg.options import settings_from_args

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from accel.torch_engine import TorchEngine
-from accel.patches import random_patches
+from trtseg.accel.torch_engine import TorchEngine
+from trtseg.accel.patches import random_patches
 from trtseg import transfer
 from trtseg.dataset import list_cases
-from trtseg.model import load_model_folder
+from trtseg.model_folder import load_model_folder
 from trtseg.options import EngineSpec, Settings
 from trtseg.predict import Predictor
 
@@ -65,8 +65,8 @@ def test_fp16_weights_keep_norms_fp32_and_track_autocast(small_model):
                                                   "fuse_norms": True}, {"fused_norms": 4})],
                          ids=["folded", "folded_and_merged", "folded_merged_and_fused"])
 def test_compiled_fast_path_with_a_rewritten_network_gives_the_plain_logits(tmp_path, options, described):
-    """--fold-convolutions (accel/rewrites/conv_fold.py), --merge-upsampling (accel/rewrites/upsample_merge.py) and --fuse-norms
-    (accel/rewrites/norm_fusion.py) under torch.compile in fp16 give the plain network's logits."""
+    """--fold-convolutions (trtseg/accel/rewrites/conv_fold.py), --merge-upsampling (trtseg/accel/rewrites/upsample_merge.py) and --fuse-norms
+    (trtseg/accel/rewrites/norm_fusion.py) under torch.compile in fp16 give the plain network's logits."""
     from trtseg import synthetic as syn
     folder = syn.make_model_folder(str(tmp_path / "m"), folds=(0,), patch_size=(32, 64, 64), spacing=(1.0, 1.0, 1.0),
                                    features=(32, 64, 128))

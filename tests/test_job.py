@@ -205,7 +205,7 @@ def test_ray_job_submit_to_a_ray_head(small_model, inputs, tmp_path):
 def test_gpu_actor_count_leaves_the_prepare_tasks_their_gpu_share():
     """Five 0.2-GPU actors would take the whole GPU and leave every 0.1-GPU prepare task (and so every case) waiting
     for ever: the driver packs actors per GPU and keeps one GPU's share for the tasks."""
-    from jobs.driver import gpu_actor_count
+    from trtseg.jobs.driver import gpu_actor_count
     assert [gpu_actor_count(1, g, 0.1) for g in (0.8, 0.4, 0.2)] == [1, 2, 4]
     assert gpu_actor_count(1, 0.25, 0.0) == 4 and gpu_actor_count(8, 0.5, 0.1) == 15 and gpu_actor_count(8, 0.5, 0) == 16
     assert gpu_actor_count(4, 1, 0.1) == 3 and gpu_actor_count(4, 2, 0) == 2

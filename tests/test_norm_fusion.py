@@ -1,4 +1,4 @@
-"""--fuse-norms: the Triton kernels (accel/rewrites/triton_fusion.py) and the network rewrite (accel/rewrites/norm_fusion.py).
+"""--fuse-norms: the Triton kernels (trtseg/accel/rewrites/triton_fusion.py) and the network rewrite (trtseg/accel/rewrites/norm_fusion.py).
 
 Without a GPU, Triton runs its kernels in its interpreter (conftest sets TRITON_INTERPRET=1), on CPU tensors: the
 same kernel code, the same index arithmetic and masks. tests/test_gpu.py runs them compiled on CUDA."""
@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton", reason="the fused kernels are Triton kernels (pip install triton)")
 
-from accel.rewrites import conv_fold, norm_fusion, triton_fusion, upsample_merge  # noqa: E402
-from accel.torch_engine import TorchEngine, _fp16_with_fp32_norms  # noqa: E402
+from trtseg.accel.rewrites import conv_fold, norm_fusion, triton_fusion, upsample_merge  # noqa: E402
+from trtseg.accel.torch_engine import TorchEngine, _fp16_with_fp32_norms  # noqa: E402
 
 CL = torch.channels_last_3d
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -45,7 +45,7 @@ def test_convolution_writes_its_output_and_the_norms_sums(fold, shape, kx):
 
 @pytest.mark.parametrize("fold,kx", [(1, 1), (2, 4)])
 def test_convolution_adds_a_merged_upsamplings_slots(fold, kx):
-    """The skip half of a merged decoder stage adds the upsampled half, given in slot order (accel/upsample_merge)."""
+    """The skip half of a merged decoder stage adds the upsampled half, given in slot order (trtseg/accel/upsample_merge)."""
     x = _half_cl((2, 16, 5, 6, 8))
     w = _half_cl((16, 16, 3, 3, 3), 0.1, seed=1)
     slots = _half_cl((2, 8 * 16, 4, 4, 5), seed=3)  # stride 2 per axis, lead 1: coarse size fine // 2 + 1

@@ -54,8 +54,8 @@ def test_engine_spec_text_syntax_round_trips():
 
 
 def test_options_an_engine_cannot_run_are_refused_not_dropped(small_model):
-    from accel.engines import create_engines
-    from trtseg.model import load_model_folder
+    from trtseg.accel.engines import create_engines
+    from trtseg.model_folder import load_model_folder
 
     model = load_model_folder(small_model, ["0"])
     with pytest.raises(ValueError, match="--cuda-graphs --fp16-weights --fuse-norms: CUDA only"):
@@ -83,7 +83,7 @@ def test_onnxruntime_run_without_triton_and_tensorrt(small_model, tmp_path):
         rc = main(["predict", "-i", {str(tmp_path / "in")!r}, "-o", {str(tmp_path / "out")!r}, "-m", {small_model!r},
                    "-f", "0", "--engine", "onnxruntime", "--device", "cpu", "--disable-tta", "--single-process"])
         loaded = sorted(m for m in sys.modules
-                        if m.split(".")[0] in ("triton", "tensorrt") or m.startswith("accel.rewrites"))
+                        if m.split(".")[0] in ("triton", "tensorrt") or m.startswith("trtseg.accel.rewrites"))
         print("LOADED", loaded)
         sys.exit(rc)
     """)
@@ -97,7 +97,7 @@ def test_onnxruntime_run_without_triton_and_tensorrt(small_model, tmp_path):
 
 
 def test_a_malformed_kernel_setting_fails_only_where_the_fused_kernels_are_configured(monkeypatch):
-    from accel.rewrites import triton_fusion
+    from trtseg.accel.rewrites import triton_fusion
     monkeypatch.setenv("TRTSEG_CONV_CONFIGS", "2:1,2")
     monkeypatch.setattr(triton_fusion, "_ENV_READ", False)
     monkeypatch.setattr(triton_fusion, "CONV_CONFIGS", dict(triton_fusion.CONV_CONFIGS))

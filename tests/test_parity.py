@@ -12,7 +12,7 @@ import pytest
 
 from trtseg import synthetic as syn
 from trtseg.dataset import list_cases
-from trtseg.model import load_model_folder
+from trtseg.model_folder import load_model_folder
 from trtseg.options import EngineSpec, Settings, WindowOptions
 from trtseg.predict import Predictor
 
@@ -33,8 +33,8 @@ def ray_local():
 
 def run_trtseg(model_dir, in_dir, out_dir, folds, use_mirroring=True):
     """Both paths: the single process (Predictor) into out_dir, and the Ray job (one CPU actor) into out_dir_ray."""
-    from jobs.config import JobConfig
-    from jobs.driver import run_job
+    from trtseg.jobs.config import JobConfig
+    from trtseg.jobs.driver import run_job
 
     model = load_model_folder(model_dir, folds)
     settings = Settings(window=WindowOptions(use_mirroring=use_mirroring), engine=EngineSpec(device="cpu"))

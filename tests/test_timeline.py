@@ -1,7 +1,7 @@
 """The actor's GPU-busy arithmetic: the union of tile and export intervals over the engine's span."""
 import time
 
-from jobs.timeline import GpuTimeline, _union_length
+from trtseg.jobs.timeline import GpuTimeline, _union_length
 
 
 def test_union_counts_overlaps_once_and_clips_to_the_span():

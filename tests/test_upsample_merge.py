@@ -1,4 +1,4 @@
-"""The decoder's transposed convolutions merged into the convolutions after them (accel/rewrites/upsample_merge.py) compute
+"""The decoder's transposed convolutions merged into the convolutions after them (trtseg/accel/rewrites/upsample_merge.py) compute
 the same function as nnU-Net's decoder: isotropic and anisotropic strides and kernels, with and without biases,
 both memory layouts, deep supervision, eager and compiled, and through the PyTorch engine (the CLI flag:
 tests/test_conv_fold.py)."""
@@ -9,11 +9,11 @@ import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
-from accel.rewrites.conv_fold import WidthFoldedConv3d
-from accel.torch_engine import TorchEngine
-from accel.rewrites.upsample_merge import MergedUpsamplingDecoder, MergedUpsamplingStage, axis_phases, merge_upsampling
+from trtseg.accel.rewrites.conv_fold import WidthFoldedConv3d
+from trtseg.accel.torch_engine import TorchEngine
+from trtseg.accel.rewrites.upsample_merge import MergedUpsamplingDecoder, MergedUpsamplingStage, axis_phases, merge_upsampling
 from trtseg import synthetic as syn
-from trtseg.model import load_model_folder
+from trtseg.model_folder import load_model_folder
 
 CL = torch.channels_last_3d
 

@@ -17,7 +17,7 @@ import torch
 from trtseg import synthetic as syn
 from trtseg.cli import main
 from trtseg.errors import ModelFolderError
-from trtseg.model import load_model_folder
+from trtseg.model_folder import load_model_folder
 
 from conftest import voxel_agreement, write_case
 
@@ -119,7 +119,7 @@ def test_v1_folder_through_export_ray_job_and_tensorrt_builder(v1_models, tmp_pa
     if importlib.util.find_spec("tensorrt_rtx") is None:
         pytest.skip("tensorrt-rtx wheels not installed (they are in the test extra)")
     monkeypatch.setenv("TRTSEG_TENSORRT_MODULE", "tensorrt_rtx")
-    import accel.trt_api as api
+    import trtseg.accel.trt_api as api
     monkeypatch.setattr(api, "_loaded", None)
     assert main(["build", "--onnx", onnx, "--engine-cache", str(tmp_path / "cache"), "--target-cc", "SM89",
                  "--optimization-level", "0", "--max-batch", "2", "--opt-batch", "2"]) == 0

@@ -33,11 +33,11 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
 
 def _load_model(args):
     if args.card:
-        from accel.card import model_from_card
+        from trtseg.accel.card import model_from_card
         return model_from_card(args.card, args.network, args.weights, args.onnx_model)
     if not args.model:
         raise TrtsegError("give a model: -m MODEL_FOLDER, or --card CARD with --network or --onnx-model")
-    from trtseg.model import load_model_folder
+    from trtseg.model_folder import load_model_folder
     return load_model_folder(args.model, args.folds, args.checkpoint)
 
 
@@ -49,8 +49,8 @@ _JOB_FLAGS = ("overwrite", "dry_run", "limit", "address", "cpu_actors", "gpus_pe
 
 def _add_predict_args(p: argparse.ArgumentParser) -> None:
     """`trtseg predict`'s flags: the input and output, the model, then the declared options (trtseg/options.py for
-    the window, engine and output; jobs/config.py for the Ray job)."""
-    from jobs.config import JobConfig
+    the window, engine and output; trtseg/jobs/config.py for the Ray job)."""
+    from trtseg.jobs.config import JobConfig
     from trtseg.options import add_options, add_settings
 
     p.add_argument("-i", "--input", required=True, help="folder (or file) of NIfTI images; any fsspec URL")
@@ -77,8 +77,8 @@ def cmd_predict(args) -> int:
         report = predict_folder(args.input, args.output, _load_model(args), args.folds, args.checkpoint,
                                 settings, opts, args.limit, args.dry_run, args.overwrite, args.progress)
     else:
-        from jobs.config import JobConfig
-        from jobs.driver import run_job
+        from trtseg.jobs.config import JobConfig
+        from trtseg.jobs.driver import run_job
         card = ({"card": args.card, "network": args.network, "weights": args.weights, "onnx": args.onnx_model}
                 if args.card else None)
         report = run_job(JobConfig(input=args.input, output=args.output, model=args.model, folds=args.folds,
@@ -93,7 +93,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from accel.precision import make_artefact
+    from trtseg.accel.precision import make_artefact
 
     model = _load_model(args)
     model = model.with_folds([(args.folds or model.folds)[0]])
@@ -107,7 +107,7 @@ def cmd_export(args) -> int:
 
 def cpu_mask_predictor(model):
     """(engines, image) -> mask: whole cases through the pipeline on the CPU, mirroring off, as the FP16/INT8
-    accuracy reports run them (accel.precision)."""
+    accuracy reports run them (trtseg.accel.precision)."""
     from trtseg.options import EngineSpec, Settings, WindowOptions
     from trtseg.predict import Predictor
     settings = Settings(window=WindowOptions(use_mirroring=False), engine=EngineSpec(device="cpu"))
@@ -115,8 +115,8 @@ def cpu_mask_predictor(model):
 
 
 def cmd_build(args) -> int:
-    from accel.engines import default_cache
-    from accel.tensorrt_build import BuildSpec, EngineCache
+    from trtseg.accel.engines import default_cache
+    from trtseg.accel.tensorrt_build import BuildSpec, EngineCache
 
     spec = BuildSpec(args.min_batch, args.opt_batch, args.max_batch, args.optimization_level, args.workspace_gib,
                      args.target_cc)
@@ -127,8 +127,8 @@ def cmd_build(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from accel.compare import compare_engines, engine_from_spec
-    from accel.patches import random_patches, sample_patches
+    from trtseg.accel.compare import compare_engines, engine_from_spec
+    from trtseg.accel.patches import random_patches, sample_patches
 
     model = _load_model(args)
     fold = (args.folds or model.folds)[0]

@@ -15,7 +15,7 @@ import torch
 from trtseg.window import WindowPlan, batches
 
 if TYPE_CHECKING:
-    from accel.engine import Engine
+    from trtseg.accel.engine import Engine
     from trtseg.aggregate import Merger
 
 
@@ -89,7 +89,7 @@ def run_tiles(engines: "Sequence[Engine]", volume: torch.Tensor, plan: WindowPla
     """Runs the tiles at ``starts`` of the padded ``volume`` (c, z, y, x) through every engine (one a fold) in
     batches of ``batch_size`` and adds their logits to ``merger``; then records the tiles as covered.
 
-    timing: how a Ray actor measures its GPU time per batch (jobs/timeline.py); first: the first batch's kind."""
+    timing: how a Ray actor measures its GPU time per batch (trtseg/jobs/timeline.py); first: the first batch's kind."""
     timing = timing or _untimed
     kind = first
     for engine in engines:

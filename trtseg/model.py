@@ -1,6 +1,6 @@
 """nnU-Net v2 trained model folders: dataset.json, plans.json, fold_N/checkpoint_final.pth.
 
-``load_model_folder`` reads the folder (any fsspec URL), resolves the configuration the checkpoints were trained
+``load_v2_model_folder`` reads the folder (any fsspec URL), resolves the configuration the checkpoints were trained
 with (following ``inherits_from``), and keeps each fold's weights. ``NnUNetModel.build_network`` builds the network
 with dynamic-network-architectures exactly as nnU-Net's trainer does, deep supervision off.
 """
@@ -131,7 +131,7 @@ class NnUNetModel:
     checkpoint_name: str
     fingerprint: str = ""
     _arch: dict = field(default_factory=dict, repr=False)
-    #: models described by a card (accel/card.py) build their network with this instead of the plans
+    #: models described by a card (trtseg/accel/card.py) build their network with this instead of the plans
     network_factory: Callable[[str], torch.nn.Module] | None = field(default=None, repr=False)
     #: models given as ONNX (card + .onnx): the graph each fold runs, for ONNX Runtime and TensorRT engines
     onnx_urls: dict[str, str] = field(default_factory=dict)
@@ -327,20 +327,15 @@ def _load_checkpoint(url: str, where: str) -> dict:
     return ckpt
 
 
-def load_model_folder(folder: str, folds: list[str] | None = None,
-                      checkpoint_name: str = "checkpoint_final.pth") -> NnUNetModel:
-    """Loads an nnU-Net v2 trained model folder, or a v1 one (plans.pkl, fold_N/*.model: trtseg/model_v1.py).
+def load_v2_model_folder(folder: str, folds: list[str] | None = None,
+                         checkpoint_name: str = "checkpoint_final.pth") -> NnUNetModel:
+    """Loads an nnU-Net v2 trained model folder (trtseg.model_folder.load_model_folder takes v1 folders too).
 
     folder: URL of the folder holding dataset.json, plans.json and fold_N/ (the trainer's output folder)
     folds: e.g. ["0", "1"] or ["all"]; None detects every fold that holds ``checkpoint_name``
-    checkpoint_name: checkpoint_final.pth, or checkpoint_best.pth on request (v1: model_final_checkpoint by
-        default, or model_best)
+    checkpoint_name: checkpoint_final.pth, or checkpoint_best.pth on request
     """
     folder = str(folder).rstrip("/")
-    from trtseg import model_v1
-    if not storage.exists(storage.join(folder, "plans.json")) and model_v1.is_v1_folder(folder):
-        v1_name = model_v1.V1_CHECKPOINT if checkpoint_name == "checkpoint_final.pth" else checkpoint_name
-        return model_v1.load_v1_model_folder(folder, folds, v1_name)
     dataset_json = _read_json(storage.join(folder, "dataset.json"), folder)
     plans = _read_json(storage.join(folder, "plans.json"), folder)
     if folds is None:

@@ -29,6 +29,7 @@ import torch
 
 from trtseg import storage
 from trtseg.errors import ModelFolderError
+from trtseg.model import LabelScheme, NnUNetModel, detect_folds
 
 V1_CHECKPOINT = "model_final_checkpoint"
 NORMALIZATION = {"CT": "CTNormalization", "nonCT": "ZScoreNormalizationV1", "noNorm": "NoNormalization"}
@@ -124,7 +125,6 @@ def load_v1_model_folder(folder: str, folds: list[str] | None = None, checkpoint
 
     checkpoint: the checkpoint's base name, model_final_checkpoint (default) or model_best
     """
-    from trtseg.model import LabelScheme, NnUNetModel, detect_folds
     folder = str(folder).rstrip("/")
     checkpoint = checkpoint.removesuffix(".model")
     if folds is None:

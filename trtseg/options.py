@@ -16,7 +16,7 @@ from typing import Any
 ENGINE_KINDS = ("auto", "tensorrt", "torch", "onnxruntime", "pycuda")
 PRECISIONS = ("fp32", "fp16", "bf16")
 COMPILE_MODES = ("default", "max-autotune")
-# the PyTorch engine's network rewrites: same function, less GPU time (see accel/rewrites/)
+# the PyTorch engine's network rewrites: same function, less GPU time (see trtseg/accel/rewrites/)
 REWRITES = {
     "fold-convolutions": "compute the 32-channel 3x3x3 convolutions width-folded, the same function on wider "
                          "tensor-core tiles (PyTorch CUDA engine; pays with --channels-last)",

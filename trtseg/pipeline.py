@@ -1,5 +1,5 @@
 """The case stages every path runs: which cases to do, prepare (read -> preprocess -> window plan), write, and the
-run report. ``trtseg.predict`` runs them in one process; the Ray job (jobs/) runs the same functions as tasks and
+run report. ``trtseg.predict`` runs them in one process; the Ray job (trtseg/jobs/) runs the same functions as tasks and
 its actors run the sliding window (``trtseg.infer.run_tiles`` into a ``trtseg.aggregate.Merger``) between them.
 
 A mask carries a stamp of what made it (model fingerprint, folds, the settings that change masks) in its header;

@@ -2,7 +2,7 @@
 
 ``Predictor`` holds the model and one engine per fold; ``predict_case`` runs the shared case stages
 (``trtseg.pipeline``: prepare, then the sliding window of ``trtseg.infer.run_tiles`` into one
-``trtseg.aggregate.Merger``, export, write) and returns the case's report entry. The Ray job (jobs/) runs the same
+``trtseg.aggregate.Merger``, export, write) and returns the case's report entry. The Ray job (trtseg/jobs/) runs the same
 functions spread over processes, so the same settings give the same masks, stamps, skips and report.
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ import time
 import numpy as np
 import torch
 
-from accel.engine import Engine
-from accel.engines import create_engines
+from trtseg.accel.engine import Engine
+from trtseg.accel.engines import create_engines
 from trtseg import storage
 from trtseg.aggregate import Merger
 from trtseg.dataset import Case
@@ -55,7 +55,7 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_image(self, image: CaseImage) -> Exported:
-        """An image already read (accel.precision's accuracy reports) -> its mask on the host."""
+        """An image already read (trtseg.accel.precision's accuracy reports) -> its mask on the host."""
         with_probabilities = self.settings.output.save_probabilities
         if not np.any(image.data):
             return empty_export(image.shape_zyx, self.model, with_probabilities)
@@ -114,7 +114,7 @@ def predict_folder(input_url: str, output_url: str, model_folder: "str | NnUNetM
     """
     from trtseg.dataset import list_cases
     from trtseg.log import Progress, event
-    from trtseg.model import load_model_folder
+    from trtseg.model_folder import load_model_folder
     from trtseg.pipeline import run_report, select_cases, write_report
 
     settings = settings or Settings()

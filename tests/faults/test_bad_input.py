@@ -13,7 +13,7 @@ import pytest
 from trtseg import synthetic as syn
 from trtseg.cli import main
 from trtseg.errors import ModelFolderError
-from trtseg.model import load_model_folder
+from trtseg.model_folder import load_model_folder
 
 from conftest import write_case
 

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from accel.engine import Engine
-from accel.torch_engine import TorchEngine
-from accel.patches import random_patches
+from trtseg.accel.engine import Engine
+from trtseg.accel.torch_engine import TorchEngine
+from trtseg.accel.patches import random_patches
 from trtseg.cli import main
 from trtseg.infer import predict_tiles
-from trtseg.model import load_model_folder
+from trtseg.model_folder import load_model_folder
 
 from conftest import write_case
 

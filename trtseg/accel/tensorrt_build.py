@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from accel.trt_api import is_rtx, module_name, shape_of, trt, version
+from trtseg.accel.trt_api import is_rtx, module_name, shape_of, trt, version
 from trtseg import storage
 from trtseg.errors import TrtsegError
 
@@ -153,7 +153,7 @@ class EngineCache:
 
     def get_or_build(self, onnx_url: str, spec: BuildSpec, precision: str, rebuild: bool = False,
                      model_fingerprint: str | None = None) -> bytes:
-        from accel.onnx_export import local_copy
+        from trtseg.accel.onnx_export import local_copy
 
         try:
             onnx_raw = storage.read_bytes(onnx_url)

@@ -1,4 +1,4 @@
-"""jobs: `trtseg predict` as a Ray batch job.
+"""trtseg.jobs: `trtseg predict` as a Ray batch job.
 
     config.py   JobConfig: everything a run needs, plain data
     stages.py   the work done inside Ray workers: prepare (read + preprocess), infer a chunk of tiles, reduce

@@ -3,14 +3,14 @@
 nnU-Net's blocks are conv -> InstanceNorm -> LeakyReLU. At full resolution each unfused block's normalization reads
 the convolution's output for its statistics, reads it again to normalize and writes the result: three passes over
 128 MiB per 128^3 tile, about 0.55 ms of the H100's memory bandwidth for a batch of four, besides the convolution.
-This rewrite replaces, in place, the blocks where that pays with Triton kernels (``accel.rewrites.triton_fusion``):
+This rewrite replaces, in place, the blocks where that pays with Triton kernels (``trtseg.accel.rewrites.triton_fusion``):
 
 - the first block (1..4 input channels): ``FusedStem``; the convolution is computed twice, once for the statistics
   and once to write the normalized output, and its raw output is never written;
 - each 3x3x3 ``channels`` -> ``channels`` block (32 -> 32, full resolution, by default; ``FUSED_WIDTHS``):
-  ``FusedConvNormAct``; the convolution (width-folded by 2, as ``accel.rewrites.conv_fold`` does) adds each
+  ``FusedConvNormAct``; the convolution (width-folded by 2, as ``trtseg.accel.rewrites.conv_fold`` does) adds each
   channel's sum and sum of squares as it writes, so the statistics pass is gone;
-- the skip half of a merged decoder stage at those widths (``accel.rewrites.upsample_merge``): the same kernel also adds
+- the skip half of a merged decoder stage at those widths (``trtseg.accel.rewrites.upsample_merge``): the same kernel also adds
   the merged upsampling's output as it writes (``FusedMergedStage``): the statistics pass and the second read of the
   sum are gone;
 - the last block and the segmentation head: ``FusedConvNormActHead`` normalizes, activates and applies the 1x1x1
@@ -28,8 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from accel.rewrites import triton_fusion
-from accel.rewrites.conv_fold import WidthFoldedConv3d, foldable
+from trtseg.accel.rewrites import triton_fusion
+from trtseg.accel.rewrites.conv_fold import WidthFoldedConv3d, foldable
 
 CHANNELS_LAST = torch.channels_last_3d
 

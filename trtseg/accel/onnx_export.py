@@ -80,7 +80,7 @@ def for_precision(net: torch.nn.Module, precision: str) -> torch.nn.Module:
         half = copy.deepcopy(net).half()
         _keep_norms_float32(half)
         return _Float16Network(half).eval()
-    raise ValueError(f"ONNX export precision must be fp32 or fp16 (INT8 comes from accel.precision.quantize_int8), got {precision!r}")
+    raise ValueError(f"ONNX export precision must be fp32 or fp16 (INT8 comes from trtseg.accel.precision.quantize_int8), got {precision!r}")
 
 
 @dataclass

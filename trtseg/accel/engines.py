@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from accel.engine import Engine
+from trtseg.accel.engine import Engine
 from trtseg.options import ENGINE_KINDS as ENGINES  # declared once, with the --engine flag
 from trtseg.options import EngineSpec
 
@@ -20,7 +20,7 @@ def default_cache() -> str:
 
 
 def tensorrt_available() -> bool:
-    from accel import trt_api
+    from trtseg.accel import trt_api
 
     return trt_api.available() and torch.cuda.is_available()
 
@@ -38,7 +38,7 @@ def resolve_engine_kind(kind: str, device: torch.device) -> str:
 
 def onnx_for_fold(model, fold: str, cache_url: str, precision: str = "fp32", batch: int | None = None) -> str:
     """The ONNX graph of one fold: the model's own (ONNX + card), else exported once into the cache."""
-    from accel.onnx_export import export_onnx
+    from trtseg.accel.onnx_export import export_onnx
     from trtseg import storage
 
     if model.onnx_urls:
@@ -69,24 +69,24 @@ def create_engines(model, spec: "EngineSpec", device: torch.device | str | None 
         if kind == "torch":
             engines.append(torch_engine(model.build_network(fold), spec, device))
         elif kind == "onnxruntime":
-            from accel.onnxruntime_engine import OnnxRuntimeEngine
+            from trtseg.accel.onnxruntime_engine import OnnxRuntimeEngine
 
             onnx_precision = "fp16" if precision == "fp16" else "fp32"
             engines.append(OnnxRuntimeEngine(onnx_for_fold(model, fold, cache_url, onnx_precision), device,
                                              model.labels.num_heads))
         elif kind in ("tensorrt", "pycuda"):
-            from accel.tensorrt_build import BuildSpec, EngineCache
+            from trtseg.accel.tensorrt_build import BuildSpec, EngineCache
 
             onnx_precision = "fp16" if precision in ("fp16", "bf16") else "fp32"
             onnx_url = onnx_for_fold(model, fold, cache_url, onnx_precision)
             build = BuildSpec(min_batch=1, opt_batch=batch, max_batch=batch)
             engine_bytes = EngineCache(cache_url).get_or_build(onnx_url, build, onnx_precision)
             if kind == "tensorrt":
-                from accel.tensorrt_runtime import TensorRTEngine
+                from trtseg.accel.tensorrt_runtime import TensorRTEngine
 
                 engines.append(TensorRTEngine(engine_bytes, device, spec.cuda_graphs))
             else:
-                from accel.pycuda_runtime import PyCudaEngine
+                from trtseg.accel.pycuda_runtime import PyCudaEngine
 
                 engines.append(PyCudaEngine(engine_bytes))
     return engines
@@ -96,7 +96,7 @@ def torch_engine(network: torch.nn.Module, spec: EngineSpec, device: torch.devic
                  **overrides) -> Engine:
     """A TorchEngine for ``network`` as ``spec`` says (the benchmarks build theirs here too); ``overrides`` replace
     TorchEngine's keyword arguments (e.g. static_batch)."""
-    from accel.torch_engine import TorchEngine
+    from trtseg.accel.torch_engine import TorchEngine
 
     device = torch.device(device) if device is not None else spec.resolved_device()
     kwargs = dict(compile=spec.compile or False, cuda_graphs=spec.cuda_graphs, channels_last=spec.channels_last,

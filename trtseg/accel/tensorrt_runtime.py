@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from accel.engine import Engine
-from accel.trt_api import shape_of, trt
+from trtseg.accel.engine import Engine
+from trtseg.accel.trt_api import shape_of, trt
 from trtseg.errors import TrtsegError
 
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
@@ -20,7 +20,7 @@ _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bf
 
 
 class TensorRTEngine(Engine):
-    """engine_bytes: a serialized engine (from ``accel.tensorrt_build``); device: its CUDA device."""
+    """engine_bytes: a serialized engine (from ``trtseg.accel.tensorrt_build``); device: its CUDA device."""
 
     name = "tensorrt"
 
@@ -105,7 +105,7 @@ class TensorRTEngine(Engine):
         return out[:n].float()
 
     def describe(self) -> dict:
-        from accel.trt_api import module_name, version
+        from trtseg.accel.trt_api import module_name, version
 
         return {"engine": self.name, "device": str(self.device), "tensorrt": f"{module_name()} {version()}",
                 "max_batch": self.max_batch, "cuda_graphs": self.cuda_graphs}

@@ -5,9 +5,9 @@ convolution's output twice (once for the statistics, once to normalize) and writ
 that is three passes over 128 MiB per 128^3 tile. These kernels move those passes into the convolutions:
 
 - ``conv3x3x3``: a 3x3x3, stride-1, padding-1 convolution (implicit GEMM; each program computes rows of output
-  voxels along x by all output channels, width-folded like ``accel.rewrites.conv_fold``), which adds each output channel's
+  voxels along x by all output channels, width-folded like ``trtseg.accel.rewrites.conv_fold``), which adds each output channel's
   sum and sum of squares per sample as it writes (what the next InstanceNorm needs), and can add a merged
-  upsampling's output (``accel.rewrites.upsample_merge``) as it writes. Normalizing the input as the convolution reads it (a
+  upsampling's output (``trtseg.accel.rewrites.upsample_merge``) as it writes. Normalizing the input as the convolution reads it (a
   prologue) was tried and not kept: on the H100 it made the convolution 2.6x slower, as cuDNN's prologue is.
 - ``stem_conv_norm_act``: the first block (1..4 input channels): the convolution is cheap next to its output, so it is
   computed twice, once for the statistics and once to write the normalized, activated output; the raw output is never
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from accel.rewrites.conv_fold import fold_weight
+from trtseg.accel.rewrites.conv_fold import fold_weight
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU machines run the unfused network
     import triton
@@ -73,11 +73,11 @@ if triton is not None:
                           STAGES: tl.constexpr, ADD: tl.constexpr, SZ: tl.constexpr, SY: tl.constexpr,
                           SX: tl.constexpr):
         """Program (x tile, y row block, b*D + z): ROWS rows of BLOCK_X coarse positions X, each FOLD fine voxels
-        x = FOLD*X + p; output column p*COUT + c is channel c of voxel x (``accel.rewrites.conv_fold``'s width folding: FOLD+2
+        x = FOLD*X + p; output column p*COUT + c is channel c of voxel x (``trtseg.accel.rewrites.conv_fold``'s width folding: FOLD+2
         taps along x, wider matrix tiles). KX (a divisor of FOLD+2) taps along x go into one matrix product of
         depth KX*CIN: in channels-last order their inputs are KX*CIN contiguous values, so the tile is one run of
         memory per row and each (z, y) tap takes (FOLD+2)/KX products instead of FOLD+2 of depth CIN. ADD: adds a
-        merged upsampling's output in slot order (``accel.rewrites.upsample_merge.slots_to_volume``: (b, SZ*SY*SX*COUT, JZ,
+        merged upsampling's output in slot order (``trtseg.accel.rewrites.upsample_merge.slots_to_volume``: (b, SZ*SY*SX*COUT, JZ,
         JY, JX), fine position s*j + slot - lead)."""
         NCOL: tl.constexpr = FOLD * COUT
         TX: tl.constexpr = FOLD + 2

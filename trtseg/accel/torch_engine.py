@@ -1,5 +1,5 @@
 """The PyTorch backend: the network itself, CPU fp32 or CUDA with fp16/bf16, compile, CUDA graphs and the network
-rewrites (``accel.rewrites``, each imported only when asked for)."""
+rewrites (``trtseg.accel.rewrites``, each imported only when asked for)."""
 from __future__ import annotations
 
 import contextlib
@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from accel.engine import Engine, pad_batch
+from trtseg.accel.engine import Engine, pad_batch
 
 
 # --compile's names -> torch.compile's modes
@@ -29,12 +29,12 @@ class TorchEngine(Engine):
     half_weights: with fp16, cast the network itself to fp16 instead of autocasting, keeping every normalization
         layer in fp32 (its input is cast up and its output back), as the FP16 ONNX export does
     fold_convolutions: compute the 3x3x3 convolutions with 32 input and output channels width-folded
-        (``accel.rewrites.conv_fold``): the same function on wider tensor-core tiles; it pays with channels_last on CUDA
+        (``trtseg.accel.rewrites.conv_fold``): the same function on wider tensor-core tiles; it pays with channels_last on CUDA
     merge_upsampling: merge each decoder stage's transposed convolution into the convolution after it
-        (``accel.rewrites.upsample_merge``, nnU-Net v2 networks): the same function with fewer multiply-adds and no
+        (``trtseg.accel.rewrites.upsample_merge``, nnU-Net v2 networks): the same function with fewer multiply-adds and no
         concatenation
     fuse_norms: fuse InstanceNorm + LeakyReLU into the full-resolution 32-channel convolutions, the first block and
-        the segmentation head with Triton kernels (``accel.rewrites.norm_fusion``; CUDA with half_weights and channels_last):
+        the segmentation head with Triton kernels (``trtseg.accel.rewrites.norm_fusion``; CUDA with half_weights and channels_last):
         the same function with fewer passes over the largest tensors
     static_batch: with compile or CUDA graphs, pad a shorter batch with zero tiles to this size, so that one
         compiled graph serves every batch; without it, each new short batch size (a volume's last batch) compiles
@@ -61,10 +61,10 @@ class TorchEngine(Engine):
         # merged before folding, so that the skip halves of merged stages (32->32 at full resolution) fold too
         self.merged_upsamplings = self.folded_convolutions = 0
         if merge_upsampling:
-            from accel.rewrites.upsample_merge import merge_upsampling as merge
+            from trtseg.accel.rewrites.upsample_merge import merge_upsampling as merge
             self.merged_upsamplings = merge(network)
         if fold_convolutions:
-            from accel.rewrites.conv_fold import fold_narrow_convolutions
+            from trtseg.accel.rewrites.conv_fold import fold_narrow_convolutions
             self.folded_convolutions = fold_narrow_convolutions(network)
         if half_weights:
             network = _fp16_with_fp32_norms(network)
@@ -76,7 +76,7 @@ class TorchEngine(Engine):
         # last: the fused kernels read the fp16 weights the unfused network would use
         self.fused_norms = 0
         if fuse_norms:
-            from accel.rewrites.norm_fusion import fuse_norms as fuse
+            from trtseg.accel.rewrites.norm_fusion import fuse_norms as fuse
             self.fused_norms = fuse(network)
         self.network = network
         if self.device.type == "cuda":

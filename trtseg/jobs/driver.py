@@ -23,17 +23,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from jobs.config import JobConfig
+from trtseg.jobs.config import JobConfig
 from trtseg import storage
 from trtseg.dataset import Case, list_cases
 from trtseg.errors import one_line
-from trtseg.model import NnUNetModel, load_model_folder
+from trtseg.model import NnUNetModel
+from trtseg.model_folder import load_model_folder
 from trtseg.log import Progress, event as _event, setup_logging
 from trtseg.pipeline import CaseReport, run_report, select_cases, write_report
 
 def load_model(cfg: JobConfig) -> NnUNetModel:
     if cfg.model_card:
-        from accel.card import model_from_card
+        from trtseg.accel.card import model_from_card
         c = cfg.model_card
         return model_from_card(c["card"], c.get("network"), c.get("weights"), c.get("onnx"))
     assert cfg.model, "a model folder or a model card is required"
@@ -176,8 +177,8 @@ class Scheduler:
                  t_start: float):
         import ray
 
-        from jobs.actor import CONCURRENCY_GROUPS, InferenceActor
-        from jobs.stages import prepare_task, write_task
+        from trtseg.jobs.actor import CONCURRENCY_GROUPS, InferenceActor
+        from trtseg.jobs.stages import prepare_task, write_task
 
         self.cfg, self.t_start, self.results = cfg, t_start, results
         n_gpus = float(ray.cluster_resources().get("GPU", 0)) if not cpu_mode else 0.0

@@ -3,7 +3,7 @@
 An engine takes a batch of tiles (b, c, z, y, x) float32 on its device and returns logits (b, k, z, y, x) float32
 on the same device. It owns whatever state it needs (network, execution context, stream) for its whole life.
 One module per backend implements it (``torch_engine``, ``onnxruntime_engine``, ``tensorrt_runtime``,
-``pycuda_runtime``); ``accel.engines.create_engines`` picks and builds them, importing each only when asked for.
+``pycuda_runtime``); ``trtseg.accel.engines.create_engines`` picks and builds them, importing each only when asked for.
 """
 from __future__ import annotations
 

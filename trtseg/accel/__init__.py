@@ -1,4 +1,4 @@
-"""accel: turns a trained model into a fast engine, and runs engines behind one small interface.
+"""trtseg.accel: turns a trained model into a fast engine, and runs engines behind one small interface.
 
     engines.py   Engine interface and the PyTorch backend (CUDA with autocast / torch.compile, or CPU)
 """

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from accel.engine import Engine
-from accel.trt_api import shape_of, trt
+from trtseg.accel.engine import Engine
+from trtseg.accel.trt_api import shape_of, trt
 from trtseg.errors import TrtsegError
 
 

@@ -10,19 +10,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from accel.engine import Engine
-from accel.engines import create_engines
-from accel.onnxruntime_engine import OnnxRuntimeEngine
-from accel.onnx_export import compare_outputs
-from accel.precision import dice_per_label
+from trtseg.accel.engine import Engine
+from trtseg.accel.engines import create_engines
+from trtseg.accel.onnxruntime_engine import OnnxRuntimeEngine
+from trtseg.accel.onnx_export import compare_outputs
+from trtseg.accel.precision import dice_per_label
 
 
 def engine_from_spec(spec: str, model, device: str, cache_url: str | None, fold: str) -> Engine:
     if spec.endswith(".onnx"):
         return OnnxRuntimeEngine(spec, device, model.labels.num_heads)
     if spec.endswith(".engine"):
-        from accel.tensorrt_build import BuildSpec, check_engine_fits, check_target, current_target, engine_file_meta
-        from accel.tensorrt_runtime import TensorRTEngine
+        from trtseg.accel.tensorrt_build import BuildSpec, check_engine_fits, check_target, current_target, engine_file_meta
+        from trtseg.accel.tensorrt_runtime import TensorRTEngine
         from trtseg import storage
 
         meta = engine_file_meta(spec)

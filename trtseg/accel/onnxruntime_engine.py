@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from accel.engine import Engine, pad_batch
+from trtseg.accel.engine import Engine, pad_batch
 
 
 class OnnxRuntimeEngine(Engine):
@@ -19,7 +19,7 @@ class OnnxRuntimeEngine(Engine):
     def __init__(self, onnx_url: str, device: torch.device | str = "cpu", num_classes: int | None = None):
         import onnxruntime as ort
 
-        from accel.onnx_export import INPUT, OUTPUT, onnx_session
+        from trtseg.accel.onnx_export import INPUT, OUTPUT, onnx_session
 
         self.device = torch.device(device)
         if self.device.type == "cuda":

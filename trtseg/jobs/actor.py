@@ -17,7 +17,7 @@ Keeping the GPU fed:
   by synchronizing each batch;
 - ``finalize`` and ``take_partial`` run in their own concurrency group ("export"), on a second thread and a
   second CUDA stream, so one case's export overlaps the next case's tiles;
-- its GPU time (engine, gaps, busy share) is read from CUDA events (jobs/timeline.py) and reported by ``stats``.
+- its GPU time (engine, gaps, busy share) is read from CUDA events (trtseg/jobs/timeline.py) and reported by ``stats``.
 """
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ import numpy as np
 import ray
 import torch
 
-from accel.engines import create_engines
-from jobs.stages import peak_rss_mb, worker_device
-from jobs.timeline import GpuTimeline
+from trtseg.accel.engines import create_engines
+from trtseg.jobs.stages import peak_rss_mb, worker_device
+from trtseg.jobs.timeline import GpuTimeline
 from trtseg import storage, transfer
 from trtseg.aggregate import Merger
 from trtseg.export import export_on_device, exported_on_host
@@ -308,7 +308,7 @@ class InferenceActor:
         return round(peak, 1)
 
     def stats(self) -> dict:
-        """The actor's counters. The GPU's shares (see jobs/timeline.py) are over its span, from the first engine
+        """The actor's counters. The GPU's shares (see trtseg/jobs/timeline.py) are over its span, from the first engine
         call's start to the last one's end: start-up, warm-up and the last case's export and write are left out.
         engine_busy_in_span: the engine alone; gpu_busy_in_span: any of the actor's GPU work (tiles and exports)."""
         self._sync()

@@ -1,6 +1,6 @@
 """Reduced precision: FP16 and INT8 ONNX artefacts, each with its accuracy report against FP32.
 
-FP16 is exported directly (accel.onnx_export: convolutions in float16, normalizations in float32).
+FP16 is exported directly (trtseg.accel.onnx_export: convolutions in float16, normalizations in float32).
 
 INT8 is explicit quantization: QuantizeLinear/DequantizeLinear pairs in the graph, symmetric int8 (zero point 0,
 what TensorRT's explicit quantization takes), per-channel weights, activations calibrated on patches cut from real
@@ -32,7 +32,7 @@ def quantize_int8(fp32_onnx_url: str, out_url: str, calibration: np.ndarray, met
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
 
-    from accel.onnx_export import INPUT, local_copy
+    from trtseg.accel.onnx_export import INPUT, local_copy
 
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                "entropy": CalibrationMethod.Entropy}
@@ -132,10 +132,10 @@ def make_artefact(model, out_url: str, precision: str = "fp32", batch: int | Non
     those whole cases (the CLI passes trtseg.predict's, mirroring off).
     Intermediate graphs live in a temporary folder: nothing but the artefact and its report is ever written.
     """
-    from accel.onnxruntime_engine import OnnxRuntimeEngine
-    from accel.torch_engine import TorchEngine
-    from accel.onnx_export import compare_with_pytorch, export_onnx
-    from accel.patches import random_patches, sample_patches
+    from trtseg.accel.onnxruntime_engine import OnnxRuntimeEngine
+    from trtseg.accel.torch_engine import TorchEngine
+    from trtseg.accel.onnx_export import compare_with_pytorch, export_onnx
+    from trtseg.accel.patches import random_patches, sample_patches
     from trtseg.dataset import list_cases
 
     if precision != "fp32" and not calibration:
