@@ -204,7 +204,7 @@ def part_fold(model, batch: int) -> dict:
         if label != "plain":
             res["folded_convolutions"] = fold_narrow_convolutions(network)
         torch._dynamo.reset()
-        engine = TorchEngine(network, "cuda", "fp16", compile=True, channels_last=True, half_weights=True,
+        engine = TorchEngine(network, "cuda", "fp16", compile=True, channels_last=True, fp16_weights=True,
                              static_batch=batch)
         per_name = kernel_ms_per_batch(engine, x, iters=10)
         res["network_kernel_ms_per_batch"][label] = {"total": round(sum(ms for ms, _ in per_name.values()), 3),

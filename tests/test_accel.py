@@ -97,7 +97,7 @@ def test_channels_last_engine_gives_the_same_logits(small_model):
     b = TorchEngine(model.build_network("0"), "cpu", channels_last=True).infer(x)
     assert b.is_contiguous() and torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
     with pytest.raises(ValueError, match="fp16"):
-        TorchEngine(model.build_network("0"), "cpu", half_weights=True)
+        TorchEngine(model.build_network("0"), "cpu", fp16_weights=True)
 
 
 def test_compiled_engine_pads_short_batches_to_its_static_batch(small_model):

@@ -50,7 +50,7 @@ def test_fp16_weights_keep_norms_fp32_and_track_autocast(small_model):
     model = load_model_folder(small_model, ["0"])
     x = torch.from_numpy(random_patches(model, 2)).cuda()
     ref = TorchEngine(model.build_network("0"), "cuda", "fp32").infer(x)
-    fast = TorchEngine(model.build_network("0"), "cuda", "fp16", channels_last=True, half_weights=True)
+    fast = TorchEngine(model.build_network("0"), "cuda", "fp16", channels_last=True, fp16_weights=True)
     norms = [m for m in fast.network.modules() if isinstance(m, torch.nn.InstanceNorm3d)]
     assert norms and all(p.dtype == torch.float32 for m in norms for p in m.parameters())
     out = fast.infer(x)
@@ -72,9 +72,9 @@ def test_compiled_fast_path_with_a_rewritten_network_gives_the_plain_logits(tmp_
                                    features=(32, 64, 128))
     model = load_model_folder(folder, ["0"])
     x = torch.from_numpy(random_patches(model, 2)).cuda()
-    plain = TorchEngine(model.build_network("0"), "cuda", "fp16", compile=True, channels_last=True, half_weights=True)
+    plain = TorchEngine(model.build_network("0"), "cuda", "fp16", compile=True, channels_last=True, fp16_weights=True)
     rewritten = TorchEngine(model.build_network("0"), "cuda", "fp16", compile=True, channels_last=True,
-                            half_weights=True, **options)
+                            fp16_weights=True, **options)
     assert described.items() <= rewritten.describe().items()
     a, b = plain.infer(x), rewritten.infer(x)
     assert (b - a).abs().max() <= 0.05 * a.abs().max(), (b - a).abs().max()  # fp16 sums in another order

@@ -166,5 +166,5 @@ def test_fused_blocks_fall_back_to_the_original_for_float32_input():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_engine_refuses_fuse_norms_off_the_fp16_channels_last_cuda_path():
-    with pytest.raises(ValueError, match="fuse_norms needs a CUDA device, half_weights and channels_last"):
+    with pytest.raises(ValueError, match="fuse_norms needs a CUDA device, fp16_weights and channels_last"):
         TorchEngine(_unet(), "cpu", fuse_norms=True)

@@ -38,7 +38,7 @@ def test_written_mask_reads_back_with_the_input_geometry(tmp_path):
     img.header.set_sform(AFFINE, code=2)
     mask_zyx = np.random.default_rng(1).integers(0, 4, (5, 9, 7)).astype(np.uint8)
     url = str(tmp_path / "out" / "case.nii.gz")
-    write_mask(url, mask_zyx, img.header, compresslevel=1)
+    write_mask(url, mask_zyx, img.header, compress_level=1)
     back = nib.load(url)
     np.testing.assert_array_equal(np.asarray(back.dataobj).transpose(2, 1, 0), mask_zyx)
     assert back.get_data_dtype() == np.uint8

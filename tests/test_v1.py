@@ -148,3 +148,84 @@ def test_broken_v1_folders_fail_clearly(v1_models, tmp_path):
     torch.save(ckpt, broken / "fold_0" / "model_final_checkpoint.model")
     with pytest.raises(ModelFolderError, match="do not fit the Generic_UNet"):
         load_model_folder(str(broken), ["0"]).build_network("0")
+
+
+# a v1 model planned on data whose thick axis is NIfTI x: transpose_forward [2, 0, 1] puts it first, and the target
+# spacing (model order) is anisotropic; its export's separate-z axis follows v1's rule (trtseg/export.py)
+TRANSPOSED_ANISO = dict(folds=(0, 1), normalization=("CT",), transpose_forward=(2, 0, 1), spacing=(4.0, 1.0, 1.0),
+                        patch_size=(16, 32, 32), seed=13)
+
+
+@pytest.fixture(scope="module")
+def transposed_aniso_model(tmp_path_factory) -> str:
+    return syn.make_v1_model_folder(str(tmp_path_factory.mktemp("v1_t") / "nnUNetTrainerV2__nnUNetPlansv2.1"),
+                                    **TRANSPOSED_ANISO)
+
+
+@pytest.fixture(scope="module")
+def transposed_aniso_cases(tmp_path_factory) -> tuple[str, list[list[str]]]:
+    inp = str(tmp_path_factory.mktemp("v1_t_in"))
+    # not anisotropic (v1 takes the export's axis from the plans' spacing, in the transposed order), and anisotropic
+    cases = [write_case(inp, "iso", (40, 36, 30), (1.3, 1.3, 1.6), oblique_deg=10, seed=21),
+             write_case(inp, "aniso", (20, 44, 40), (3.5, 0.9, 0.9), seed=22, zero_border=2)]
+    return inp, cases
+
+
+@needs_nnunet_v1
+@pytest.mark.parametrize("folds,tta", [("0", True), ("0", False), ("0 1", True), ("0 1", False)])
+def test_v1_transposed_plans_export_like_v1(folds, tta, transposed_aniso_model, transposed_aniso_cases, tmp_path):
+    inp, cases = transposed_aniso_cases
+    fold_list = folds.split()
+    refs = nnunet_v1_predict(transposed_aniso_model, cases, str(tmp_path / "ref"), fold_list, do_tta=tta)
+    args = ["predict", "-i", inp, "-m", transposed_aniso_model, "-f", *fold_list, "--no-progress",
+            *([] if tta else ["--disable-tta"])]
+    assert main([*args, "-o", str(tmp_path / "single"), "--single-process"]) == 0
+    paths = ["single"]
+    if folds == "0 1" and tta:  # the Ray job gives these masks too
+        assert main([*args, "-o", str(tmp_path / "ray"), "--cpu-actors", "2", "--partials", "fp32"]) == 0
+        paths.append("ray")
+    for ref in refs:
+        for path in paths:
+            ours = str(tmp_path / path / os.path.basename(ref))
+            assert len(np.unique(np.asarray(nib.load(ours).dataobj))) >= 2
+            agreement = voxel_agreement(ref, ours)
+            print(folds, tta, path, os.path.basename(ref), agreement)
+            assert agreement >= 0.999, (path, ref, agreement)
+            a, b = nib.load(ref), nib.load(ours)
+            np.testing.assert_allclose(b.affine, a.affine, atol=1e-5)
+
+
+@needs_nnunet_v1
+def test_v1_postprocessing_json_applies_by_default(v1_models, tmp_path):
+    """A v1 folder's postprocessing.json (connected components per class, min_valid_object_sizes) applies by
+    default, as v1's predict_cases does; --disable-postprocessing gives v1's disable_postprocessing=True masks."""
+    import shutil
+
+    from nnunet.inference.predict import predict_cases
+
+    folder = str(tmp_path / "model" / "nnUNetTrainerV2__nnUNetPlansv2.1")
+    shutil.copytree(v1_models["mr_mask_transposed"], folder)
+    with open(os.path.join(folder, "postprocessing.json"), "w") as f:
+        json.dump({"for_which_classes": [1, [2, 3]], "min_valid_object_sizes": "{1: 40.0, (2, 3): 10.0}"}, f)
+    inp = str(tmp_path / "in")
+    cases = [write_case(inp, "a", (56, 50, 30), (0.9, 0.9, 1.8), oblique_deg=9, seed=5)]
+    out = {}
+    for disable in (False, True):
+        ref = str(tmp_path / f"ref_{disable}" / "a.nii.gz")
+        os.makedirs(os.path.dirname(ref))
+        predict_cases(folder, cases, [ref], (0,), save_npz=False, num_threads_preprocessing=1,
+                      num_threads_nifti_save=1, do_tta=False, mixed_precision=False, overwrite_existing=True,
+                      disable_postprocessing=disable)
+        flags = ["--disable-postprocessing"] if disable else []
+        for path, extra in (("single", ["--single-process"]), ("ray", ["--cpu-actors", "1"])):
+            o = str(tmp_path / f"{path}_{disable}")
+            assert main(["predict", "-i", inp, "-o", o, "-m", folder, "--disable-tta", "--no-progress", *extra,
+                         *flags]) == 0
+            agreement = voxel_agreement(ref, os.path.join(o, "a.nii.gz"))
+            print(path, "disable" if disable else "default", agreement)
+            assert agreement >= 0.999, (path, disable, agreement)
+            report = json.load(open(os.path.join(o, "run_report.json")))
+            pp = report["cases"][0]["postprocessing"]
+            assert (pp is None) if disable else (pp["kind"] == "nnunetv1" and pp["removed_voxels"] > 0), pp
+        out[disable] = np.asarray(nib.load(ref).dataobj)
+    assert (out[False] != out[True]).sum() > 0, "the postprocessing must remove voxels, or the test shows nothing"

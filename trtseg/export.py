@@ -40,10 +40,18 @@ def export_on_device(logits: torch.Tensor, pre: Preprocessed, model: NnUNetModel
     if spec.kind != "none":
         # which spacing decides the separate-z axis first: v2 the model's, v1 the input's (save_segmentation_nifti_
         # from_softmax); the axis only, the resize itself is the same
-        first, second = (pre.spacing_transposed, model.spacing) if model.nnunet_version == 1 else \
-            (model.spacing, pre.spacing_transposed)
+        # v1: when the input's own spacing is not anisotropic, save_segmentation_nifti_from_softmax takes the
+        # axis from the target spacing, which is in the transposed (model) order, and applies that index to a
+        # softmax already transposed back to the input's order. Here the resize runs in the model's order, so
+        # v1's axis j lands on the model axis that input axis j became: transpose_forward.index(j). (v1's masks
+        # are the reference its users compare against; for transpose_forward [0, 1, 2] nothing changes.)
+        tf = list(model.transpose_forward)
+        if model.nnunet_version == 1:
+            first, second, axis_map = pre.spacing_transposed, model.spacing, [tf.index(j) for j in range(3)]
+        else:
+            first, second, axis_map = model.spacing, pre.spacing_transposed, None
         plan = rs.plan_resize(spec.kind, spec.order, spec.order_z, spec.force_separate_z, first, second,
-                              spec.anisotropy_threshold)
+                              spec.anisotropy_threshold, axis_map)
         logits = rs.resample(logits.float(), pre.shape_after_cropping, plan)
     labels = model.labels
     probs = None

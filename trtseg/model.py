@@ -21,6 +21,7 @@ import torch
 
 from trtseg import storage
 from trtseg.errors import ModelFolderError
+from trtseg.postprocess import NONE, Postprocessing
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,9 @@ class NnUNetModel:
     onnx_urls: dict[str, str] = field(default_factory=dict)
     #: 1 for nnU-Net v1 folders (trtseg/model_v1.py): v1's preprocessing order, probability aggregation and export
     nnunet_version: int = 2
+    #: the connected-component postprocessing of its masks (trtseg/postprocess.py): a v1 folder's
+    #: postprocessing.json by default, or the file given with --postprocessing
+    postprocessing: Postprocessing = field(default=NONE)
 
     def with_folds(self, folds: list[str]) -> "NnUNetModel":
         """The same model restricted to ``folds``."""

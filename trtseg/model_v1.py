@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trtseg import storage
+from trtseg import postprocess, storage
 from trtseg.errors import ModelFolderError
 from trtseg.model import LabelScheme, NnUNetModel, detect_folds
 
@@ -170,7 +170,11 @@ def load_v1_model_folder(folder: str, folds: list[str] | None = None, checkpoint
     v2_plans, configuration, dataset_json = v2_view(plans, stage, folder)
     arch = {"generic_unet_v1": generic_unet_kwargs(plans, stage)}
     digest.update(repr(sorted(_plain(plans).items(), key=lambda kv: str(kv[0]))).encode())
+    # v1's predict_cases applies the folder's postprocessing.json by default (disable_postprocessing=False)
+    pp_url = storage.join(folder, "postprocessing.json")
+    pp = postprocess.load_v1(pp_url) if storage.exists(pp_url) else postprocess.NONE
     return NnUNetModel(folder=folder, plans=v2_plans, dataset_json=dataset_json, configuration_name=f"v1_stage{stage}",
                        configuration=configuration, labels=LabelScheme.from_dataset_json(dataset_json, folder),
                        trainer_name=trainer or "nnUNetTrainerV2", mirror_axes=(0, 1, 2), fold_weights=weights,
-                       checkpoint_name=checkpoint, fingerprint=digest.hexdigest()[:16], _arch=arch, nnunet_version=1)
+                       checkpoint_name=checkpoint, fingerprint=digest.hexdigest()[:16], _arch=arch, nnunet_version=1,
+                       postprocessing=pp)

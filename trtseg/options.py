@@ -149,6 +149,11 @@ class OutputOptions:
     save_probabilities: bool = opt(False, "--save-probabilities", "also write CASE.npz/CASE.pkl as nnU-Net does",
                                    action="store_true")
     compress_level: int = opt(6, "--compress-level", "gzip level of written masks (1 fastest, 9 smallest)", type=int)
+    postprocessing: str | None = opt(None, "--postprocessing", "nnU-Net's postprocessing file to apply to every mask: "
+                                     "v2's postprocessing.pkl (nnUNetv2_find_best_configuration) or v1's "
+                                     "postprocessing.json (a v1 model folder's own applies by default)")
+    disable_postprocessing: bool = opt(False, "--disable-postprocessing", "no postprocessing, not even a v1 model "
+                                       "folder's postprocessing.json (nnU-Net v1's flag)", action="store_true")
 
 
 def add_options(parser: argparse.ArgumentParser | Any, cls: type, only: tuple[str, ...] | None = None,

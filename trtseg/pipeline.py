@@ -8,6 +8,8 @@ a rerun skips a case whose mask has this run's stamp, unless ``overwrite``. Both
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trtseg import storage, transfer
+from trtseg import postprocess, storage, transfer
 from trtseg.dataset import Case
 from trtseg.errors import CaseError, TrtsegError, one_line
 from trtseg.export import empty_export
@@ -28,9 +30,25 @@ from trtseg.write import read_stamp, write_mask, write_probabilities
 
 
 def stamp(model, settings: Settings) -> str:
-    """What made a mask: the model fingerprint, its folds and the settings that change masks."""
+    """What made a mask: the model fingerprint, its folds, the settings that change masks and its postprocessing."""
     w = settings.window
-    return f"{model.fingerprint} folds={','.join(model.folds)} step={w.step_size} tta={int(w.use_mirroring)}"
+    pp = model.postprocessing
+    pp_tag = hashlib.sha256(json.dumps(pp.describe()["steps"]).encode()).hexdigest()[:8] if pp.steps else "none"
+    return f"{model.fingerprint} folds={','.join(model.folds)} step={w.step_size} tta={int(w.use_mirroring)} pp={pp_tag}"
+
+
+def with_postprocessing(model, settings: Settings, storage_options=None):
+    """The model with the postprocessing this run applies: none with --disable-postprocessing, the file of
+    --postprocessing (its labels checked against the model's), else the model folder's own (v1's
+    postprocessing.json)."""
+    out = settings.output
+    if out.disable_postprocessing:
+        return dataclasses.replace(model, postprocessing=postprocess.NONE)
+    if out.postprocessing:
+        pp = postprocess.load(out.postprocessing, storage_options)
+        pp.check_labels(set(model.labels.foreground_labels), out.postprocessing)
+        return dataclasses.replace(model, postprocessing=pp)
+    return model
 
 
 def mask_url(output_url: str, case_id: str) -> str:
@@ -120,13 +138,24 @@ def write_case(meta: dict, model, settings: Settings, output_url: str, storage_o
     """Writes a case's mask (an empty one for an all-zero volume) with its stamp, atomically, and with
     --save-probabilities nnU-Net's CASE.npz / CASE.pkl first (so a mask never exists without them).
 
-    Returns {"output", "seconds"} or {"error", "seconds"}."""
+    The model's postprocessing (trtseg/postprocess.py) is applied to the mask here, once, on every path; the
+    probabilities stay as the network gave them, as nnU-Net saves them.
+
+    Returns {"output", "seconds", "postprocessing"} or {"error", "seconds"}."""
     out_url = mask_url(output_url, meta["case_id"])
     t = time.perf_counter()
+    seconds: dict[str, float] = {}
+    pp_report = None
     try:
         if mask is None:
             empty = empty_export(meta["shape_zyx"], model, settings.output.save_probabilities)
             mask, probabilities = empty.mask, empty.probabilities
+        if model.postprocessing.steps:
+            mask, removed = model.postprocessing.apply(mask, meta["spacing_zyx"])
+            pp_report = {"kind": model.postprocessing.kind, "source": model.postprocessing.source,
+                         "removed_voxels": removed}
+            seconds["postprocess"] = time.perf_counter() - t
+            t = time.perf_counter()
         if settings.output.save_probabilities:
             if probabilities is None:
                 raise RuntimeError("--save-probabilities: the export returned no probabilities")
@@ -137,8 +166,8 @@ def write_case(meta: dict, model, settings: Settings, output_url: str, storage_o
                    stamp(model, settings))
     except Exception as e:
         return {"error": storage.redact(f"{meta['files'][0]}: {one_line(e)}"),
-                "seconds": {"write": time.perf_counter() - t}}
-    return {"output": out_url, "seconds": {"write": time.perf_counter() - t}}
+                "seconds": {**seconds, "write": time.perf_counter() - t}}
+    return {"output": out_url, "seconds": {**seconds, "write": time.perf_counter() - t}, "postprocessing": pp_report}
 
 
 @dataclass
@@ -165,6 +194,7 @@ class CaseReport:
     engine: dict | None = None
     gpus: list[str] | None = None
     done_at_s: float | None = None  # seconds from the run's start to this case's end
+    postprocessing: dict | None = None  # which postprocessing ran on the mask, and the voxels it removed
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)

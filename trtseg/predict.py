@@ -95,7 +95,8 @@ class Predictor:
         if written.get("error"):
             return CaseReport(case.case_id, "failed", error=written["error"], seconds=seconds)
         return CaseReport(case.case_id, "ok", output=written["output"], seconds=seconds,
-                          tiles=len(meta["plan"].starts) if "plan" in meta else 0)
+                          tiles=len(meta["plan"].starts) if "plan" in meta else 0,
+                          postprocessing=written.get("postprocessing"))
 
 
 def _sync(device: torch.device) -> None:
@@ -115,7 +116,7 @@ def predict_folder(input_url: str, output_url: str, model_folder: "str | NnUNetM
     from trtseg.dataset import list_cases
     from trtseg.log import Progress, event
     from trtseg.model_folder import load_model_folder
-    from trtseg.pipeline import run_report, select_cases, write_report
+    from trtseg.pipeline import run_report, select_cases, with_postprocessing, write_report
 
     settings = settings or Settings()
     t0 = time.perf_counter()
@@ -123,6 +124,7 @@ def predict_folder(input_url: str, output_url: str, model_folder: "str | NnUNetM
         storage.check_writable(output_url, storage_options)
         storage.remove_stale_parts(output_url, storage_options)
     model = model_folder if isinstance(model_folder, NnUNetModel) else load_model_folder(model_folder, folds, checkpoint_name)
+    model = with_postprocessing(model, settings, storage_options)
     cases = list_cases(input_url, model.num_input_channels, storage_options)
     if limit is not None:
         cases = cases[:limit]

@@ -124,8 +124,15 @@ class Plan:
 
 
 def plan_resize(kind: str, order: int, order_z: int, force_separate_z: bool | None,
-                current_spacing, new_spacing, threshold: float = 3.0) -> Plan:
+                current_spacing, new_spacing, threshold: float = 3.0, axis_map=None) -> Plan:
+    """How nnU-Net resamples from ``current_spacing`` to ``new_spacing``.
+
+    axis_map: nnU-Net v1's export quirk (see trtseg.export): when the axis comes from ``new_spacing``, v1 applies
+    its index to data in another axis order; axis_map[i] is the axis index i lands on."""
     axis = separate_z_axis(force_separate_z, current_spacing, new_spacing, threshold)
+    if axis is not None and axis_map is not None and force_separate_z is None and \
+            not max(current_spacing) / min(current_spacing) > threshold:
+        axis = axis_map[axis]
     orders = [order] * 3
     if axis is not None:
         orders[axis] = order_z

@@ -35,7 +35,7 @@ def retrying(fn: Callable[[], T], what: str = "") -> T:
     retry = tenacity.Retrying(
         stop=tenacity.stop_after_attempt(RETRY_ATTEMPTS),
         # 0.75, 1.5, 3, 6 x the base plus up to half the base of jitter: growing gaps, about 12 s over 5 attempts
-        wait=tenacity.wait_exponential_jitter(initial=0.75 * RETRY_BASE_SECONDS, jitter=0.5 * RETRY_BASE_SECONDS,
+        wait=tenacity.wait_exponential_jitter(multiplier=0.75 * RETRY_BASE_SECONDS, jitter=0.5 * RETRY_BASE_SECONDS,
                                               max=60 * RETRY_BASE_SECONDS),
         retry=tenacity.retry_if_not_exception_type(_PERMANENT), reraise=True)
     return retry(fn)

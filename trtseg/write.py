@@ -19,8 +19,8 @@ from trtseg import codec, storage
 STAMP_PREFIX = b"trtseg:"
 
 
-def encode_mask(mask_zyx: np.ndarray, header: nib.Nifti1Header, compresslevel: int = 6, stamp: str = "") -> bytes:
-    """NIfTI bytes (gzip-compressed when compresslevel > 0) of a (z, y, x) mask with ``header``'s geometry.
+def encode_mask(mask_zyx: np.ndarray, header: nib.Nifti1Header, compress_level: int = 6, stamp: str = "") -> bytes:
+    """NIfTI bytes (gzip-compressed when compress_level > 0) of a (z, y, x) mask with ``header``'s geometry.
 
     stamp: written into the header's descrip field as ``trtseg:<stamp>`` (at most 72 characters), so a rerun can
     tell which model and settings made an existing mask without any other file.
@@ -36,13 +36,13 @@ def encode_mask(mask_zyx: np.ndarray, header: nib.Nifti1Header, compresslevel: i
     img.set_qform(header.get_qform(), code=int(header["qform_code"]))
     img.set_sform(header.get_sform(), code=int(header["sform_code"]))
     raw = img.to_bytes()
-    return codec.compress(raw, compresslevel) if compresslevel > 0 else raw
+    return codec.compress(raw, compress_level) if compress_level > 0 else raw
 
 
 def write_mask(url: str, mask_zyx: np.ndarray, header: nib.Nifti1Header,
-               storage_options: storage.StorageOptions | None = None, compresslevel: int = 6, stamp: str = "") -> int:
+               storage_options: storage.StorageOptions | None = None, compress_level: int = 6, stamp: str = "") -> int:
     """Writes the mask to ``url`` (.nii.gz or .nii) atomically; returns the bytes written."""
-    data = encode_mask(mask_zyx, header, compresslevel if url.endswith(".gz") else 0, stamp)
+    data = encode_mask(mask_zyx, header, compress_level if url.endswith(".gz") else 0, stamp)
     storage.write_bytes_atomic(url, data, storage_options)
     return len(data)
 

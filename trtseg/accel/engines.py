@@ -100,7 +100,7 @@ def torch_engine(network: torch.nn.Module, spec: EngineSpec, device: torch.devic
 
     device = torch.device(device) if device is not None else spec.resolved_device()
     kwargs = dict(compile=spec.compile or False, cuda_graphs=spec.cuda_graphs, channels_last=spec.channels_last,
-                  half_weights=spec.fp16_weights, static_batch=max(spec.batch_size, 1),
+                  fp16_weights=spec.fp16_weights, static_batch=max(spec.batch_size, 1),
                   fold_convolutions="fold-convolutions" in spec.rewrites,
                   merge_upsampling="merge-upsampling" in spec.rewrites, fuse_norms="fuse-norms" in spec.rewrites)
     return TorchEngine(network, device, spec.resolved_precision(device), **{**kwargs, **overrides})

@@ -26,7 +26,7 @@ class TorchEngine(Engine):
     cuda_graphs: capture one CUDA graph per batch shape and replay it (CUDA; static input/output buffers)
     channels_last: keep weights and tiles in channels-last-3d memory order (b, z, y, x, c), which cuDNN's fp16
         tensor-core convolutions prefer; values are unchanged
-    half_weights: with fp16, cast the network itself to fp16 instead of autocasting, keeping every normalization
+    fp16_weights: with fp16, cast the network itself to fp16 instead of autocasting, keeping every normalization
         layer in fp32 (its input is cast up and its output back), as the FP16 ONNX export does
     fold_convolutions: compute the 3x3x3 convolutions with 32 input and output channels width-folded
         (``trtseg.accel.rewrites.conv_fold``): the same function on wider tensor-core tiles; it pays with channels_last on CUDA
@@ -34,7 +34,7 @@ class TorchEngine(Engine):
         (``trtseg.accel.rewrites.upsample_merge``, nnU-Net v2 networks): the same function with fewer multiply-adds and no
         concatenation
     fuse_norms: fuse InstanceNorm + LeakyReLU into the full-resolution 32-channel convolutions, the first block and
-        the segmentation head with Triton kernels (``trtseg.accel.rewrites.norm_fusion``; CUDA with half_weights and channels_last):
+        the segmentation head with Triton kernels (``trtseg.accel.rewrites.norm_fusion``; CUDA with fp16_weights and channels_last):
         the same function with fewer passes over the largest tensors
     static_batch: with compile or CUDA graphs, pad a shorter batch with zero tiles to this size, so that one
         compiled graph serves every batch; without it, each new short batch size (a volume's last batch) compiles
@@ -45,7 +45,7 @@ class TorchEngine(Engine):
 
     def __init__(self, network: torch.nn.Module, device: torch.device | str = "cpu", precision: str = "fp32",
                  compile: bool | str = False, cuda_graphs: bool = False, channels_last: bool = False,
-                 half_weights: bool = False, static_batch: int | None = None, fold_convolutions: bool = False,
+                 fp16_weights: bool = False, static_batch: int | None = None, fold_convolutions: bool = False,
                  merge_upsampling: bool = False, fuse_norms: bool = False):
         self.device = torch.device(device)
         if precision not in ("fp32", "fp16", "bf16"):
@@ -53,9 +53,9 @@ class TorchEngine(Engine):
         if self.device.type == "cpu" and precision != "fp32":
             raise ValueError("the CPU engine runs fp32 only")
         self.precision = precision
-        if half_weights and precision != "fp16":
-            raise ValueError("half_weights needs precision fp16")
-        self.half_weights = half_weights
+        if fp16_weights and precision != "fp16":
+            raise ValueError("fp16_weights needs precision fp16")
+        self.fp16_weights = fp16_weights
         self.channels_last = channels_last
         network = network.to(self.device).eval()
         # merged before folding, so that the skip halves of merged stages (32->32 at full resolution) fold too
@@ -66,12 +66,12 @@ class TorchEngine(Engine):
         if fold_convolutions:
             from trtseg.accel.rewrites.conv_fold import fold_narrow_convolutions
             self.folded_convolutions = fold_narrow_convolutions(network)
-        if half_weights:
+        if fp16_weights:
             network = _fp16_with_fp32_norms(network)
         if channels_last:
             network = network.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
-        if fuse_norms and not (self.device.type == "cuda" and half_weights and channels_last):
-            raise ValueError("fuse_norms needs a CUDA device, half_weights and channels_last: its kernels take fp16 "
+        if fuse_norms and not (self.device.type == "cuda" and fp16_weights and channels_last):
+            raise ValueError("fuse_norms needs a CUDA device, fp16_weights and channels_last: its kernels take fp16 "
                              "channels-last tensors")
         # last: the fused kernels read the fp16 weights the unfused network would use
         self.fused_norms = 0
@@ -117,14 +117,14 @@ class TorchEngine(Engine):
         return static_out.clone()
 
     def _prepare(self, batch: torch.Tensor) -> torch.Tensor:
-        if self.half_weights:
+        if self.fp16_weights:
             batch = batch.half()
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last_3d)
         return batch
 
     def _autocast(self):
-        if self.precision == "fp32" or self.half_weights:
+        if self.precision == "fp32" or self.fp16_weights:
             return contextlib.nullcontext()
         dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
         return torch.autocast(self.device.type, dtype=dtype)
@@ -144,7 +144,7 @@ class TorchEngine(Engine):
     def describe(self) -> dict:
         return {"engine": self.name, "device": str(self.device), "precision": self.precision, "compiled": self.compiled,
                 "compile_mode": self.compile_mode,
-                "cuda_graphs": self.cuda_graphs, "channels_last": self.channels_last, "half_weights": self.half_weights,
+                "cuda_graphs": self.cuda_graphs, "channels_last": self.channels_last, "fp16_weights": self.fp16_weights,
                 "folded_convolutions": self.folded_convolutions, "merged_upsamplings": self.merged_upsamplings,
                 "fused_norms": self.fused_norms}
 

@@ -30,7 +30,7 @@ from trtseg.errors import one_line
 from trtseg.model import NnUNetModel
 from trtseg.model_folder import load_model_folder
 from trtseg.log import Progress, event as _event, setup_logging
-from trtseg.pipeline import CaseReport, run_report, select_cases, write_report
+from trtseg.pipeline import CaseReport, run_report, select_cases, with_postprocessing, write_report
 
 def load_model(cfg: JobConfig) -> NnUNetModel:
     if cfg.model_card:
@@ -127,7 +127,7 @@ def run_job(cfg: JobConfig) -> dict:
         removed = storage.remove_stale_parts(cfg.output)  # temporary files of a run that was killed
         if removed:
             _event("removed temporary files of an interrupted run", count=removed)
-    model = load_model(cfg)
+    model = with_postprocessing(load_model(cfg), cfg.settings)
     cases = list_cases(cfg.input, model.num_input_channels)
     if cfg.limit is not None:
         cases = cases[: cfg.limit]
@@ -189,7 +189,8 @@ class Scheduler:
         self.settings = dataclasses.replace(cfg.settings, engine=cfg.settings.engine.with_(
             device="cpu" if self.cpu_mode else cfg.settings.engine.device))
         self.light_ref = ray.put(model.without_weights())
-        model_ref = ray.put(model)
+        # held for the whole run: Ray re-sends it when it restarts an actor (a dropped ref would be freed)
+        self.model_ref = ray.put(model)
         threads = max(1, (os.cpu_count() or 1) // self.n_actors) if self.cpu_mode else None
         actor_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(InferenceActor)
         # SPREAD: actors go to different nodes where they fit, so a multi-node cluster's GPUs (and the network links
@@ -197,7 +198,7 @@ class Scheduler:
         self.actors = [actor_cls.options(
             name=f"trtseg-infer-{self.run_id}-{i}", num_cpus=1, num_gpus=0 if self.cpu_mode else cfg.gpus_per_actor,
             resources=cfg.actor_resources or None, scheduling_strategy="SPREAD", max_restarts=cfg.actor_restarts,
-            max_task_retries=cfg.task_retries).remote(model_ref, self.settings, f"infer-{i}", threads,
+            max_task_retries=cfg.task_retries).remote(self.model_ref, self.settings, f"infer-{i}", threads,
                                                       cfg.storage_options, cfg.diagnostics)
             for i in range(self.n_actors)]
         for a in self.actors:  # compile and autotune on each actor's tile thread while the first volumes are read
@@ -364,7 +365,8 @@ class Scheduler:
                                 "mask": int(np.prod(meta.get("shape_zyx", (0,)))),
                                 "probabilities": final.get("probability_bytes", 0)},
             peak_rss_mb={"prepare_worker": meta.get("peak_rss_mb"), "write_worker": written.get("peak_rss_mb")},
-            peak_gpu_memory_mb=final.get("peak_gpu_memory_mb"), done_at_s=round(time.perf_counter() - self.t_start, 3))
+            peak_gpu_memory_mb=final.get("peak_gpu_memory_mb"), done_at_s=round(time.perf_counter() - self.t_start, 3),
+            postprocessing=written.get("postprocessing"))
 
     def report(self, model: NnUNetModel, cases: list[Case], actor_stats: list[dict]) -> dict:
         by_name = {a["actor"]: a for a in actor_stats}
