@@ -27,6 +27,13 @@ COMMANDS = {
 # result files written by a command other than their scenario's plain one (the exact command, run on the H100 with
 # shared/device's base bundle and the isal wheel on PYTHONPATH)
 FILE_COMMANDS = {
+    "h200_engine_throughput_pipeline.json": "python -m benchmarks.engine_throughput --batches 4 --repeats 5 --configs "
+                                            "fp16+compile+cl+half+fold+merge+fuse+graphs (after the one-pipeline "
+                                            "refactor: options declared once, rewrites in trtseg/accel/rewrites)",
+    "h200_case_latency_pipeline.json": "python -m benchmarks.case_latency --device cuda --compile --channels-last "
+                                       "--fp16-weights --fold-convolutions --merge-upsampling --fuse-norms "
+                                       "--compress-level 1 --mirroring off --repeats 5 (after the one-pipeline "
+                                       "refactor; integer CTs cast to float32 on the GPU)",
     "h100_case_latency_compile_igzip1.json": "python -m benchmarks.case_latency --device cuda --compile --compress-level 1",
     "h100_case_latency_eager_igzip1.json": "python -m benchmarks.case_latency --device cuda --compress-level 1 --mirroring off",
     "h100_case_latency_fast.json": "python -m benchmarks.case_latency --device cuda --compile --channels-last "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from trtseg.read import read_case
 from trtseg.write import write_mask
@@ -25,9 +26,15 @@ def test_read_matches_nibabel_get_fdata(tmp_path, dtype, slope, inter):
     nib.save(img, url)
     case = read_case([url], 1)
     expected = nib.load(url).get_fdata(dtype=np.float32).transpose(2, 1, 0)
-    assert case.data.dtype == np.float32 and case.data.flags["C_CONTIGUOUS"]
-    assert case.data.shape == (1, 5, 9, 7)
-    np.testing.assert_array_equal(case.data[0], expected)
+    # unscaled integers keep their type (cast on the compute device); everything else is float32
+    assert case.data.dtype == (dtype if slope is None and np.dtype(dtype).kind in "iu" else np.float32)
+    assert case.data.flags["C_CONTIGUOUS"] and case.data.shape == (1, 5, 9, 7)
+    np.testing.assert_array_equal(case.data[0].astype(np.float32), expected)
+    # what preprocessing gets on the compute device: float32, the same values
+    from trtseg.transfer import to_device
+    on_device = to_device(case.data, "cuda" if torch.cuda.is_available() else "cpu", torch.float32)
+    assert on_device.dtype == torch.float32
+    np.testing.assert_array_equal(on_device.cpu().numpy()[0], expected)
     if slope is not None:  # scaling applied, as SimpleITK does
         assert not np.array_equal(case.data[0], np.asarray(nib.load(url).dataobj.get_unscaled()).transpose(2, 1, 0))
 

@@ -23,7 +23,9 @@ from trtseg.errors import CaseError
 class CaseImage:
     """One case as read from disk.
 
-    data: (c, z, y, x) float32, channels in the order of the case's files (_0000, _0001, ...)
+    data: (c, z, y, x), channels in the order of the case's files (_0000, _0001, ...): float32, or for an
+        unscaled integer file (most CTs: int16) its own integer type, which preprocessing casts to float32 on the
+        compute device (the same values as a cast here: half the bytes to copy, and no host pass over the volume)
     spacing_zyx: voxel size in mm along (z, y, x), positive
     header: the NIfTI header of the first channel, used to write the mask with identical geometry
     files: the URLs the channels were read from
@@ -74,25 +76,26 @@ def _check_raw_pixdim(raw: bytes, url: str) -> None:
         return
 
 
-def _voxels_float32(img: nib.Nifti1Image) -> tuple[np.ndarray, bool]:
-    """The voxels as float32 (x, y, z[, c]) in the file's (Fortran) order, scaling applied, and whether they can
-    hold NaN or Inf.
+def _voxels(img: nib.Nifti1Image) -> tuple[np.ndarray, bool]:
+    """The voxels (x, y, z[, c]) in the file's (Fortran) order, scaling applied, and whether they can hold NaN or
+    Inf.
 
-    An unscaled integer file (most CTs: int16) is cast straight to float32, as nnU-Net casts SimpleITK's array, and
-    several times faster than nibabel's get_fdata; other files go through get_fdata, as before. Unscaled integers
-    cannot be NaN or Inf, so only the other files need the check.
+    An unscaled integer file (most CTs: int16) keeps its integer type: preprocessing casts it to float32 on the
+    compute device, as nnU-Net casts SimpleITK's array (and several times faster than nibabel's get_fdata). Other
+    files go through get_fdata as float32. Unscaled integers cannot be NaN or Inf, so only the others are checked.
     """
     slope, inter = img.header.get_slope_inter()
     if slope in (None, 1.0) and inter in (None, 0.0) and img.get_data_dtype().kind in "iu":
         raw = np.asanyarray(img.dataobj)
         if raw.dtype.kind in "iu":
-            return raw.astype(np.float32, order="K"), False
+            return raw, False
     return img.get_fdata(dtype=np.float32), True
 
 
 def read_channel(url: str, storage_options: storage.StorageOptions | None = None
                  ) -> tuple[np.ndarray, tuple[float, float, float], nib.Nifti1Header, np.ndarray]:
-    """Reads one NIfTI file. Returns (array (c, z, y, x) float32, spacing (z, y, x), header, affine).
+    """Reads one NIfTI file. Returns (array (c, z, y, x) float32 or the file's integer type (see CaseImage),
+    spacing (z, y, x), header, affine).
 
     A 4-D file holds its channels along the 4th axis.
     """
@@ -114,7 +117,7 @@ def read_channel(url: str, storage_options: storage.StorageOptions | None = None
     if any(not np.isfinite(z) or z <= 0 for z in zooms):
         raise CaseError(url, f"invalid voxel spacing (pixdim) {zooms}; spacings must be positive")
     try:
-        arr, check_finite = _voxels_float32(img)
+        arr, check_finite = _voxels(img)
     except Exception as e:
         raise CaseError(url, f"cannot decode voxel data, file truncated or corrupt ({type(e).__name__}: {e})") from None
     if check_finite and not np.all(np.isfinite(arr)):

@@ -13,16 +13,16 @@ import torch
 
 
 def to_device(array: np.ndarray, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``array`` on ``device`` (cast to ``dtype`` on the host when given), queued on the current stream."""
+    """``array`` on ``device`` as ``dtype`` (when given), queued on the current stream. On a GPU the cast runs there,
+    after the copy: an int16 volume crosses as half the bytes of its float32 values."""
     device = torch.device(device)
     src = torch.from_numpy(array)
-    if dtype is not None and src.dtype != dtype:
-        src = src.to(dtype)
     if device.type != "cuda":
-        return src
+        return src.to(dtype) if dtype is not None and src.dtype != dtype else src
     pinned = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
     pinned.copy_(src)
-    return pinned.to(device, non_blocking=True)
+    out = pinned.to(device, non_blocking=True)
+    return out.to(dtype) if dtype is not None and out.dtype != dtype else out
 
 
 def to_host(tensor: torch.Tensor) -> np.ndarray:
