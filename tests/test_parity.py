@@ -143,3 +143,19 @@ def test_save_probabilities_like_nnunet_on_both_paths(small_model, tmp_path):
         assert os.path.exists(tmp_path / path / "prob.pkl"), path
     single, ray = (np.load(tmp_path / d / "prob.npz")["probabilities"] for d in ("single", "ray"))
     np.testing.assert_allclose(ray, single, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def model_2d(tmp_path_factory) -> str:
+    """A 2d configuration (Conv2d, patch and spacing (y, x)), two folds, mirroring over the two in-plane axes."""
+    return syn.make_model_folder(str(tmp_path_factory.mktemp("model_2d")), folds=(0, 1), patch_size=(32, 40),
+                                 spacing=(0.9, 0.9), features=(4, 8, 16), configuration="2d", mirror_axes=(0, 1),
+                                 seed=41)
+
+
+@pytest.mark.parametrize("folds,mirroring", [([0], True), ([0, 1], False)])
+def test_2d_model_on_an_anisotropic_volume(model_2d, tmp_path, folds, mirroring):
+    """nnU-Net predicts a 2d model slice by slice (2-D tiles, Gaussian and mirroring), keeping the slice spacing."""
+    cases = [write_case(str(tmp_path / "in"), "slices", (60, 52, 11), (0.8, 0.8, 3.5), oblique_deg=15, seed=43,
+                        zero_border=2)]
+    compare(model_2d, cases, str(tmp_path), folds=folds, use_mirroring=mirroring, min_labels=3)

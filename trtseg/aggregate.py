@@ -18,15 +18,14 @@ from trtseg import transfer
 from trtseg.window import WindowPlan
 
 
-def weight_map(shape, starts, gaussian: torch.Tensor) -> torch.Tensor:
+def weight_map(plan: WindowPlan, gaussian: torch.Tensor) -> torch.Tensor:
     """The sum of Gaussian weights over every tile of a volume: (z, y, x) float32 on the Gaussian's device.
 
     It depends on geometry only, so each worker that holds part of a volume can compute it for itself.
     """
-    tile = tuple(int(t) for t in gaussian.shape)
-    w = torch.zeros(tuple(int(s) for s in shape), dtype=torch.float32, device=gaussian.device)
-    for st in starts:
-        w[tuple(slice(s, s + t) for s, t in zip(st, tile))] += gaussian
+    w = torch.zeros(plan.padded_shape, dtype=torch.float32, device=gaussian.device)
+    for st in plan.starts:
+        w[plan.tile_slices(st)] += gaussian
     return w
 
 
@@ -35,7 +34,7 @@ class Merger:
 
     plan: the volume's window (its padded shape and every tile start)
     num_heads: k, the network's output channels
-    gaussian: (tz, ty, tx) float32 importance map, on the device the sums live on
+    gaussian: (tz, ty, tx) (or (ty, tx) for a 2d model) float32 importance map, on the device the sums live on
     folds: how many engines add every tile (their mean is taken in ``normalized``)
 
     ``add`` takes one engine's logits for a batch; ``cover`` records that a batch's tiles went through every fold.
@@ -54,7 +53,7 @@ class Merger:
         return self.sum.device
 
     def add(self, logits: torch.Tensor, starts) -> None:
-        """Adds one engine's tile logits (b, k, tz, ty, tx) float32 at tile starts [(z, y, x)] * b."""
+        """Adds one engine's tile logits (b, k, *patch) float32 at tile starts [(z, y, x)] * b."""
         logits = logits.to(self.sum.device)
         for tile_logits, start in zip(logits, starts):
             self.sum[(slice(None), *self.plan.tile_slices(start))] += tile_logits * self.gaussian
@@ -68,7 +67,7 @@ class Merger:
         Divided by the whole volume's weight map, so helpers' shares only need adding up. The map is made here
         (one launch a tile), which in an actor runs on the export thread, off the tile thread."""
         region = region or tuple(slice(0, n) for n in self.plan.padded_shape)
-        weights = weight_map(self.plan.padded_shape, self.plan.starts, self.gaussian)
+        weights = weight_map(self.plan, self.gaussian)
         out = self.sum[(slice(None), *region)] / weights[region]
         return out / self.folds if self.folds > 1 else out
 

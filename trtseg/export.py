@@ -46,10 +46,11 @@ def export_on_device(logits: torch.Tensor, pre: Preprocessed, model: NnUNetModel
         # v1's axis j lands on the model axis that input axis j became: transpose_forward.index(j). (v1's masks
         # are the reference its users compare against; for transpose_forward [0, 1, 2] nothing changes.)
         tf = list(model.transpose_forward)
+        target = model.target_spacing(pre.spacing_transposed)
         if model.nnunet_version == 1:
-            first, second, axis_map = pre.spacing_transposed, model.spacing, [tf.index(j) for j in range(3)]
+            first, second, axis_map = pre.spacing_transposed, target, [tf.index(j) for j in range(3)]
         else:
-            first, second, axis_map = model.spacing, pre.spacing_transposed, None
+            first, second, axis_map = target, pre.spacing_transposed, None
         plan = rs.plan_resize(spec.kind, spec.order, spec.order_z, spec.force_separate_z, first, second,
                               spec.anisotropy_threshold, axis_map)
         logits = rs.resample(logits.float(), pre.shape_after_cropping, plan)

@@ -161,7 +161,15 @@ class NnUNetModel:
 
     @property
     def spacing(self) -> tuple[float, ...]:
+        """The configuration's target spacing, model axis order: (z, y, x), or (y, x) for a 2d configuration."""
         return tuple(float(s) for s in self.configuration["spacing"])
+
+    def target_spacing(self, spacing_transposed) -> tuple[float, float, float]:
+        """The (z, y, x) spacing a case is resampled to: the configuration's, and for a 2d configuration the case's
+        own slice spacing first (nnU-Net's preprocessor and export leave the spacing between slices alone)."""
+        if len(self.spacing) == 2:
+            return (float(spacing_transposed[0]), *self.spacing)  # type: ignore[return-value]
+        return self.spacing  # type: ignore[return-value]
 
     @property
     def transpose_forward(self) -> tuple[int, ...]:
@@ -371,12 +379,13 @@ def load_v2_model_folder(folder: str, folds: list[str] | None = None,
     if not config_name:
         raise ModelFolderError(folder, "checkpoint init_args has no 'configuration'")
     cfg = resolve_configuration(plans, config_name, folder)
-    if len(cfg.get("patch_size", [])) != 3:
-        raise ModelFolderError(folder, f"configuration {config_name!r} is not 3-D (patch_size {cfg.get('patch_size')}); "
-                                       "trtseg runs 3-D configurations")
+    dims = len(cfg.get("patch_size", []))
+    if dims not in (2, 3):
+        raise ModelFolderError(folder, f"configuration {config_name!r} has patch_size {cfg.get('patch_size')}; "
+                                       "trtseg runs 2d and 3d configurations")
     labels = LabelScheme.from_dataset_json(dataset_json, folder)
-    if mirror_axes is not None and max(mirror_axes, default=0) > 2:
-        raise ModelFolderError(folder, f"inference_allowed_mirroring_axes {mirror_axes} do not fit a 3-D network")
+    if mirror_axes is not None and max(mirror_axes, default=0) > dims - 1:
+        raise ModelFolderError(folder, f"inference_allowed_mirroring_axes {mirror_axes} do not fit a {dims}-D network")
     model = NnUNetModel(folder=folder, plans=plans, dataset_json=dataset_json, configuration_name=config_name,
                         configuration=cfg, labels=labels, trainer_name=str(trainer), mirror_axes=mirror_axes,
                         fold_weights=weights, checkpoint_name=checkpoint_name,

@@ -135,7 +135,7 @@ def preprocess(image: CaseImage, model: NnUNetModel, device: torch.device | str 
     mask = fill_holes(nonzero[sl]) if need_mask else None
     shape_after = tuple(int(s) for s in data.shape[1:])
 
-    target = model.spacing
+    target = model.target_spacing(spacing)
     new_shape = rs.compute_new_shape(shape_after, spacing, target)
     spec = model.resampling_data
     plan = rs.plan_resize(spec.kind, spec.order, spec.order_z, spec.force_separate_z, spacing, target,

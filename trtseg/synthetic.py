@@ -24,15 +24,15 @@ def plans_dict(patch_size: Sequence[int] = (32, 32, 32), spacing: Sequence[float
                normalization: Sequence[str] = ("CTNormalization",), use_mask_for_norm: Sequence[bool] = (False,),
                transpose_forward: Sequence[int] = (0, 1, 2), resampling: str = "default",
                configuration: str = "3d_fullres", inherit: bool = False) -> dict:
-    n = len(features)
-    strides = [[1, 1, 1]] + [[2, 2, 2]] * (n - 1)
-    kernels = [[3, 3, 3]] * n
+    n, dim = len(features), len(patch_size)  # dim 2: a 2d configuration (Conv2d, patch and spacing (y, x))
+    strides = [[1] * dim] + [[2] * dim] * (n - 1)
+    kernels = [[3] * dim] * n
     arch_kwargs = {
         "n_stages": n, "features_per_stage": list(features),
-        "conv_op": "torch.nn.modules.conv.Conv3d", "kernel_sizes": kernels, "strides": strides,
+        "conv_op": f"torch.nn.modules.conv.Conv{dim}d", "kernel_sizes": kernels, "strides": strides,
         ("n_conv_per_stage" if arch == "PlainConvUNet" else "n_blocks_per_stage"): [2] * n if arch == "PlainConvUNet" else [1] + [2] * (n - 1),
         "n_conv_per_stage_decoder": [2] * (n - 1), "conv_bias": True,
-        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+        "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dim}d", "norm_op_kwargs": {"eps": 1e-05, "affine": True},
         "dropout_op": None, "dropout_op_kwargs": None,
         "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
     }
@@ -59,14 +59,15 @@ def plans_dict(patch_size: Sequence[int] = (32, 32, 32), spacing: Sequence[float
         "batch_dice": False,
     }
     tb = [int(i) for i in np.argsort(transpose_forward)]
-    configs = {"3d_fullres": base}
+    configs = {configuration: base}
     if inherit:  # a child configuration that overrides one key, as nnU-Net's 3d_cascade_fullres / custom configs do
         configs["3d_fullres"] = {**base, "patch_size": [p * 2 for p in patch_size]}
         configs[configuration] = {"inherits_from": "3d_fullres", "patch_size": list(patch_size)}
     n_ch = len(normalization)
     return {
         "dataset_name": "Dataset999_Synthetic", "plans_name": "nnUNetPlans",
-        "original_median_spacing_after_transp": list(spacing), "original_median_shape_after_transp": [64, 64, 64],
+        "original_median_spacing_after_transp": ([1.0] if dim == 2 else []) + list(spacing),
+        "original_median_shape_after_transp": [64, 64, 64],
         "image_reader_writer": "SimpleITKIO", "transpose_forward": list(transpose_forward), "transpose_backward": tb,
         "configurations": configs, "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
         "foreground_intensity_properties_per_channel": {
@@ -102,12 +103,15 @@ def build_network(plans: dict, dataset_json: dict, configuration: str = "3d_full
 def _spread_logits(net: torch.nn.Module, plans: dict, channels: int, logit_scale: float, seed: int) -> None:
     """Centres and scales the last layer so that every output channel wins somewhere on CT-like input."""
     patch = next(iter(plans["configurations"].values()))["patch_size"]
-    vol = ct_like_volume(patch[::-1], seed=seed).transpose(2, 1, 0)
-    x = torch.from_numpy((np.clip(vol, -950, 1200) - 80.0) / 300.0).float()[None, None].repeat(1, channels, 1, 1, 1)
-    last = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+    dim = len(patch)
+    vol = ct_like_volume(list(patch[::-1]) + ([3] if dim == 2 else []), seed=seed).T  # (z, y, x), 3-D either way
+    vol = vol[1] if dim == 2 else vol  # a 2d model's patch: the middle slice
+    x = torch.from_numpy((np.clip(vol, -950, 1200) - 80.0) / 300.0).float()[None, None].repeat(1, channels, *[1] * dim)
+    last = [m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))][-1]
+    spatial = tuple(range(2, 2 + dim))
     with torch.no_grad():
         out = net.eval()(x)
-        mu, sd = out.mean(dim=(0, 2, 3, 4)), out.std(dim=(0, 2, 3, 4))
+        mu, sd = out.mean(dim=(0, *spatial)), out.std(dim=(0, *spatial))
         scale = logit_scale / float(sd.mean())
         last.weight.mul_(scale)
         last.bias.copy_((last.bias - mu) * scale)

@@ -1,6 +1,7 @@
 """Stage 3, tile: padding, sliding-window tile starts and the Gaussian importance map, as nnU-Net computes them."""
 from __future__ import annotations
 
+import functools
 from functools import lru_cache
 from itertools import product
 
@@ -37,8 +38,8 @@ def compute_steps(image_size, tile_size, step_size: float) -> list[list[int]]:
     return steps
 
 
-def tile_starts(image_size, tile_size, step_size: float) -> list[tuple[int, int, int]]:
-    """All (z, y, x) tile starts, z slowest, in nnU-Net's order."""
+def tile_starts(image_size, tile_size, step_size: float) -> list[tuple[int, ...]]:
+    """All tile starts ((z, y, x), or (y, x) for 2-D tiles), the first axis slowest, in nnU-Net's order."""
     return [tuple(s) for s in product(*compute_steps(image_size, tile_size, step_size))]  # type: ignore[misc]
 
 
@@ -58,13 +59,14 @@ def _gaussian_np(tile_size: tuple[int, ...], sigma_scale: float, value_scaling_f
         inside = np.abs(offs) <= radius
         line[inside] = k[offs[inside] + radius]
         axes.append(line)
-    g = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    g = functools.reduce(np.multiply.outer, axes)  # (z, y, x), or (y, x) for a 2d model
     return g / (g.max() / value_scaling_factor)
 
 
 def gaussian_importance(tile_size, device: torch.device | str = "cpu", sigma_scale: float = 1.0 / 8,
                         value_scaling_factor: float = 10.0, half: bool = True) -> torch.Tensor:
-    """nnU-Net's compute_gaussian: (z, y, x) weights, max ``value_scaling_factor``, zeros raised to the minimum.
+    """nnU-Net's compute_gaussian: (z, y, x) (or 2-D) weights, max ``value_scaling_factor``, zeros raised to the
+    minimum.
 
     nnU-Net v2 keeps the map in float16; we take its float16 values (so weights are identical) as float32.
     ``half=False, value_scaling_factor=1`` is v1's _get_gaussian (float32, maximum 1).

@@ -9,7 +9,7 @@ from trtseg.dataset import list_cases
 from trtseg.model import NnUNetModel
 from trtseg.preprocess import preprocess
 from trtseg.read import read_case
-from trtseg.tile import pad_to_patch, tile_starts
+from trtseg.window import plan_window
 
 
 def sample_patches(model: NnUNetModel, input_url: str, n: int, seed: int = 0, step_size: float = 0.5,
@@ -25,9 +25,8 @@ def sample_patches(model: NnUNetModel, input_url: str, n: int, seed: int = 0, st
     out = []
     for case in cases:
         pre = preprocess(read_case(list(case.files), model.num_input_channels, storage_options), model, "cpu")
-        padded, _ = pad_to_patch(pre.data, model.patch_size)
-        starts = tile_starts(padded.shape[1:], model.patch_size, step_size)
-        tiles = [padded[(slice(None), *(slice(s, s + p) for s, p in zip(st, model.patch_size)))] for st in starts]
+        padded, plan = plan_window(pre.data, model, step_size, use_mirroring=False)
+        tiles = [padded[(slice(None), *plan.tile_slices(st))] for st in plan.starts]
         spread = torch.stack([t.float().var() for t in tiles]).numpy()
         order = np.argsort(-spread + rng.uniform(0, 1e-6, len(spread)))[:per_case]
         out += [tiles[i].numpy() for i in order]
