@@ -3,6 +3,7 @@ predictor as the reference."""
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 
 import nibabel as nib
@@ -28,9 +29,10 @@ def nnunet_predict(model_dir: str, cases: list[list[str]], out_dir: str, folds, 
     p = nnUNetPredictor(tile_step_size=step_size, use_mirroring=use_mirroring, device=torch.device("cpu"),
                         allow_tqdm=False)
     p.initialize_from_trained_model_folder(model_dir, use_folds=tuple(folds))
-    outs = [os.path.join(out_dir, os.path.basename(c[0]).replace("_0000.nii.gz", "")) for c in cases]
+    outs = [os.path.join(out_dir, re.sub(r"_0000\.(nii\.gz|nii|nrrd|mha|mhd)$", "", os.path.basename(c[0])))
+            for c in cases]
     p.predict_from_files_sequential(cases, outs, save_probabilities=False, overwrite=True)
-    return [o + ".nii.gz" for o in outs]
+    return [o + p.dataset_json["file_ending"] for o in outs]
 
 
 def run_ray_cli(args, *, attempts: int = 6, **kwargs) -> "subprocess.CompletedProcess[str]":  # noqa: F821

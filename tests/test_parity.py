@@ -4,6 +4,7 @@ The bar: at least 99.9 % voxel agreement per case, and the input's geometry exac
 """
 from __future__ import annotations
 
+import json
 import os
 
 import nibabel as nib
@@ -159,3 +160,45 @@ def test_2d_model_on_an_anisotropic_volume(model_2d, tmp_path, folds, mirroring)
     cases = [write_case(str(tmp_path / "in"), "slices", (60, 52, 11), (0.8, 0.8, 3.5), oblique_deg=15, seed=43,
                         zero_border=2)]
     compare(model_2d, cases, str(tmp_path), folds=folds, use_mirroring=mirroring, min_labels=3)
+
+
+def _write_sitk_case(folder: str, case_id: str, ending: str, shape_xyz, spacing_xyz, seed: int) -> list[str]:
+    """A CT-like int16 volume in NRRD or MetaImage with an oblique direction and a non-zero origin."""
+    import SimpleITK as sitk
+    os.makedirs(folder, exist_ok=True)
+    vol = syn.ct_like_volume(shape_xyz, seed=seed).astype(np.int16)
+    img = sitk.GetImageFromArray(vol.transpose(2, 1, 0))  # SimpleITK's array is (z, y, x)
+    img.SetSpacing(spacing_xyz)
+    img.SetOrigin((-31.5, 12.25, 88.0))
+    a = np.deg2rad(17)
+    img.SetDirection((np.cos(a), -np.sin(a), 0.0, np.sin(a), np.cos(a), 0.0, 0.0, 0.0, 1.0))
+    path = os.path.join(folder, f"{case_id}_0000{ending}")
+    sitk.WriteImage(img, path, True)
+    return [path]
+
+
+@pytest.mark.parametrize("ending", [".nrrd", ".mha"])
+def test_nrrd_and_mha_inputs_give_nnunets_masks_in_the_same_format(small_model, tmp_path, ending):
+    import shutil
+
+    import SimpleITK as sitk
+
+    model_dir = str(tmp_path / "model")
+    shutil.copytree(small_model, model_dir)  # the same model, told its images end in `ending`
+    ds = json.load(open(os.path.join(model_dir, "dataset.json")))
+    json.dump({**ds, "file_ending": ending}, open(os.path.join(model_dir, "dataset.json"), "w"))
+    cases = [_write_sitk_case(str(tmp_path / "in"), "obl", ending, (64, 56, 20), (0.85, 0.85, 2.6), seed=51)]
+    refs = nnunet_predict(model_dir, cases, str(tmp_path / "ref"), [0], use_mirroring=False)
+    run_trtseg(model_dir, str(tmp_path / "in"), str(tmp_path / "ours"), ["0"], use_mirroring=False)
+    for ref in refs:
+        a = sitk.ReadImage(ref)
+        for path in (os.path.join(tmp_path, "ours", os.path.basename(ref)),
+                     os.path.join(tmp_path, "ours_ray", os.path.basename(ref))):
+            b = sitk.ReadImage(path)
+            assert b.GetSpacing() == a.GetSpacing() and b.GetOrigin() == a.GetOrigin(), path
+            assert b.GetDirection() == a.GetDirection() and b.GetSize() == a.GetSize(), path
+            x, y = sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b)
+            assert len(np.unique(x)) >= 2 and x.dtype == y.dtype
+            agreement = float((x == y).mean())
+            print(ending, path, agreement)
+            assert agreement >= BAR, (path, agreement)

@@ -42,7 +42,7 @@ def _load_model(args):
 
 
 # JobConfig fields that are flags of `trtseg predict` (the rest are set from other flags or are internal)
-_JOB_FLAGS = ("overwrite", "dry_run", "limit", "address", "cpu_actors", "gpus_per_actor", "actor_resources",
+_JOB_FLAGS = ("overwrite", "dry_run", "limit", "allow_empty", "address", "cpu_actors", "gpus_per_actor", "actor_resources",
               "task_gpus", "max_cases_in_flight", "tiles_per_task", "partials", "log_json", "progress",
               "diagnostics")
 
@@ -50,7 +50,7 @@ _JOB_FLAGS = ("overwrite", "dry_run", "limit", "address", "cpu_actors", "gpus_pe
 def _add_predict_args(p: argparse.ArgumentParser) -> None:
     """`trtseg predict`'s flags: the input and output, the model, then the declared options (trtseg/options.py for
     the window, engine and output; trtseg/jobs/config.py for the Ray job)."""
-    from trtseg.jobs.config import JobConfig
+    from trtseg.jobs.config import COMMON_FLAGS, JobConfig
     from trtseg.options import add_options, add_settings
 
     p.add_argument("-i", "--input", required=True, help="folder (or file) of NIfTI images; any fsspec URL")
@@ -58,9 +58,9 @@ def _add_predict_args(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
     add_settings(p)
     p.add_argument("--storage-options", default=None, help="JSON of fsspec storage options (credentials stay out of reports)")
-    add_options(p, JobConfig, only=("overwrite", "dry_run", "limit"))
+    add_options(p, JobConfig, only=COMMON_FLAGS)
     j = p.add_argument_group("Ray job")
-    add_options(j, JobConfig, only=tuple(f for f in _JOB_FLAGS if f not in ("overwrite", "dry_run", "limit")))
+    add_options(j, JobConfig, only=tuple(f for f in _JOB_FLAGS if f not in COMMON_FLAGS))
     j.add_argument("--single-process", action="store_true", help="no Ray: every stage in this process")
 
 
@@ -75,7 +75,8 @@ def cmd_predict(args) -> int:
         setup_logging(args.log_json)
         storage.set_default_options(opts)
         report = predict_folder(args.input, args.output, _load_model(args), args.folds, args.checkpoint,
-                                settings, opts, args.limit, args.dry_run, args.overwrite, args.progress)
+                                settings, opts, args.limit, args.dry_run, args.overwrite, args.progress,
+                                allow_empty=args.allow_empty)
     else:
         from trtseg.jobs.config import JobConfig
         from trtseg.jobs.driver import run_job

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trtseg import postprocess, storage, transfer
+from trtseg import formats, postprocess, storage, transfer
 from trtseg.dataset import Case
 from trtseg.errors import CaseError, TrtsegError, one_line
 from trtseg.export import empty_export
@@ -51,8 +51,9 @@ def with_postprocessing(model, settings: Settings, storage_options=None):
     return model
 
 
-def mask_url(output_url: str, case_id: str) -> str:
-    return storage.join(output_url, case_id + ".nii.gz")
+def mask_url(output_url: str, case_id: str, ending: str = ".nii.gz") -> str:
+    """OUTPUT/CASE with the input's image ending: the mask is written in the input's format, as nnU-Net does."""
+    return storage.join(output_url, case_id + ending)
 
 
 def case_bytes(channels: int, classes: int, padded_shape, cropped_shape) -> int:
@@ -78,7 +79,7 @@ def select_cases(cases: list[Case], output_url: str, model, settings: Settings, 
     mine = stamp(model, settings)
     todo, skipped = [], {}
     for c in cases:
-        out = mask_url(output_url, c.case_id)
+        out = mask_url(output_url, c.case_id, c.ending)
         if not overwrite and read_stamp(out, storage_options) == mine:
             skipped[c.case_id] = CaseReport(c.case_id, "skipped", output=out,
                                             reason="made by the same model and settings")
@@ -142,7 +143,7 @@ def write_case(meta: dict, model, settings: Settings, output_url: str, storage_o
     probabilities stay as the network gave them, as nnU-Net saves them.
 
     Returns {"output", "seconds", "postprocessing"} or {"error", "seconds"}."""
-    out_url = mask_url(output_url, meta["case_id"])
+    out_url = mask_url(output_url, meta["case_id"], formats.ending(meta["files"][0].rsplit("/", 1)[-1]) or ".nii.gz")
     t = time.perf_counter()
     seconds: dict[str, float] = {}
     pp_report = None

@@ -107,7 +107,8 @@ def _sync(device: torch.device) -> None:
 def predict_folder(input_url: str, output_url: str, model_folder: "str | NnUNetModel", folds: list[str] | None = None,
                    checkpoint_name: str = "checkpoint_final.pth", settings: Settings | None = None,
                    storage_options: storage.StorageOptions | None = None, limit: int | None = None,
-                   dry_run: bool = False, overwrite: bool = False, progress_bar: bool = True, log=print) -> dict:
+                   dry_run: bool = False, overwrite: bool = False, progress_bar: bool = True, log=print,
+                   allow_empty: bool = True) -> dict:
     """Single-process prediction of every case in ``input_url``; writes OUTPUT/run_report.json, returns the report.
 
     The same case stages, stamps, skips and report as the Ray job (``trtseg.pipeline``). Cases fail one at a time:
@@ -125,7 +126,7 @@ def predict_folder(input_url: str, output_url: str, model_folder: "str | NnUNetM
         storage.remove_stale_parts(output_url, storage_options)
     model = model_folder if isinstance(model_folder, NnUNetModel) else load_model_folder(model_folder, folds, checkpoint_name)
     model = with_postprocessing(model, settings, storage_options)
-    cases = list_cases(input_url, model.num_input_channels, storage_options)
+    cases = list_cases(input_url, model.num_input_channels, storage_options, allow_empty)
     if limit is not None:
         cases = cases[:limit]
     todo, results = select_cases(cases, output_url, model, settings, overwrite, storage_options)

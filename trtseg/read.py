@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import nibabel as nib
 import numpy as np
 
-from trtseg import codec, storage
+from trtseg import codec, formats, storage
 from trtseg.errors import CaseError
 
 
@@ -27,7 +27,8 @@ class CaseImage:
         unscaled integer file (most CTs: int16) its own integer type, which preprocessing casts to float32 on the
         compute device (the same values as a cast here: half the bytes to copy, and no host pass over the volume)
     spacing_zyx: voxel size in mm along (z, y, x), positive
-    header: the NIfTI header of the first channel, used to write the mask with identical geometry
+    header: the NIfTI header of the first channel, used to write the mask with identical geometry (for NRRD and
+        MetaImage inputs a ``trtseg.formats.SitkGeometry``)
     files: the URLs the channels were read from
     """
 
@@ -94,11 +95,19 @@ def _voxels(img: nib.Nifti1Image) -> tuple[np.ndarray, bool]:
 
 def read_channel(url: str, storage_options: storage.StorageOptions | None = None
                  ) -> tuple[np.ndarray, tuple[float, float, float], nib.Nifti1Header, np.ndarray]:
-    """Reads one NIfTI file. Returns (array (c, z, y, x) float32 or the file's integer type (see CaseImage),
-    spacing (z, y, x), header, affine).
+    """Reads one image file. Returns (array (c, z, y, x) float32 or the file's integer type (see CaseImage),
+    spacing (z, y, x), header, affine): for NIfTI (nibabel) its header, for NRRD and MetaImage (SimpleITK,
+    trtseg/formats.py) a ``SitkGeometry``.
 
-    A 4-D file holds its channels along the 4th axis.
+    A 4-D NIfTI file holds its channels along the 4th axis.
     """
+    if formats.ending(url) in formats.SITK_ENDINGS:
+        arr3, spacing, geometry = formats.read_sitk(url, storage_options)
+        if arr3.dtype.kind == "f" and not np.all(np.isfinite(arr3)):
+            raise CaseError(url, f"{int(arr3.size - np.count_nonzero(np.isfinite(arr3)))} voxels are NaN or Inf")
+        if any(int(s) == 0 for s in arr3.shape):
+            raise CaseError(url, f"image has a dimension of size 0 (shape {arr3.shape[::-1]})")
+        return np.ascontiguousarray(arr3[None]), spacing, geometry, geometry.affine()  # type: ignore[return-value]
     try:
         raw = storage.read_bytes(url, storage_options)
     except FileNotFoundError:

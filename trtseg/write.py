@@ -13,7 +13,7 @@ import zlib
 import nibabel as nib
 import numpy as np
 
-from trtseg import codec, storage
+from trtseg import codec, formats, storage
 
 
 STAMP_PREFIX = b"trtseg:"
@@ -39,9 +39,12 @@ def encode_mask(mask_zyx: np.ndarray, header: nib.Nifti1Header, compress_level: 
     return codec.compress(raw, compress_level) if compress_level > 0 else raw
 
 
-def write_mask(url: str, mask_zyx: np.ndarray, header: nib.Nifti1Header,
+def write_mask(url: str, mask_zyx: np.ndarray, header,
                storage_options: storage.StorageOptions | None = None, compress_level: int = 6, stamp: str = "") -> int:
-    """Writes the mask to ``url`` (.nii.gz or .nii) atomically; returns the bytes written."""
+    """Writes the mask to ``url`` atomically; returns the bytes written. ``header`` is the input's NIfTI header
+    (.nii.gz or .nii, nibabel) or its ``SitkGeometry`` (.nrrd, .mha, .mhd: SimpleITK, trtseg/formats.py)."""
+    if isinstance(header, formats.SitkGeometry):
+        return formats.write_sitk(url, mask_zyx, header, stamp[:200], storage_options)
     data = encode_mask(mask_zyx, header, compress_level if url.endswith(".gz") else 0, stamp)
     storage.write_bytes_atomic(url, data, storage_options)
     return len(data)
@@ -58,6 +61,8 @@ def write_probabilities(url_truncated: str, probabilities: np.ndarray, propertie
 
 def read_stamp(url: str, storage_options: storage.StorageOptions | None = None) -> str | None:
     """The stamp of an existing mask (None when absent, unreadable or not made by trtseg); reads only its header."""
+    if formats.ending(url) in formats.SITK_ENDINGS:
+        return formats.read_sitk_stamp(url, storage_options)
     try:
         fs, path = storage.filesystem(url, storage_options)
         with fs.open(path, "rb") as f:

@@ -50,6 +50,8 @@ class JobConfig:
     dry_run: bool = opt(False, "--dry-run", "list the cases that would run (and be skipped) and stop",
                         action="store_true")
     limit: int | None = opt(None, "--limit", "process at most N cases", type=int)
+    allow_empty: bool = opt(False, "--allow-empty", "an input with no case trtseg can read is a run of 0 cases, "
+                            "not an error", action="store_true")
     actor_restarts: int = 2
     task_retries: int = 3
     case_retries: int = 2  # a case whose summed tiles an actor lost (restart) is redone at most this often
@@ -59,4 +61,4 @@ class JobConfig:
                             "run report (stats' trace), to study the GPU's idle gaps", action="store_true")
 
 # the flags every path takes (the rest are the Ray job's)
-COMMON_FLAGS = ("overwrite", "dry_run", "limit")
+COMMON_FLAGS = ("overwrite", "dry_run", "limit", "allow_empty")

@@ -128,7 +128,7 @@ def run_job(cfg: JobConfig) -> dict:
         if removed:
             _event("removed temporary files of an interrupted run", count=removed)
     model = with_postprocessing(load_model(cfg), cfg.settings)
-    cases = list_cases(cfg.input, model.num_input_channels)
+    cases = list_cases(cfg.input, model.num_input_channels, allow_empty=cfg.allow_empty)
     if cfg.limit is not None:
         cases = cases[: cfg.limit]
     todo, results = select_cases(cases, cfg.output, model, cfg.settings, cfg.overwrite)
