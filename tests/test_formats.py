@@ -78,3 +78,34 @@ def test_channel_files_in_two_formats_are_refused(tmp_path, problem):
     _sitk_case(inp, "m_0001", ".nrrd")
     (case,) = list_cases(inp, 2)
     assert case.problem == "channel files of one case in different formats"
+
+
+def test_nnunet_addressing_resolves_the_folders_nnunet_resolves(small_model, tmp_path, monkeypatch):
+    """-d/-c/-tr/-p under $nnUNet_results, by id or name, against nnunetv2's own get_output_folder; nnU-Net's
+    underscore spellings of the flags are accepted."""
+    import shutil
+    import subprocess
+    import sys
+
+    results = tmp_path / "results"
+    for trainer in ("nnUNetTrainer", "nnUNetTrainerNoMirroring"):
+        shutil.copytree(small_model, results / "Dataset042_Liver" / f"{trainer}__nnUNetPlans__3d_fullres")
+    monkeypatch.setenv("nnUNet_results", str(results))
+    ref = subprocess.run([sys.executable, "-c", "from nnunetv2.utilities.file_path_utilities import get_output_folder;"
+                          "print(get_output_folder('42', 'nnUNetTrainerNoMirroring', 'nnUNetPlans', '3d_fullres'))"],
+                         capture_output=True, text=True, env={**os.environ, "nnUNet_results": str(results)})
+    assert ref.returncode == 0, ref.stderr
+    from trtseg.nnunet_paths import model_folder
+    assert model_folder("42", "3d_fullres", "nnUNetTrainerNoMirroring") == ref.stdout.strip()
+    assert model_folder("Dataset042_Liver", "3d_fullres") == str(results / "Dataset042_Liver" /
+                                                                  "nnUNetTrainer__nnUNetPlans__3d_fullres")
+    inp = str(tmp_path / "in")
+    write_case(inp, "c", (30, 28, 12), (1.0, 1.0, 2.0), seed=8)
+    out = str(tmp_path / "out")
+    assert main(["predict", "-i", inp, "-o", out, "-d", "42", "-c", "3d_fullres", "-f", "0", "-chk",
+                 "checkpoint_final.pth", "-step_size", "0.5", "--disable_tta", "--save_probabilities",
+                 "--single-process", "--no-progress"]) == 0
+    report = json.load(open(os.path.join(out, "run_report.json")))
+    assert report["model"]["source"].endswith("Dataset042_Liver/nnUNetTrainer__nnUNetPlans__3d_fullres")
+    assert report["settings"]["window"]["use_mirroring"] is False and os.path.exists(os.path.join(out, "c.npz"))
+    assert main(["predict", "-i", inp, "-o", out, "-d", "7", "-c", "3d_fullres", "--single-process"]) == 2

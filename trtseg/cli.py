@@ -23,15 +23,33 @@ from trtseg.errors import TrtsegError, one_line
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("-m", "--model", default=None, help="nnU-Net v2 trained model folder (dataset.json, plans.json, fold_N/)")
+    p.add_argument("-d", "--dataset", default=None, help="nnUNetv2_predict's addressing instead of -m: the dataset's "
+                   "name or id, resolved with -c/-tr/-p under $nnUNet_results")
+    p.add_argument("-c", "--configuration", default=None, help="with -d: the configuration (3d_fullres, 2d, ...)")
+    p.add_argument("-tr", "--trainer", default="nnUNetTrainer", help="with -d: the trainer class name")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="with -d: the plans identifier")
     p.add_argument("-f", "--folds", nargs="+", default=None, help="folds (default: every fold found)")
-    p.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file name in each fold folder")
+    p.add_argument("--checkpoint", "-chk", default="checkpoint_final.pth", help="checkpoint file name in each fold folder")
     p.add_argument("--card", default=None, help="model card (JSON/YAML) for a non-nnU-Net model")
     p.add_argument("--network", default=None, help="with --card: package.module:callable that returns the network")
     p.add_argument("--weights", default=None, help="with --card --network: a state dict file")
     p.add_argument("--onnx-model", default=None, help="with --card: an ONNX file instead of a PyTorch network")
 
 
+def _resolve_model_folder(args) -> None:
+    """-d/-c/-tr/-p (nnUNetv2_predict's addressing) -> args.model, the folder nnU-Net would read."""
+    if getattr(args, "dataset", None):
+        if args.model:
+            raise TrtsegError("give the model once: -m FOLDER, or -d DATASET -c CONFIGURATION")
+        if not args.configuration:
+            raise TrtsegError("-d needs -c CONFIGURATION (3d_fullres, 2d, 3d_lowres, ...)")
+        from trtseg.nnunet_paths import model_folder
+        args.model = model_folder(args.dataset, args.configuration, args.trainer, args.plans)
+        args.dataset = None  # resolved
+
+
 def _load_model(args):
+    _resolve_model_folder(args)
     if args.card:
         from trtseg.accel.card import model_from_card
         return model_from_card(args.card, args.network, args.weights, args.onnx_model)
@@ -68,6 +86,7 @@ def cmd_predict(args) -> int:
     from trtseg.options import settings_from_args
     opts = json.loads(args.storage_options) if args.storage_options else None
     settings = settings_from_args(args)
+    _resolve_model_folder(args)
     if args.single_process:
         from trtseg import storage
         from trtseg.log import setup_logging

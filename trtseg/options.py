@@ -31,9 +31,10 @@ _ALIASES = {"cl": "channels-last", "half": "fp16-weights", "graphs": "cuda-graph
             "fold": "fold-convolutions", "merge": "merge-upsampling", "fuse": "fuse-norms"}
 
 
-def opt(default: Any, flag: str, help: str, **argparse_kwargs) -> Any:
-    """A dataclass field declared with its command-line flag (argparse_kwargs: choices, type, action, nargs...)."""
-    meta = {"flag": flag, "help": help, **argparse_kwargs}
+def opt(default: Any, flag: str, help: str, aliases: tuple[str, ...] = (), **argparse_kwargs) -> Any:
+    """A dataclass field declared with its command-line flag and any aliases (nnU-Net's spellings), and argparse's
+    keyword arguments (choices, type, action, nargs...)."""
+    meta = {"flag": flag, "help": help, "aliases": aliases, **argparse_kwargs}
     if isinstance(default, (set, frozenset, list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -44,8 +45,10 @@ class WindowOptions:
     """The sliding window: tile step as a fraction of the patch (nnU-Net's 0.5), mirroring test-time augmentation
     over the checkpoint's allowed axes."""
 
-    step_size: float = opt(0.5, "--step-size", "tile step as a fraction of the patch size", type=float)
-    use_mirroring: bool = opt(True, "--disable-tta", "no mirroring test-time augmentation", action="store_false")
+    step_size: float = opt(0.5, "--step-size", "tile step as a fraction of the patch size", aliases=("-step_size",),
+                           type=float)
+    use_mirroring: bool = opt(True, "--disable-tta", "no mirroring test-time augmentation", aliases=("--disable_tta",),
+                              action="store_false")
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,8 @@ class EngineSpec:
 
     kind: str = opt("auto", "--engine", "auto: TensorRT if it imports and a GPU exists, then PyTorch CUDA, then ONNX "
                     "Runtime (CPU)", choices=ENGINE_KINDS)
-    device: str | None = opt(None, "--device", "cpu, cuda or cuda:N (default: cuda when available)")
+    device: str | None = opt(None, "--device", "cpu, cuda or cuda:N (default: cuda when available)",
+                             aliases=("-device",))
     precision: str | None = opt(None, "--precision", "engine precision (CUDA default fp16)", choices=PRECISIONS)
     batch_size: int = opt(2, "--batch-size", "tiles per engine call", type=int)
     compile: str | None = opt(None, "--compile", "torch.compile the network (PyTorch CUDA engine); max-autotune also "
@@ -147,7 +151,7 @@ class OutputOptions:
     """What is written per case besides the mask, and how."""
 
     save_probabilities: bool = opt(False, "--save-probabilities", "also write CASE.npz/CASE.pkl as nnU-Net does",
-                                   action="store_true")
+                                   aliases=("--save_probabilities",), action="store_true")
     compress_level: int = opt(6, "--compress-level", "gzip level of written masks (1 fastest, 9 smallest)", type=int)
     postprocessing: str | None = opt(None, "--postprocessing", "nnU-Net's postprocessing file to apply to every mask: "
                                      "v2's postprocessing.pkl (nnUNetv2_find_best_configuration) or v1's "
@@ -165,14 +169,14 @@ def add_options(parser: argparse.ArgumentParser | Any, cls: type, only: tuple[st
         if only is not None and f.name not in only:
             continue
         meta = dict(f.metadata)
-        flag, help_ = meta.pop("flag"), meta.pop("help")
+        flag, help_, aliases = meta.pop("flag"), meta.pop("help"), meta.pop("aliases", ())
         default = getattr(defaults, f.name) if defaults is not None else \
             (f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
         if "rewrites" in meta:
             for name, text in meta.pop("rewrites").items():
                 parser.add_argument(f"--{name}", action="store_true", default=name in default, help=text)
             continue
-        parser.add_argument(flag, dest=f.name, default=default, help=help_, **meta)
+        parser.add_argument(flag, *aliases, dest=f.name, default=default, help=help_, **meta)
 
 
 def from_args(cls: type, args: argparse.Namespace):
