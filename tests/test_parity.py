@@ -202,3 +202,42 @@ def test_nrrd_and_mha_inputs_give_nnunets_masks_in_the_same_format(small_model, 
             agreement = float((x == y).mean())
             print(ending, path, agreement)
             assert agreement >= BAR, (path, agreement)
+
+
+@pytest.fixture(scope="module")
+def cascade(tmp_path_factory):
+    """nnU-Net's 3d_lowres -> 3d_cascade_fullres, as its trainer leaves it under $nnUNet_results."""
+    root = tmp_path_factory.mktemp("results") / "Dataset077_Cascade"
+    return syn.make_cascade_folders(str(root), seed=61)
+
+
+def test_cascade_with_nnunets_own_lowres_predictions(cascade, tmp_path):
+    """-prev_stage_predictions given nnU-Net's own 3d_lowres output: the cascade's masks against
+    nnUNetv2_predict -c 3d_cascade_fullres -prev_stage_predictions, on both paths."""
+    from trtseg.cli import main
+
+    lowres, full = cascade
+    cases = [write_case(str(tmp_path / "in"), "cas", (72, 64, 26), (0.8, 0.8, 2.4), oblique_deg=11, seed=62,
+                        zero_border=2)]
+    low_refs = nnunet_predict(lowres, cases, str(tmp_path / "low_ref"), [0], use_mirroring=False)
+    assert len(np.unique(np.asarray(nib.load(low_refs[0]).dataobj))) >= 3, "the low-res stage says nothing"
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    import torch
+    p = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
+    p.initialize_from_trained_model_folder(full, use_folds=(0,))
+    os.makedirs(tmp_path / "ref", exist_ok=True)
+    p.predict_from_files_sequential(cases, [str(tmp_path / "ref" / "cas")], False, True,
+                                    str(tmp_path / "low_ref"))
+    ref = str(tmp_path / "ref" / "cas.nii.gz")
+    common = ["predict", "-i", str(tmp_path / "in"), "-m", full, "--disable-tta", "--no-progress",
+              "-prev_stage_predictions", str(tmp_path / "low_ref")]
+    assert main([*common, "-o", str(tmp_path / "single"), "--single-process"]) == 0
+    assert main([*common, "-o", str(tmp_path / "ray"), "--cpu-actors", "1"]) == 0
+    for path in ("single", "ray"):
+        ours = str(tmp_path / path / "cas.nii.gz")
+        agreement = voxel_agreement(ref, ours)
+        print("cascade", path, agreement)
+        assert agreement >= BAR, (path, agreement)
+        assert_same_geometry(cases[0][0], ours)
+    # the previous stage matters: without it the run is refused, naming the model folder
+    assert main(["predict", "-i", str(tmp_path / "in"), "-m", full, "-o", str(tmp_path / "no"), "--single-process"]) == 2

@@ -9,6 +9,7 @@ from nnunetv2.preprocessing.resampling.resample_torch import resample_torch_forn
 from scipy.ndimage import binary_fill_holes
 
 from trtseg.preprocess import bbox_of, fill_holes
+from trtseg import resample as rs
 from trtseg.resample import compute_new_shape, plan_resize, resample
 
 CASES = [
@@ -54,3 +55,22 @@ def test_fill_holes_and_bbox_match_scipy_and_acvl():
     assert bbox_of(torch.from_numpy(m)) == [[int(np.where(m.any((1, 2)))[0][i]) + j for i, j in ((0, 0), (-1, 1))],
                                             [int(np.where(m.any((0, 2)))[0][i]) + j for i, j in ((0, 0), (-1, 1))],
                                             [int(np.where(m.any((0, 1)))[0][i]) + j for i, j in ((0, 0), (-1, 1))]]
+
+
+@pytest.mark.parametrize("spacing,new_shape", [((2.4, 0.8, 0.8), (26, 48, 54)),   # separate z (ratio 3.0000001)
+                                                ((1.5, 0.9, 1.1), (19, 40, 61)),   # joint 3-D
+                                                ((1.0, 1.0, 1.0), (22, 60, 68))])  # unchanged shape
+def test_segmentation_resampling_is_nnunets(spacing, new_shape):
+    """A label map with -1 (outside the nonzero box), background and three labels, resampled as nnU-Net's
+    resample_data_or_seg_to_shape(is_seg=True, order 1, order_z 0) does: identical labels."""
+    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
+    rng = np.random.default_rng(1)
+    seg = rng.integers(-1, 4, (22, 60, 68)).astype(np.int16)
+    seg = np.where(rng.random(seg.shape) < 0.7, np.roll(seg, 1, axis=2), seg)  # some structure, some noise
+    target = tuple(s * n_old / n for s, n_old, n in zip(spacing, seg.shape, new_shape))
+    ref = resample_data_or_seg_to_shape(seg[None], new_shape, spacing, target, is_seg=True, order=1, order_z=0,
+                                        force_separate_z=None)[0]
+    plan = rs.plan_resize("default", 1, 0, None, spacing, target)
+    ours = rs.resample_seg(torch.from_numpy(seg.astype(np.int32)), new_shape, plan).numpy()
+    assert ours.shape == ref.shape
+    assert (ours != ref).sum() == 0, f"{(ours != ref).sum()} of {ref.size} labels differ"

@@ -180,9 +180,17 @@ class NnUNetModel:
         return tuple(int(i) for i in self.plans.get("transpose_backward", (0, 1, 2)))
 
     @property
-    def num_input_channels(self) -> int:
+    def num_image_channels(self) -> int:
+        """Image files per case (dataset.json's channel_names)."""
         names = self.dataset_json.get("channel_names", self.dataset_json.get("modality", {}))
         return len(names)
+
+    @property
+    def num_input_channels(self) -> int:
+        """The network's input channels: the images, and for a cascade one channel per foreground label of the
+        previous stage's mask (nnU-Net's determine_num_input_channels)."""
+        extra = len(self.labels.foreground_labels) if self.previous_stage else 0
+        return self.num_image_channels + extra
 
     @property
     def normalization_schemes(self) -> list[str]:
@@ -200,6 +208,18 @@ class NnUNetModel:
     def resampling_data(self) -> ResamplingSpec:
         c = self.configuration
         return ResamplingSpec.from_plans(c["resampling_fn_data"], c.get("resampling_fn_data_kwargs", {}), self.folder)
+
+    @property
+    def resampling_seg(self) -> ResamplingSpec:
+        """The plans' segmentation resampling (a cascade's previous-stage mask goes through it)."""
+        c = self.configuration
+        return ResamplingSpec.from_plans(c.get("resampling_fn_seg", "resample_data_or_seg_to_shape"),
+                                         c.get("resampling_fn_seg_kwargs", {"order": 1, "order_z": 0}), self.folder)
+
+    @property
+    def previous_stage(self) -> str | None:
+        """A cascade configuration's previous stage (3d_cascade_fullres: "3d_lowres"), else None."""
+        return self.configuration.get("previous_stage")
 
     @property
     def resampling_probabilities(self) -> ResamplingSpec:

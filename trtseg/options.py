@@ -211,6 +211,9 @@ class Settings:
     output: OutputOptions = field(default_factory=OutputOptions)
     memory_budget_gb: float | None = opt(None, "--memory-budget-gb", "fail a case (clearly, before inference) whose "
                                          "volume and logits need more device memory", type=float)
+    prev_stage_predictions: str | None = opt(
+        None, "--prev-stage-predictions", "a cascade (3d_cascade_fullres) model's previous-stage masks: a folder of "
+        "CASE masks made by its 3d_lowres model (by trtseg or nnUNetv2_predict)", aliases=("-prev_stage_predictions",))
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -222,9 +225,10 @@ def add_settings(parser: argparse.ArgumentParser | Any) -> None:
     """Every Settings flag: the window's, the engine's, the output's and the memory budget."""
     for cls in (WindowOptions, EngineSpec, OutputOptions):
         add_options(parser, cls)
-    add_options(parser, Settings, only=("memory_budget_gb",))
+    add_options(parser, Settings, only=("memory_budget_gb", "prev_stage_predictions"))
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(window=from_args(WindowOptions, args), engine=from_args(EngineSpec, args),
-                    output=from_args(OutputOptions, args), memory_budget_gb=args.memory_budget_gb)
+                    output=from_args(OutputOptions, args), memory_budget_gb=args.memory_budget_gb,
+                    prev_stage_predictions=args.prev_stage_predictions)

@@ -37,6 +37,37 @@ def stamp(model, settings: Settings) -> str:
     return f"{model.fingerprint} folds={','.join(model.folds)} step={w.step_size} tta={int(w.use_mirroring)} pp={pp_tag}"
 
 
+def check_cascade(model, settings: Settings) -> None:
+    """A cascade model runs only with its previous stage's masks: one error naming the model folder otherwise."""
+    if model.previous_stage and not settings.prev_stage_predictions:
+        raise TrtsegError(f"{model.folder}: a {model.configuration_name} model takes its {model.previous_stage} "
+                          "stage's masks as input: give them with --prev-stage-predictions FOLDER (nnU-Net's "
+                          "-prev_stage_predictions)")
+    if settings.prev_stage_predictions and not model.previous_stage:
+        raise TrtsegError(f"{model.folder}: --prev-stage-predictions given, but {model.configuration_name} is not a "
+                          "cascade configuration (its plans name no previous_stage)")
+
+
+def read_prev_stage(case: Case, model, settings: Settings, shape_zyx, storage_options=None) -> np.ndarray:
+    """The case's previous-stage mask (z, y, x): FOLDER/CASE with dataset.json's file_ending (as nnU-Net names it),
+    else with the case's own ending; it must lie on the image's grid."""
+    from trtseg.read import read_channel
+
+    folder = settings.prev_stage_predictions
+    assert folder
+    names = [case.case_id + e for e in dict.fromkeys((model.dataset_json.get("file_ending", ".nii.gz"), case.ending))]
+    urls = [storage.join(folder, n) for n in names]
+    url = next((u for u in urls if storage.exists(u, storage_options)), None)
+    if url is None:
+        raise CaseError(urls[0], f"no previous-stage mask for case {case.case_id} (the {model.previous_stage} "
+                                 f"stage's output) in {folder}")
+    arr, _, _, _ = read_channel(url, storage_options)
+    if tuple(arr.shape[1:]) != tuple(shape_zyx):
+        raise CaseError(url, f"previous-stage mask of shape {arr.shape[1:][::-1]} does not lie on the image's grid "
+                             f"{tuple(shape_zyx)[::-1]} (x, y, z)")
+    return arr[0].astype(np.int32)
+
+
 def with_postprocessing(model, settings: Settings, storage_options=None):
     """The model with the postprocessing this run applies: none with --disable-postprocessing, the file of
     --postprocessing (its labels checked against the model's), else the model folder's own (v1's
@@ -108,14 +139,15 @@ def prepare_case(case: Case, model, settings: Settings, device: torch.device,
         if case.problem:
             raise TrtsegError(f"{case.files[0]}: {case.problem}")
         t = time.perf_counter()
-        image = read_case(list(case.files), model.num_input_channels, storage_options)
+        image = read_case(list(case.files), model.num_image_channels, storage_options)
         seconds["read"] = time.perf_counter() - t
         meta.update(header=image.header, shape_zyx=image.shape_zyx, spacing_zyx=image.spacing_zyx)
         if not np.any(image.data):
             meta["empty"] = True
             return meta, None
+        prev = read_prev_stage(case, model, settings, image.shape_zyx, storage_options) if model.previous_stage else None
         t = time.perf_counter()
-        pre = preprocess(image, model, device)
+        pre = preprocess(image, model, device, prev)
         padded, plan = plan_window(pre.data, model, settings.window.step_size, settings.window.use_mirroring)
         check_budget(settings, case.files[0], padded.shape[0], model.labels.num_heads, padded.shape[1:],
                      pre.shape_after_cropping)

@@ -117,7 +117,7 @@ def predict_folder(input_url: str, output_url: str, model_folder: "str | NnUNetM
     from trtseg.dataset import list_cases
     from trtseg.log import Progress, event
     from trtseg.model_folder import load_model_folder
-    from trtseg.pipeline import run_report, select_cases, with_postprocessing, write_report
+    from trtseg.pipeline import check_cascade, run_report, select_cases, with_postprocessing, write_report
 
     settings = settings or Settings()
     t0 = time.perf_counter()
@@ -126,7 +126,8 @@ def predict_folder(input_url: str, output_url: str, model_folder: "str | NnUNetM
         storage.remove_stale_parts(output_url, storage_options)
     model = model_folder if isinstance(model_folder, NnUNetModel) else load_model_folder(model_folder, folds, checkpoint_name)
     model = with_postprocessing(model, settings, storage_options)
-    cases = list_cases(input_url, model.num_input_channels, storage_options, allow_empty)
+    check_cascade(model, settings)
+    cases = list_cases(input_url, model.num_image_channels, storage_options, allow_empty)
     if limit is not None:
         cases = cases[:limit]
     todo, results = select_cases(cases, output_url, model, settings, overwrite, storage_options)

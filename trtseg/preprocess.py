@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from trtseg import resample as rs
@@ -117,8 +118,13 @@ def normalize(data: torch.Tensor, nonzero: torch.Tensor | None, model: NnUNetMod
     return out
 
 
-def preprocess(image: CaseImage, model: NnUNetModel, device: torch.device | str = "cpu") -> Preprocessed:
-    """Transpose, crop, normalize and resample one case on ``device``."""
+def preprocess(image: CaseImage, model: NnUNetModel, device: torch.device | str = "cpu",
+               prev_stage: np.ndarray | None = None) -> Preprocessed:
+    """Transpose, crop, normalize and resample one case on ``device``.
+
+    prev_stage: a cascade model's previous-stage mask (z, y, x) on the image's grid: transposed and cropped like
+    the image, resampled with the plans' segmentation resampling and appended as one channel per foreground
+    label, as nnU-Net's predictor does with -prev_stage_predictions."""
     where = image.files[0] if image.files else "<array>"
     tf = model.transpose_forward
     data = transfer.to_device(image.data, device, torch.float32)
@@ -140,6 +146,20 @@ def preprocess(image: CaseImage, model: NnUNetModel, device: torch.device | str 
     spec = model.resampling_data
     plan = rs.plan_resize(spec.kind, spec.order, spec.order_z, spec.force_separate_z, spacing, target,
                           spec.anisotropy_threshold) if spec.kind != "none" else None
+    onehot = None
+    if prev_stage is not None:
+        seg = torch.from_numpy(np.ascontiguousarray(prev_stage)).to(data.device).permute(*tf)[sl].to(torch.int32)
+        # nnU-Net's crop_to_nonzero marks background outside the (hole-filled) nonzero mask as -1; it takes part
+        # in the label-wise resampling's argmax
+        inside = mask if mask is not None else fill_holes(nonzero[sl])
+        seg = torch.where((seg == 0) & ~inside, torch.full_like(seg, -1), seg)
+        sspec = model.resampling_seg
+        if sspec.kind != "default":
+            raise CaseError(where, f"a cascade with {model.configuration.get('resampling_fn_seg')} segmentation "
+                                   "resampling is not supported")
+        seg_plan = rs.plan_resize(sspec.kind, sspec.order, sspec.order_z, sspec.force_separate_z, spacing, target,
+                                  sspec.anisotropy_threshold)
+        onehot = rs.resample_seg_onehot(seg, new_shape, seg_plan, model.labels.foreground_labels)
     if model.nnunet_version == 1:
         # v1 resamples first, then normalizes; its mask is the nonzero mask resampled as a segmentation (linear,
         # nearest along a separate z, then >= 0.5)
@@ -155,5 +175,7 @@ def preprocess(image: CaseImage, model: NnUNetModel, device: torch.device | str 
         data = normalize(data, mask, model, where)
         if plan is not None:
             data = rs.resample(data, new_shape, plan)
+    if onehot is not None:
+        data = torch.cat([data, onehot.to(data.dtype)])
     return Preprocessed(data=data.contiguous(), shape_before_cropping=shape_before, bbox=box,  # type: ignore[arg-type]
                         shape_after_cropping=shape_after, spacing_transposed=spacing)  # type: ignore[arg-type]

@@ -168,3 +168,94 @@ def resample(data: torch.Tensor, new_shape, plan: Plan) -> torch.Tensor:
 def compute_new_shape(old_shape, old_spacing, new_spacing) -> tuple[int, ...]:
     """nnU-Net's compute_new_shape: round(old_spacing / new_spacing * old_shape), Python's round (half to even)."""
     return tuple(int(round(float(s) / float(n) * int(k))) for s, n, k in zip(old_spacing, new_spacing, old_shape))
+
+
+def _linear_like_scipy(x: torch.Tensor, new_shape, axes) -> torch.Tensor:
+    """Linear resize of ``x`` (z, y, x) float64 along ``axes`` to ``new_shape``, summed exactly as scipy's zoom
+    (order 1, grid_mode, edge) sums it: per output voxel, each corner's value times its per-axis weights in axis
+    order, added corner by corner (last axis fastest). A binary mask interpolated to exactly 0.5 then ties on the
+    same side of skimage's >= 0.5 as in nnU-Net's resize_segmentation; a separable resize differs there in the last
+    bit. Axes not in ``axes`` keep their size and weight 1 (a 2-D resize of every slice). Output in chunks of
+    slices, so the eight corner gathers stay small."""
+    shape = tuple(int(s) for s in x.shape)
+    new_shape = tuple(int(n) if d in axes else shape[d] for d, n in enumerate(new_shape))
+    taps = []
+    for d in range(3):
+        if d in axes and shape[d] != new_shape[d]:
+            lo, hi, t = _linear_taps(shape[d], new_shape[d])
+        else:  # scipy's zoom by 1: each voxel's own value, weight 1
+            lo = hi = np.arange(shape[d])
+            t = np.zeros(shape[d])
+        taps.append((torch.from_numpy(lo).to(x.device), torch.from_numpy(hi).to(x.device),
+                     torch.from_numpy(1.0 - t).to(x.device, torch.float64), torch.from_numpy(t).to(x.device, torch.float64)))
+    out = torch.empty(new_shape, dtype=torch.float64, device=x.device)
+    (zl, zh, zw0, zw1), (yl, yh, yw0, yw1), (xl, xh, xw0, xw1) = taps
+    step = max(1, (1 << 22) // max(1, new_shape[1] * new_shape[2]))
+    for z0 in range(0, new_shape[0], step):
+        zs = slice(z0, min(z0 + step, new_shape[0]))
+        acc = torch.zeros((zs.stop - zs.start, new_shape[1], new_shape[2]), dtype=torch.float64, device=x.device)
+        for zi, wz in ((zl[zs], zw0[zs]), (zh[zs], zw1[zs])):
+            for yi, wy in ((yl, yw0), (yh, yw1)):
+                for xi, wx in ((xl, xw0), (xh, xw1)):
+                    v = x[zi[:, None, None], yi[None, :, None], xi[None, None, :]]
+                    acc += ((v * wz[:, None, None]) * wy[None, :, None]) * wx[None, None, :]
+        out[zs] = acc
+    return out
+
+
+def resample_seg(seg: torch.Tensor, new_shape, plan: Plan) -> torch.Tensor:
+    """A label map (z, y, x) resampled as nnU-Net's resample_data_or_seg(is_seg=True) does with batchgenerators'
+    resize_segmentation: each present label's indicator resized (the plan's orders, float64, summed as scipy
+    does), the voxel given the label with the largest score, exact ties settled by the nearest-neighbour label
+    when it is one of the tied ('nearest'), else the smallest; with a separate axis slice by slice in-plane, then
+    the nearest slice along that axis. Returns int32 (z, y, x)."""
+    new_shape = tuple(int(s) for s in new_shape)
+    a = plan.separate_axis
+    axes = tuple(d for d in range(3) if d != a)
+    inplane_shape = tuple(new_shape[d] if d in axes else int(seg.shape[d]) for d in range(3))
+    labels = [int(c) for c in torch.unique(seg).tolist()]
+    nearest = seg
+    for d in axes:
+        nearest = resize_axis(nearest, d, inplane_shape[d], 0)
+
+    def score(c: int) -> torch.Tensor:
+        mask = (seg == c).double()
+        if all(plan.orders[d] == 1 for d in axes):
+            return _linear_like_scipy(mask, inplane_shape, axes)
+        m = mask[None]
+        for d in axes:
+            m = resize_axis(m, d + 1, inplane_shape[d], plan.orders[d])
+        return m[0]
+
+    if len(labels) == 1:
+        out = torch.full(inplane_shape, labels[0], dtype=torch.int32, device=seg.device)
+    else:
+        best = win = nearest_score = None
+        for c in labels:  # ascending: a strict '>' keeps the first label attaining the maximum
+            sc = score(c)
+            if best is None:
+                best, win = sc, torch.full(inplane_shape, c, dtype=torch.int32, device=seg.device)
+                nearest_score = torch.where(nearest == c, sc, torch.zeros_like(sc))
+                continue
+            win = torch.where(sc > best, torch.full_like(win, c), win)
+            nearest_score = torch.where(nearest == c, sc, nearest_score)
+            best = torch.maximum(best, sc)
+        assert best is not None and win is not None and nearest_score is not None
+        out = torch.where((nearest_score == best) & (best > 0), nearest.to(torch.int32), win)
+    if a is not None and out.shape[a] != new_shape[a]:
+        if plan.orders[a] == 0:
+            out = resize_axis(out, a, new_shape[a], 0)
+        else:  # nnU-Net: each label's mask along the axis, rounded, > 0.5
+            final = torch.zeros(new_shape, dtype=torch.int32, device=seg.device)
+            for c in labels:
+                m = resize_axis((out == c).double()[None], a + 1, new_shape[a], plan.orders[a])[0]
+                final[torch.round(m) > 0.5] = c
+            out = final
+    return out
+
+
+def resample_seg_onehot(seg: torch.Tensor, new_shape, plan: Plan, labels) -> torch.Tensor:
+    """``resample_seg`` as one-hot channels (len(labels), z, y, x) float32 of ``labels``: a cascade's
+    previous-stage input (nnU-Net's convert_labelmap_to_one_hot)."""
+    out = resample_seg(seg, new_shape, plan)
+    return torch.stack([(out == int(c)).float() for c in labels])

@@ -95,9 +95,10 @@ def build_network(plans: dict, dataset_json: dict, configuration: str = "3d_full
     for k in arch["_kw_requires_import"]:
         if kw.get(k) is not None:
             kw[k] = _locate(kw[k], "<synthetic>")
-    heads = LabelScheme.from_dataset_json(dataset_json, "<synthetic>").num_heads
-    return _locate(arch["network_class_name"], "")(input_channels=len(dataset_json["channel_names"]),
-                                                   num_classes=heads, deep_supervision=False, **kw)
+    labels = LabelScheme.from_dataset_json(dataset_json, "<synthetic>")
+    extra = len(labels.foreground_labels) if cfg.get("previous_stage") else 0  # a cascade's one-hot channels
+    return _locate(arch["network_class_name"], "")(input_channels=len(dataset_json["channel_names"]) + extra,
+                                                   num_classes=labels.num_heads, deep_supervision=False, **kw)
 
 
 def _spread_logits(net: torch.nn.Module, plans: dict, channels: int, logit_scale: float, seed: int) -> None:
@@ -107,6 +108,10 @@ def _spread_logits(net: torch.nn.Module, plans: dict, channels: int, logit_scale
     vol = ct_like_volume(list(patch[::-1]) + ([3] if dim == 2 else []), seed=seed).T  # (z, y, x), 3-D either way
     vol = vol[1] if dim == 2 else vol  # a 2d model's patch: the middle slice
     x = torch.from_numpy((np.clip(vol, -950, 1200) - 80.0) / 300.0).float()[None, None].repeat(1, channels, *[1] * dim)
+    first = [m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))][0]
+    if first.in_channels > channels:  # a cascade: one-hot channels of a previous stage, here from the intensity
+        onehot = [(x[:, :1] > t).float() for t in np.linspace(-0.5, 1.5, first.in_channels - channels)]
+        x = torch.cat([x, *onehot], dim=1)
     last = [m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))][-1]
     spatial = tuple(range(2, 2 + dim))
     with torch.no_grad():
@@ -153,6 +158,30 @@ def make_model_folder(folder: str, folds: Sequence[int | str] = (0,), seed: int 
         _spread_logits(net, plans, len(ds["channel_names"]), logit_scale, seed + i)
         weights[fold] = net.state_dict()
     return write_model_folder(folder, plans, ds, weights, configuration, mirror_axes)
+
+
+def make_cascade_folders(results_dataset: str, seed: int = 0, features: Sequence[int] = (4, 8, 16),
+                         fullres_patch: Sequence[int] = (24, 32, 32), fullres_spacing: Sequence[float] = (2.0, 1.0, 1.0),
+                         lowres_patch: Sequence[int] = (16, 24, 24), lowres_spacing: Sequence[float] = (3.0, 1.8, 1.8),
+                         dataset_json: dict | None = None) -> tuple[str, str]:
+    """nnU-Net's cascade as its trainer leaves it under $nnUNet_results/DatasetNNN_Name: one plans.json with
+    3d_fullres, 3d_lowres (next_stage 3d_cascade_fullres) and 3d_cascade_fullres (inherits 3d_fullres, previous_stage
+    3d_lowres), and two trained-model folders with seeded random weights. Returns (lowres folder, cascade folder)."""
+    plans = plans_dict(patch_size=fullres_patch, spacing=fullres_spacing, features=features)
+    full = plans["configurations"]["3d_fullres"]
+    plans["configurations"]["3d_lowres"] = {**full, "data_identifier": "nnUNetPlans_3d_lowres",
+                                            "patch_size": list(lowres_patch), "spacing": list(lowres_spacing),
+                                            "next_stage": "3d_cascade_fullres"}
+    plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+    ds = dataset_json or dataset_dict(num_channels=1, num_labels=3)
+    folders = []
+    for k, config in enumerate(("3d_lowres", "3d_cascade_fullres")):
+        torch.manual_seed(seed + 10 * k)
+        net = build_network(plans, ds, config)
+        _spread_logits(net, plans, len(ds["channel_names"]), 8.0, seed + k)  # on a fullres-sized patch
+        folder = os.path.join(results_dataset, f"nnUNetTrainer__nnUNetPlans__{config}")
+        folders.append(write_model_folder(folder, plans, ds, {0: net.state_dict()}, config))
+    return folders[0], folders[1]
 
 
 def ct_like_volume(shape_xyz: Sequence[int], seed: int = 0, zero_border: int = 0) -> np.ndarray:

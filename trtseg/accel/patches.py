@@ -18,13 +18,13 @@ def sample_patches(model: NnUNetModel, input_url: str, n: int, seed: int = 0, st
     that are mostly inside the body (more than half nonzero before normalization is not known here, so tiles are
     ranked by their variance)."""
     rng = np.random.default_rng(seed)
-    cases = [c for c in list_cases(input_url, model.num_input_channels, storage_options) if not c.problem]
+    cases = [c for c in list_cases(input_url, model.num_image_channels, storage_options) if not c.problem]
     if not cases:
         raise FileNotFoundError(f"{input_url}: no usable cases to sample patches from")
     per_case = max(1, int(np.ceil(n / len(cases))))
     out = []
     for case in cases:
-        pre = preprocess(read_case(list(case.files), model.num_input_channels, storage_options), model, "cpu")
+        pre = preprocess(read_case(list(case.files), model.num_image_channels, storage_options), model, "cpu")
         padded, plan = plan_window(pre.data, model, step_size, use_mirroring=False)
         tiles = [padded[(slice(None), *plan.tile_slices(st))] for st in plan.starts]
         spread = torch.stack([t.float().var() for t in tiles]).numpy()

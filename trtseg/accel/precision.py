@@ -83,7 +83,7 @@ def accuracy_report(model, reference_engines, test_engines, cases, predict_mask:
 
     per_case = []
     for case in cases:
-        image = read_case(list(case.files), model.num_input_channels)
+        image = read_case(list(case.files), model.num_image_channels)
         a = predict_mask(reference_engines, image)
         b = predict_mask(test_engines, image)
         labels = model.labels.regions_class_order or model.labels.foreground_labels
@@ -159,7 +159,7 @@ def make_artefact(model, out_url: str, precision: str = "fp32", batch: int | Non
             quantize_int8(base, candidate, patches["real"], calibration_method)
         report["vs_pytorch_fp32"] = compare_with_pytorch(net, candidate, patches)
         if precision != "fp32":
-            cases = [c for c in list_cases(calibration, model.num_input_channels) if not c.problem][:calibration_cases]
+            cases = [c for c in list_cases(calibration, model.num_image_channels) if not c.problem][:calibration_cases]
             acc = accuracy_report(model, [TorchEngine(net, "cpu")],
                                   [OnnxRuntimeEngine(candidate, "cpu", model.labels.num_heads)], cases,
                                   _required(predict_mask))

@@ -30,7 +30,7 @@ from trtseg.errors import one_line
 from trtseg.model import NnUNetModel
 from trtseg.model_folder import load_model_folder
 from trtseg.log import Progress, event as _event, setup_logging
-from trtseg.pipeline import CaseReport, run_report, select_cases, with_postprocessing, write_report
+from trtseg.pipeline import CaseReport, check_cascade, run_report, select_cases, with_postprocessing, write_report
 
 def load_model(cfg: JobConfig) -> NnUNetModel:
     if cfg.model_card:
@@ -128,7 +128,8 @@ def run_job(cfg: JobConfig) -> dict:
         if removed:
             _event("removed temporary files of an interrupted run", count=removed)
     model = with_postprocessing(load_model(cfg), cfg.settings)
-    cases = list_cases(cfg.input, model.num_input_channels, allow_empty=cfg.allow_empty)
+    check_cascade(model, cfg.settings)
+    cases = list_cases(cfg.input, model.num_image_channels, allow_empty=cfg.allow_empty)
     if cfg.limit is not None:
         cases = cases[: cfg.limit]
     todo, results = select_cases(cases, cfg.output, model, cfg.settings, cfg.overwrite)
