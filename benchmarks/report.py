@@ -22,6 +22,7 @@ COMMANDS = {
     "gzip_read": "python -m benchmarks.gzip_read",
     "conv_alternatives": "python -m benchmarks.conv_alternatives",
     "fused_conv": "python -m benchmarks.fused_conv",
+    "cascade_vs_nnunet": "python -m benchmarks.cascade_vs_nnunet --cases 2",
 }
 
 # result files written by a command other than their scenario's plain one (the exact command, run on the H100 with
@@ -177,6 +178,11 @@ def rows(r: dict) -> list[str]:
     if s == "case_latency":
         return [f"{k}: {v['median_wall_seconds']} s, stages {v['median_stage_seconds']}, settings {v['settings']}"
                 for k, v in r["runs"].items()]
+    if s == "cascade_vs_nnunet":
+        return [f"{r['cases']} CTs {r['shape_xyz']}, 3d_lowres + 3d_cascade_fullres, whole commands: nnUNetv2 "
+                f"{r['nnunetv2_seconds']} = {r['nnunetv2_total_seconds']} s, trtseg {r['trtseg_seconds']} = "
+                f"{r['trtseg_total_seconds']} s ({r['speedup']}x)",
+                f"masks vs nnUNetv2: {r['voxel_agreement_vs_nnunet']}"]
     if s == "vs_nnunet":
         return [f"{k}: nnUNetv2 {v['nnunetv2_predict_seconds']} s vs trtseg {v['trtseg_median_seconds']} s "
                 f"({v['speedup']}x), masks agree {v['voxel_agreement']:.5f}" for k, v in r["runs"].items()]
