@@ -23,6 +23,7 @@ COMMANDS = {
     "conv_alternatives": "python -m benchmarks.conv_alternatives",
     "fused_conv": "python -m benchmarks.fused_conv",
     "cascade_vs_nnunet": "python -m benchmarks.cascade_vs_nnunet --cases 2",
+    "skip_decision": "python -m benchmarks.skip_decision --cases 5000",
 }
 
 # result files written by a command other than their scenario's plain one (the exact command, run on the H100 with
@@ -178,6 +179,10 @@ def rows(r: dict) -> list[str]:
     if s == "case_latency":
         return [f"{k}: {v['median_wall_seconds']} s, stages {v['median_stage_seconds']}, settings {v['settings']}"
                 for k, v in r["runs"].items()]
+    if s == "skip_decision":
+        return [f"{r['cases']} cases, local disk: {r['local']['seconds_per_1000_cases']} s per 1000 cases",
+                f"moto S3 on loopback: {r['s3_moto_loopback']['seconds_per_1000_cases']} s per 1000 cases, requests "
+                f"{r['s3_moto_loopback']['s3_requests']}"]
     if s == "cascade_vs_nnunet":
         return [f"{r['cases']} CTs {r['shape_xyz']}, 3d_lowres + 3d_cascade_fullres, whole commands: nnUNetv2 "
                 f"{r['nnunetv2_seconds']} = {r['nnunetv2_total_seconds']} s, trtseg {r['trtseg_seconds']} = "

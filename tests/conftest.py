@@ -3,6 +3,7 @@ predictor as the reference."""
 from __future__ import annotations
 
 import os
+import socket
 import re
 import tempfile
 
@@ -73,3 +74,27 @@ def small_model(tmp_path_factory) -> str:
     d = tmp_path_factory.mktemp("model_small")
     return syn.make_model_folder(str(d), folds=(0, 1), patch_size=(24, 32, 40), spacing=(2.0, 1.0, 1.0),
                                  features=(4, 8, 16))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server on loopback; yields storage options that point s3fs at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    opts = {"key": "AKIATESTKEY0001", "secret": "s3cr3t-never-printed", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1"}}
+    import boto3
+    import s3fs
+    boto3.client("s3", endpoint_url=opts["client_kwargs"]["endpoint_url"], aws_access_key_id=opts["key"],
+                 aws_secret_access_key=opts["secret"], region_name="us-east-1").create_bucket(Bucket="trtseg-bucket")
+    fs = s3fs.S3FileSystem(**opts)
+    yield opts, fs
+    server.stop()

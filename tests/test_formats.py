@@ -29,7 +29,7 @@ def test_a_rerun_skips_nrrd_and_mhd_masks_by_their_stamp(small_model, tmp_path):
     args = ["predict", "-i", inp, "-o", str(tmp_path / "out"), "-m", small_model, "-f", "0", "--disable-tta",
             "--single-process", "--no-progress"]
     assert main(args) == 0
-    assert sorted(os.listdir(tmp_path / "out")) == ["a.nrrd", "b.mhd", "b.zraw", "run_report.json"]
+    assert sorted(os.listdir(tmp_path / "out")) == [".trtseg", "a.nrrd", "b.mhd", "b.zraw", "run_report.json"]
     assert main(args) == 0
     report = json.load(open(tmp_path / "out" / "run_report.json"))
     assert [c["status"] for c in report["cases"]] == ["skipped", "skipped"]
@@ -67,7 +67,7 @@ def test_unreadable_image_and_two_inputs_for_one_case_fail_with_one_line(small_m
     assert twice["status"] == "failed" and "two inputs for one case" in twice["error"], twice
     assert "twice_0000.nii " in twice["error"] + " " and "twice_0000.nii.gz" in twice["error"], twice
     assert all("\n" not in c["error"] for c in (bad, twice))
-    assert sorted(os.listdir(out)) == ["good.nii.gz", "run_report.json"]
+    assert sorted(os.listdir(out)) == [".trtseg", "good.nii.gz", "run_report.json"]
 
 
 @pytest.mark.parametrize("problem", ["mixed"])

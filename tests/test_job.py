@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import pytest
 
 from trtseg.cli import main
 
-from conftest import run_ray_cli, write_case
+from conftest import _free_port, run_ray_cli, write_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,32 +105,8 @@ def test_a_case_failing_halfway_fails_alone_without_partial_output(ray_local, sm
     assert by_id["small"]["status"] == "ok"
     assert by_id["big"]["status"] == "failed" and "big_0000.nii.gz" in by_id["big"]["error"]
     assert "IsADirectoryError" in by_id["big"]["error"]
-    assert sorted(os.listdir(out)) == ["big.nii.gz", "run_report.json", "small.nii.gz"]  # no temporary files
+    assert sorted(os.listdir(out)) == [".trtseg", "big.nii.gz", "run_report.json", "small.nii.gz"]  # no temporary files
     assert os.listdir(out / "big.nii.gz") == []
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """moto's S3 server on loopback; yields storage options that point s3fs at it."""
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    opts = {"key": "AKIATESTKEY0001", "secret": "s3cr3t-never-printed", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1"}}
-    import boto3
-    import s3fs
-    boto3.client("s3", endpoint_url=opts["client_kwargs"]["endpoint_url"], aws_access_key_id=opts["key"],
-                 aws_secret_access_key=opts["secret"], region_name="us-east-1").create_bucket(Bucket="trtseg-bucket")
-    fs = s3fs.S3FileSystem(**opts)
-    yield opts, fs
-    server.stop()
 
 
 def test_inputs_outputs_model_and_engine_cache_in_s3(ray_local, s3, small_model, inputs, tmp_path, capsys):

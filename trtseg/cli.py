@@ -60,7 +60,7 @@ def _load_model(args):
 
 
 # JobConfig fields that are flags of `trtseg predict` (the rest are set from other flags or are internal)
-_JOB_FLAGS = ("overwrite", "dry_run", "limit", "allow_empty", "address", "cpu_actors", "gpus_per_actor", "actor_resources",
+_JOB_FLAGS = ("overwrite", "dry_run", "limit", "allow_empty", "input_identity", "shard", "address", "cpu_actors", "gpus_per_actor", "actor_resources",
               "task_gpus", "max_cases_in_flight", "tiles_per_task", "partials", "log_json", "progress",
               "diagnostics")
 
@@ -95,7 +95,8 @@ def cmd_predict(args) -> int:
         storage.set_default_options(opts)
         report = predict_folder(args.input, args.output, _load_model(args), args.folds, args.checkpoint,
                                 settings, opts, args.limit, args.dry_run, args.overwrite, args.progress,
-                                allow_empty=args.allow_empty)
+                                allow_empty=args.allow_empty, input_identity=args.input_identity,
+                                shard=args.shard)
     else:
         from trtseg.jobs.config import JobConfig
         from trtseg.jobs.driver import run_job

@@ -27,6 +27,13 @@ class Case:
     case_id: str
     files: tuple[str, ...]
     problem: str | None = None
+    #: what the input's files are, from the listing: per channel file its object store ETag (and version id), else
+    #: its size and modification time; a rerun redoes the case when it changed (trtseg/ledger.py)
+    identity: str = ""
+    #: ledger entries of earlier runs that this run's entry replaces (trtseg/ledger.py)
+    replaces: tuple[str, ...] = ()
+    #: why this run does the case: new, input changed, settings changed, mask missing, ...
+    reason: str = ""
 
     @property
     def ending(self) -> str:
@@ -63,6 +70,19 @@ def list_cases(input_url: str, num_channels: int | None = None,
     return cases
 
 
+def file_identity(info: dict) -> str:
+    """One file's identity from an fsspec listing entry: ETag (+ VersionId) on object stores, else size and
+    modification time."""
+    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("md5_hash")
+    version = info.get("VersionId") or info.get("version_id") or info.get("generation")
+    if etag:
+        return f"etag:{str(etag).strip(chr(34))}" + (f"@{version}" if version else "")
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("updated")
+    if hasattr(mtime, "timestamp"):
+        mtime = mtime.timestamp()
+    return f"size:{info.get('size')}:mtime:{mtime}"
+
+
 def _ignored_ending(name: str) -> str:
     return ("." + name.rsplit(".", 1)[-1].lower()) if "." in name else ""
 
@@ -78,14 +98,18 @@ def _list_cases(input_url: str, num_channels: int | None, storage_options) -> tu
         name = path.rsplit("/", 1)[-1]
         m = _NIFTI.match(name)
         cid = (_CHANNEL.match(name) or m).group("case") if m else name  # type: ignore[union-attr]
-        return [Case(safe_case_id(cid), (url_of(path),))], {}
+        return [Case(safe_case_id(cid), (url_of(path),), identity=file_identity(fs.info(path)))], {}
     if not fs.isdir(path):
         raise FileNotFoundError(f"{input_url}: input folder not found")
     grouped: dict[str, dict[int, str]] = {}
     single: dict[str, str] = {}
     clashes: dict[str, list[str]] = {}  # case id -> files that claim the same input (a_0000.nii and a_0000.nii.gz)
     ignored: dict[str, int] = {}
-    for p in sorted(fs.ls(path, detail=False)):
+    infos = {}  # url -> identity, from this one listing
+    fs.invalidate_cache(path)  # a scheduled rerun must see scans replaced since any cached listing
+    for entry in sorted(fs.ls(path, detail=True), key=lambda e: e["name"]):
+        p = entry["name"]
+        infos[url_of(p)] = file_identity(entry)
         name = p.rstrip("/").rsplit("/", 1)[-1]
         if name.startswith("."):
             continue
@@ -101,7 +125,7 @@ def _list_cases(input_url: str, num_channels: int | None, storage_options) -> tu
             if cid in single:
                 clashes.setdefault(cid, [single[cid]]).append(url_of(p))
             single[cid] = url_of(p)
-        elif not name.lower().endswith(_DATA_FILES) and not fs.isdir(p):
+        elif not name.lower().endswith(_DATA_FILES) and entry.get("type") != "directory":
             ignored[_ignored_ending(name)] = ignored.get(_ignored_ending(name), 0) + 1
     cases = []
     for cid, chans in grouped.items():
@@ -116,12 +140,12 @@ def _list_cases(input_url: str, num_channels: int | None, storage_options) -> tu
             problem = f"channel files {sorted(chans)} are not numbered 0..{len(chans) - 1}"
         elif num_channels is not None and len(chans) != num_channels:
             problem = f"case has {len(chans)} channel file(s), the model expects {num_channels}"
-        cases.append(Case(safe_case_id(cid), files, problem))
+        cases.append(Case(safe_case_id(cid), files, problem, "|".join(infos[f] for f in files)))
     for cid, url in single.items():
         cases.append(Case(safe_case_id(cid), (url,), f"two inputs for one case: {' and '.join(clashes[cid])}; keep one"
-                          if cid in clashes else None))
+                          if cid in clashes else None, infos[url]))
     ids = [c.case_id for c in cases]
     dupes = {i for i in ids if ids.count(i) > 1}
-    cases = [Case(c.case_id, c.files, c.problem or f"case id {c.case_id!r} is shared by several inputs")
+    cases = [Case(c.case_id, c.files, c.problem or f"case id {c.case_id!r} is shared by several inputs", c.identity)
              if c.case_id in dupes else c for c in cases]
     return sorted(cases, key=lambda c: c.case_id), ignored

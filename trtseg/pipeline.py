@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trtseg import formats, postprocess, storage, transfer
+from trtseg import formats, ledger, postprocess, storage, transfer
 from trtseg.dataset import Case
 from trtseg.errors import CaseError, TrtsegError, one_line
 from trtseg.export import empty_export
@@ -26,7 +26,7 @@ from trtseg.options import Settings
 from trtseg.preprocess import preprocess
 from trtseg.read import read_case
 from trtseg.window import plan_window
-from trtseg.write import read_stamp, write_mask, write_probabilities
+from trtseg.write import write_mask, write_probabilities
 
 
 def stamp(model, settings: Settings) -> str:
@@ -103,19 +103,43 @@ def check_budget(settings: Settings, where: str, channels: int, classes: int, pa
                                f"{settings.memory_budget_gb:g}; raise the budget or use a device with more memory")
 
 
+def shard(cases: list[Case], spec: str | None) -> list[Case]:
+    """--shard I/N: the cases of shard I of N (0 <= I < N), by a stable hash of the case id, so that N independent
+    jobs over one input cover every case exactly once (nnU-Net's -part_id/-num_parts)."""
+    if not spec:
+        return cases
+    try:
+        i, n = (int(v) for v in spec.split("/"))
+        if not 0 <= i < n:
+            raise ValueError
+    except ValueError:
+        raise TrtsegError(f"--shard {spec}: give I/N with 0 <= I < N, e.g. 0/4 ... 3/4") from None
+    return [c for c in cases if ledger.shard_of(c.case_id, n) == i]
+
+
 def select_cases(cases: list[Case], output_url: str, model, settings: Settings, overwrite: bool,
-                 storage_options: storage.StorageOptions | None = None) -> tuple[list[Case], dict[str, "CaseReport"]]:
-    """(the cases to run, {case id: report} of those skipped because this model and these settings made their
-    mask already)."""
-    mine = stamp(model, settings)
+                 storage_options: storage.StorageOptions | None = None, input_identity: str = "metadata"
+                 ) -> tuple[list[Case], dict[str, "CaseReport"]]:
+    """(the cases to run, each with why and the ledger entries it replaces; {case id: report} of those skipped).
+
+    The decision reads one listing of the ledger and one of the output (trtseg/ledger.py), and the input's
+    identity from its listing, or with input_identity "hash" from its bytes."""
+    settings_key = ledger.key(stamp(model, settings))
+    entries = ledger.read(output_url, storage_options)
+    masks = ledger.outputs(output_url, storage_options)
     todo, skipped = [], {}
     for c in cases:
+        if input_identity == "hash" and not c.problem:
+            c = dataclasses.replace(c, identity=ledger.content_identity(c.files, storage_options))
         out = mask_url(output_url, c.case_id, c.ending)
-        if not overwrite and read_stamp(out, storage_options) == mine:
-            skipped[c.case_id] = CaseReport(c.case_id, "skipped", output=out,
-                                            reason="made by the same model and settings")
+        mine = entries.get(c.case_id, [])
+        run, why = ledger.decide(c.case_id, out.rsplit("/", 1)[-1], settings_key, ledger.key(c.identity), mine, masks)
+        if overwrite and not run:
+            run, why = True, "--overwrite"
+        if run:
+            todo.append(dataclasses.replace(c, replaces=tuple(e.name for e in mine), reason=why))
         else:
-            todo.append(c)
+            skipped[c.case_id] = CaseReport(c.case_id, "skipped", output=out, reason=why)
     return todo, skipped
 
 
@@ -134,12 +158,14 @@ def prepare_case(case: Case, model, settings: Settings, device: torch.device,
     "error" (the one-line error of a case that cannot run) or "empty" (an all-zero volume: no network run).
     """
     seconds: dict[str, float] = {}
-    meta: dict[str, Any] = {"case_id": case.case_id, "files": list(case.files), "seconds": seconds}
+    meta: dict[str, Any] = {"case_id": case.case_id, "files": list(case.files), "seconds": seconds,
+                            "identity": case.identity, "replaces": list(case.replaces), "reason": case.reason}
     try:
         if case.problem:
             raise TrtsegError(f"{case.files[0]}: {case.problem}")
         t = time.perf_counter()
-        image = read_case(list(case.files), model.num_image_channels, storage_options)
+        budget = int(settings.memory_budget_gb * 2 ** 30) if settings.memory_budget_gb else None
+        image = read_case(list(case.files), model.num_image_channels, storage_options, budget)
         seconds["read"] = time.perf_counter() - t
         meta.update(header=image.header, shape_zyx=image.shape_zyx, spacing_zyx=image.spacing_zyx)
         if not np.any(image.data):
@@ -195,8 +221,13 @@ def write_case(meta: dict, model, settings: Settings, output_url: str, storage_o
             write_probabilities(storage.join(output_url, meta["case_id"]), probabilities,
                                 {"spacing": [float(s) for s in meta["spacing_zyx"][::-1]],
                                  "shape_zyx": list(meta["shape_zyx"])}, storage_options)
-        write_mask(out_url, mask, meta["header"], storage_options, settings.output.compress_level,
-                   stamp(model, settings))
+        mine = stamp(model, settings)
+        size = write_mask(out_url, mask, meta["header"], storage_options, settings.output.compress_level, mine)
+        # the ledger entry only once the mask is committed: a run killed before leaves none
+        ledger.record(output_url, ledger.Entry(meta["case_id"], ledger.key(mine), ledger.key(meta.get("identity", "")),
+                                               size),
+                      {"stamp": mine, "input_identity": meta.get("identity", ""), "files": meta["files"],
+                       "mask": out_url.rsplit("/", 1)[-1]}, meta.get("replaces", []), storage_options)
     except Exception as e:
         return {"error": storage.redact(f"{meta['files'][0]}: {one_line(e)}"),
                 "seconds": {**seconds, "write": time.perf_counter() - t}}
@@ -207,7 +238,8 @@ def write_case(meta: dict, model, settings: Settings, output_url: str, storage_o
 class CaseReport:
     """One case's entry in run_report.json, the same on every path.
 
-    status: "ok", "failed" or "skipped"; reason: why a case was skipped; seconds: per stage (read, preprocess,
+    status: "ok", "failed" or "skipped"; reason: why the run did or skipped it (new, input changed, settings
+    changed, mask missing, unchanged, ...); seconds: per stage (read, preprocess,
     infer, export, write). The Ray job fills the rest: tiles per actor, the owner, object-store bytes, peak memory.
     """
 
@@ -255,6 +287,10 @@ def run_report(model, source: str | None, settings: Settings, engine: dict | Non
 
 
 def write_report(output_url: str, report: dict, storage_options=None) -> None:
-    import json
-    storage.write_bytes_atomic(storage.join(output_url, "run_report.json"),
-                               json.dumps(report, indent=2, default=str).encode(), storage_options)
+    """OUTPUT/run_report.json (the latest run), and the same report kept as OUTPUT/.trtseg/runs/RUN_ID.json."""
+    data = json.dumps(report, indent=2, default=str).encode()
+    import uuid
+    run_id = (report.get("job") or {}).get("run_id") or uuid.uuid4().hex[:6]
+    name = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{run_id}.json"  # sorts by time
+    storage.write_bytes_atomic(storage.join(output_url, ledger.RUNS, name), data, storage_options)
+    storage.write_bytes_atomic(storage.join(output_url, "run_report.json"), data, storage_options)

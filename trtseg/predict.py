@@ -8,6 +8,7 @@ functions spread over processes, so the same settings give the same masks, stamp
 from __future__ import annotations
 
 import time
+import uuid
 
 import numpy as np
 import torch
@@ -73,7 +74,7 @@ class Predictor:
         meta, volume = prepare_case(case, self.model, self.settings, self.device, storage_options, to_host=False)
         seconds = meta["seconds"]
         if meta.get("error"):
-            return CaseReport(case.case_id, "failed", error=meta["error"], seconds=seconds)
+            return CaseReport(case.case_id, "failed", error=meta["error"], seconds=seconds, reason=case.reason)
         mask = probabilities = None
         if not meta.get("empty"):
             try:
@@ -94,7 +95,7 @@ class Predictor:
         seconds.update(written["seconds"])
         if written.get("error"):
             return CaseReport(case.case_id, "failed", error=written["error"], seconds=seconds)
-        return CaseReport(case.case_id, "ok", output=written["output"], seconds=seconds,
+        return CaseReport(case.case_id, "ok", output=written["output"], seconds=seconds, reason=case.reason,
                           tiles=len(meta["plan"].starts) if "plan" in meta else 0,
                           postprocessing=written.get("postprocessing"))
 
@@ -108,7 +109,7 @@ def predict_folder(input_url: str, output_url: str, model_folder: "str | NnUNetM
                    checkpoint_name: str = "checkpoint_final.pth", settings: Settings | None = None,
                    storage_options: storage.StorageOptions | None = None, limit: int | None = None,
                    dry_run: bool = False, overwrite: bool = False, progress_bar: bool = True, log=print,
-                   allow_empty: bool = True) -> dict:
+                   allow_empty: bool = True, input_identity: str = "metadata", shard: str | None = None) -> dict:
     """Single-process prediction of every case in ``input_url``; writes OUTPUT/run_report.json, returns the report.
 
     The same case stages, stamps, skips and report as the Ray job (``trtseg.pipeline``). Cases fail one at a time:
@@ -117,6 +118,7 @@ def predict_folder(input_url: str, output_url: str, model_folder: "str | NnUNetM
     from trtseg.dataset import list_cases
     from trtseg.log import Progress, event
     from trtseg.model_folder import load_model_folder
+    from trtseg import pipeline
     from trtseg.pipeline import check_cascade, run_report, select_cases, with_postprocessing, write_report
 
     settings = settings or Settings()
@@ -127,10 +129,10 @@ def predict_folder(input_url: str, output_url: str, model_folder: "str | NnUNetM
     model = model_folder if isinstance(model_folder, NnUNetModel) else load_model_folder(model_folder, folds, checkpoint_name)
     model = with_postprocessing(model, settings, storage_options)
     check_cascade(model, settings)
-    cases = list_cases(input_url, model.num_image_channels, storage_options, allow_empty)
+    cases = pipeline.shard(list_cases(input_url, model.num_image_channels, storage_options, allow_empty), shard)
     if limit is not None:
         cases = cases[:limit]
-    todo, results = select_cases(cases, output_url, model, settings, overwrite, storage_options)
+    todo, results = select_cases(cases, output_url, model, settings, overwrite, storage_options, input_identity)
     if dry_run:
         return dry_run_listing(todo, results, log)
     predictor = Predictor(model, settings)
@@ -148,7 +150,8 @@ def predict_folder(input_url: str, output_url: str, model_folder: "str | NnUNetM
     progress.close()
     source = model_folder if isinstance(model_folder, str) else model.folder
     report = run_report(model, source, settings, predictor.engines[0].describe() if predictor.engines else None,
-                        cases, results, time.perf_counter() - t0, job={"mode": "single-process"})
+                        cases, results, time.perf_counter() - t0,
+                        job={"mode": "single-process", "run_id": uuid.uuid4().hex[:6], "shard": shard})
     write_report(output_url, report, storage_options)
     return report
 
@@ -156,7 +159,7 @@ def predict_folder(input_url: str, output_url: str, model_folder: "str | NnUNetM
 def dry_run_listing(todo: list[Case], skipped: dict, log=print) -> dict:
     """--dry-run: what a run would do, one line a case; the same on both paths."""
     for c in todo:
-        log(f"would run {c.case_id}: {', '.join(c.files)}")
+        log(f"would run {c.case_id}: {c.reason or 'new'} ({', '.join(c.files)})")
     for cid, r in skipped.items():
         log(f"would skip {cid}: {r.reason}")
     return {"dry_run": True, "cases": [c.case_id for c in todo], "skipped": sorted(skipped)}

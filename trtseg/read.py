@@ -12,6 +12,8 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, field
 
+import zlib
+
 import nibabel as nib
 import numpy as np
 
@@ -42,7 +44,44 @@ class CaseImage:
         return tuple(int(s) for s in self.data.shape[1:])  # type: ignore[return-value]
 
 
-def _decode(raw: bytes, url: str) -> nib.Nifti1Image:
+def _check_header_fits(raw: bytes, url: str, max_bytes: int | None) -> None:
+    """Refuses, before decompressing, a NIfTI whose header cannot describe the file: dimensions, vox_offset and data
+    type that claim more (or other) bytes than the file holds (a gzip stream's trailer states its uncompressed size
+    modulo 2^32), or a volume over ``max_bytes`` as float32 (--memory-budget-gb)."""
+    gz = raw[:2] == b"\x1f\x8b"
+    try:
+        head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(raw[:65536], 544) if gz else raw[:544]
+    except zlib.error:
+        return  # a stream that does not decompress is refused by the decoder, with its cause
+    for cls in (nib.Nifti1Header, nib.Nifti2Header):
+        try:
+            hdr = cls.from_fileobj(io.BytesIO(head), check=False)
+        except Exception:
+            continue
+        if int(hdr["sizeof_hdr"]) != cls.template_dtype["sizeof_hdr"].type(cls.sizeof_hdr):
+            continue
+        ndim = int(hdr["dim"][0])
+        dims = [int(d) for d in hdr["dim"][1:1 + max(0, min(ndim, 7))]]
+        if not 1 <= ndim <= 7 or any(d < 1 for d in dims):
+            return  # read_channel refuses it with the shape named
+        voxels = int(np.prod(dims, dtype=np.int64))
+        need = int(hdr["vox_offset"]) + voxels * max(1, int(hdr["bitpix"]) // 8)
+        if max_bytes is not None and voxels * 4 > max_bytes:
+            raise CaseError(url, f"header claims {dims} voxels ({voxels * 4 / 2 ** 30:.1f} GiB as float32), more than "
+                                 f"--memory-budget-gb; refused before decompressing")
+        if gz:
+            stated = int.from_bytes(raw[-4:], "little")  # gzip's ISIZE: the uncompressed size modulo 2^32
+            if need < 2 ** 32 and stated < need:
+                raise CaseError(url, f"header claims {dims} voxels ({need} bytes), but the gzip stream holds "
+                                     f"{stated} bytes (mod 2^32): truncated or not what its header says; refused "
+                                     f"before decompressing")
+        elif len(raw) < need:
+            raise CaseError(url, f"header claims {dims} voxels ({need} bytes), but the file has {len(raw)} bytes")
+        return
+
+
+def _decode(raw: bytes, url: str, max_bytes: int | None = None) -> nib.Nifti1Image:
+    _check_header_fits(raw, url, max_bytes)
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = codec.decompress(raw)
@@ -93,7 +132,7 @@ def _voxels(img: nib.Nifti1Image) -> tuple[np.ndarray, bool]:
     return img.get_fdata(dtype=np.float32), True
 
 
-def read_channel(url: str, storage_options: storage.StorageOptions | None = None
+def read_channel(url: str, storage_options: storage.StorageOptions | None = None, max_bytes: int | None = None
                  ) -> tuple[np.ndarray, tuple[float, float, float], nib.Nifti1Header, np.ndarray]:
     """Reads one image file. Returns (array (c, z, y, x) float32 or the file's integer type (see CaseImage),
     spacing (z, y, x), header, affine): for NIfTI (nibabel) its header, for NRRD and MetaImage (SimpleITK,
@@ -114,7 +153,7 @@ def read_channel(url: str, storage_options: storage.StorageOptions | None = None
         raise CaseError(url, "file not found") from None
     except Exception as e:
         raise CaseError(url, f"cannot read ({type(e).__name__}: {e})") from None
-    img = _decode(raw, url)
+    img = _decode(raw, url, max_bytes)
     shape = img.shape
     if len(shape) < 3:
         raise CaseError(url, f"{len(shape)}-D image of shape {shape}; a 3-D volume is required")
@@ -140,15 +179,16 @@ def read_channel(url: str, storage_options: storage.StorageOptions | None = None
 
 
 def read_case(files: list[str], expected_channels: int | None = None,
-              storage_options: storage.StorageOptions | None = None) -> CaseImage:
+              storage_options: storage.StorageOptions | None = None, max_bytes: int | None = None) -> CaseImage:
     """Reads the channel files of one case and checks that they agree in shape and geometry.
 
     files: one URL per channel (nnU-Net's CASE_0000, CASE_0001, ...), or one 4-D file with channels last
     expected_channels: the model's input channel count, checked when given
+    max_bytes: a volume whose header claims more float32 bytes is refused before it is decompressed
     """
     arrays, spacing0, header0, affine0 = [], None, None, None
     for url in files:
-        data, spacing, header, affine = read_channel(url, storage_options)
+        data, spacing, header, affine = read_channel(url, storage_options, max_bytes)
         if header0 is None:
             spacing0, header0, affine0 = spacing, header, affine
         else:

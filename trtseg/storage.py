@@ -130,10 +130,14 @@ def remove_stale_parts(url: str, storage_options: StorageOptions | None = None) 
     fs, path = filesystem(url, storage_options)
     if not _local(fs) or not os.path.isdir(path):
         return 0
-    stale = [f for f in os.listdir(path) if f.startswith(".") and f.endswith(".part")]
-    for f in stale:
-        os.unlink(os.path.join(path, f))
-    return len(stale)
+    removed = 0
+    for folder in (path, os.path.join(path, ".trtseg", "ledger"), os.path.join(path, ".trtseg", "runs")):
+        if os.path.isdir(folder):
+            for f in os.listdir(folder):
+                if f.startswith(".") and f.endswith(".part"):
+                    os.unlink(os.path.join(folder, f))
+                    removed += 1
+    return removed
 
 
 def check_writable(url: str, storage_options: StorageOptions | None = None) -> None:

@@ -72,7 +72,7 @@ def test_bad_cases_fail_alone_with_one_line_errors_and_no_output(small_model, tm
     assert by_id["allzero"]["status"] == "ok"
     mask = nib.load(os.path.join(out, "allzero.nii.gz"))
     assert mask.shape == (20, 22, 9) and not np.asarray(mask.dataobj).any()
-    assert sorted(os.listdir(out)) == ["allzero.nii.gz", "good.nii.gz", "run_report.json"], "stray files left"
+    assert sorted(os.listdir(out)) == [".trtseg", "allzero.nii.gz", "good.nii.gz", "run_report.json"], "stray files left"
 
 
 def test_channel_files_that_disagree(tmp_path):

@@ -140,6 +140,6 @@ def test_an_unreadable_s3_case_fails_alone_with_its_cause(small_model, tmp_path)
         err = by_id["broken"]["error"]
         assert by_id["broken"]["status"] == "failed" and "broken_0000.nii.gz" in err and "\n" not in err
         assert "faults-secret" not in err
-        assert sorted(os.listdir(out)) == ["good.nii.gz", "run_report.json"]
+        assert sorted(os.listdir(out)) == [".trtseg", "good.nii.gz", "run_report.json"]
     finally:
         server.stop()

@@ -50,6 +50,11 @@ class JobConfig:
     dry_run: bool = opt(False, "--dry-run", "list the cases that would run (and be skipped) and stop",
                         action="store_true")
     limit: int | None = opt(None, "--limit", "process at most N cases", type=int)
+    input_identity: str = opt("metadata", "--input-identity", "how a rerun tells a changed input: its listing's "
+                              "ETag/version or size and modification time (metadata), or a SHA-256 of its bytes "
+                              "(hash: reads every input)", choices=["metadata", "hash"])
+    shard: str | None = opt(None, "--shard", "I/N: only shard I of N (0 <= I < N) of the cases, by a stable hash of "
+                            "the case id, so that N independent jobs into one output cover each case once")
     allow_empty: bool = opt(False, "--allow-empty", "an input with no case trtseg can read is a run of 0 cases, "
                             "not an error", action="store_true")
     actor_restarts: int = 2
@@ -61,4 +66,4 @@ class JobConfig:
                             "run report (stats' trace), to study the GPU's idle gaps", action="store_true")
 
 # the flags every path takes (the rest are the Ray job's)
-COMMON_FLAGS = ("overwrite", "dry_run", "limit", "allow_empty")
+COMMON_FLAGS = ("overwrite", "dry_run", "limit", "allow_empty", "input_identity", "shard")

@@ -30,7 +30,8 @@ from trtseg.errors import one_line
 from trtseg.model import NnUNetModel
 from trtseg.model_folder import load_model_folder
 from trtseg.log import Progress, event as _event, setup_logging
-from trtseg.pipeline import CaseReport, check_cascade, run_report, select_cases, with_postprocessing, write_report
+from trtseg.pipeline import (CaseReport, check_cascade, run_report, select_cases, shard, with_postprocessing,
+                             write_report)
 
 def load_model(cfg: JobConfig) -> NnUNetModel:
     if cfg.model_card:
@@ -129,10 +130,10 @@ def run_job(cfg: JobConfig) -> dict:
             _event("removed temporary files of an interrupted run", count=removed)
     model = with_postprocessing(load_model(cfg), cfg.settings)
     check_cascade(model, cfg.settings)
-    cases = list_cases(cfg.input, model.num_image_channels, allow_empty=cfg.allow_empty)
+    cases = shard(list_cases(cfg.input, model.num_image_channels, allow_empty=cfg.allow_empty), cfg.shard)
     if cfg.limit is not None:
         cases = cases[: cfg.limit]
-    todo, results = select_cases(cases, cfg.output, model, cfg.settings, cfg.overwrite)
+    todo, results = select_cases(cases, cfg.output, model, cfg.settings, cfg.overwrite, None, cfg.input_identity)
     if cfg.dry_run:
         from trtseg.predict import dry_run_listing
         return dry_run_listing(todo, results)
@@ -359,7 +360,7 @@ class Scheduler:
         seconds = {**meta.get("seconds", {}), "infer": sum(st["seconds"] for st in run.stats),
                    "export": final.get("export_seconds", 0.0), **written["seconds"]}
         return CaseReport(
-            run.case.case_id, "ok", output=written["output"], seconds=seconds,
+            run.case.case_id, "ok", output=written["output"], seconds=seconds, reason=run.case.reason,
             tiles=len(meta["plan"].starts) if "plan" in meta else 0, actors=dict(per_actor), owner=final.get("owner"),
             redone=run.redone,
             object_store_bytes={"volume": meta.get("volume_bytes", 0), "partials": final.get("partial_bytes", 0),
@@ -377,7 +378,8 @@ class Scheduler:
                 r.engine = by_name.get(names[0], {}).get("engine")
                 r.gpus = sorted({str(by_name.get(n, {}).get("gpu")) for n in names})
         cfg = self.cfg
-        job = {"run_id": self.run_id, "mode": self.mode, "actors": self.n_actors, "partials": cfg.partials,
+        job = {"run_id": self.run_id, "mode": self.mode, "shard": cfg.shard, "actors": self.n_actors,
+               "partials": cfg.partials,
                "tiles_per_task": cfg.tiles_per_task, "max_cases_in_flight": cfg.max_cases_in_flight,
                "ray_address": cfg.address or os.environ.get("RAY_ADDRESS") or "local"}
         return run_report(model, cfg.model or (cfg.model_card or {}).get("card"), self.settings,
