@@ -241,3 +241,43 @@ def test_cascade_with_nnunets_own_lowres_predictions(cascade, tmp_path):
         assert_same_geometry(cases[0][0], ours)
     # the previous stage matters: without it the run is refused, naming the model folder
     assert main(["predict", "-i", str(tmp_path / "in"), "-m", full, "-o", str(tmp_path / "no"), "--single-process"]) == 2
+
+
+def test_v2_postprocessing_pkl_like_nnunetv2_apply_postprocessing(small_model, tmp_path):
+    """nnUNetv2_find_best_configuration's postprocessing.pkl (the largest component of the foreground union, then
+    of label 2) applied by trtseg on both paths, against nnU-Net's apply_postprocessing_to_folder on nnU-Net's own
+    masks; the postprocessing must remove voxels. A file naming labels the model lacks is refused."""
+    import pickle
+
+    from nnunetv2.postprocessing.remove_connected_components import (
+        apply_postprocessing_to_folder, remove_all_but_largest_component_from_segmentation)
+
+    from trtseg.cli import main
+
+    cases = [write_case(str(tmp_path / "in"), "pp", (70, 61, 23), (0.8, 0.8, 3.1), oblique_deg=20, seed=3,
+                        zero_border=3)]
+    refs = nnunet_predict(small_model, cases, str(tmp_path / "raw"), [0], use_mirroring=False)
+    pp = str(tmp_path / "postprocessing.pkl")
+    with open(pp, "wb") as f:
+        pickle.dump(([remove_all_but_largest_component_from_segmentation] * 2,
+                     [{"labels_or_regions": [1, 2]}, {"labels_or_regions": 2}]), f)
+    apply_postprocessing_to_folder(str(tmp_path / "raw"), str(tmp_path / "ref"),
+                                   *pickle.load(open(pp, "rb")), os.path.join(small_model, "plans.json"),
+                                   os.path.join(small_model, "dataset.json"), num_processes=1)
+    ref, raw = str(tmp_path / "ref" / "pp.nii.gz"), refs[0]
+    assert voxel_agreement(ref, raw) < 1.0, "the postprocessing must change the masks, or the test shows nothing"
+    common = ["predict", "-i", str(tmp_path / "in"), "-m", small_model, "-f", "0", "--disable-tta",
+              "--no-progress", "--postprocessing", pp]
+    assert main([*common, "-o", str(tmp_path / "single"), "--single-process"]) == 0
+    assert main([*common, "-o", str(tmp_path / "ray"), "--cpu-actors", "1"]) == 0
+    for path in ("single", "ray"):
+        ours = str(tmp_path / path / "pp.nii.gz")
+        agreement = voxel_agreement(ref, ours)
+        print("postprocessing", path, agreement)
+        assert agreement >= BAR, (path, agreement)
+        entry = json.load(open(tmp_path / path / "run_report.json"))["cases"][0]
+        assert entry["postprocessing"]["kind"] == "nnunetv2" and entry["postprocessing"]["removed_voxels"] > 0
+    bad = str(tmp_path / "bad.pkl")
+    with open(bad, "wb") as f:
+        pickle.dump(([remove_all_but_largest_component_from_segmentation], [{"labels_or_regions": [7]}]), f)
+    assert main([*common[:-1], bad, "-o", str(tmp_path / "bad"), "--single-process"]) == 2
