@@ -1,4 +1,4 @@
-"""CPU: trtseg's CPU engines against nnUNetv2 on the CPU, on a small model, on this machine.
+"""CPU: trtseg's CPU engines against nnUNetv2 on the CPU, on a small model, on the CPU it runs on.
 
     python -m benchmarks.cpu_vs_nnunet [--json results.json]
 

@@ -3,7 +3,7 @@
 #
 # torch: a torch that is already importable in VENV is kept (a CUDA build on GPU machines, or the one an NGC image
 # ships). Otherwise machines with an NVIDIA GPU get PyPI's default (CUDA) build, and machines without one get the
-# CPU build: TRTSEG_CPU_TORCH (default torch==2.13.0, which this workplace serves as a local CPU wheel) from
+# CPU build: TRTSEG_CPU_TORCH (default torch==2.13.0) from
 # TRTSEG_TORCH_INDEX when set (e.g. https://download.pytorch.org/whl/cpu elsewhere).
 # TRTSEG_EXTRAS (default test) picks the extras: container images take s3,gcs,demo.
 # The installed torch version is then pinned as a constraint, so that no other package (timm via

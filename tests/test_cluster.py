@@ -148,9 +148,9 @@ def test_cronjob_fallback_validates_against_kubernetes_schemas():
 # -- the images -----------------------------------------------------------------------------------------------
 
 def _readme_image_install() -> str:
-    text = open(os.path.join(ROOT, "README.md")).read()
+    text = open(os.path.join(ROOT, "docs", "install.md")).read()
     m = re.search(r"```bash\n *# container images\n *(.+?)\n *```", text, re.S)
-    assert m, "README.md: the container-image install block is missing"
+    assert m, "docs/install.md: the container-image install block is missing"
     return m.group(1).strip()
 
 
@@ -159,13 +159,13 @@ def test_image_installs_with_the_readmes_install_step(name):
     text = open(os.path.join(CLUSTER, "image", name)).read()
     runs = [line[len("RUN "):].strip() for line in text.splitlines() if line.startswith("RUN ")]
     install = _readme_image_install()
-    assert install in runs, f"{name}: no RUN line is the README's install step {install!r}"
+    assert install in runs, f"{name}: no RUN line is docs/install.md's install step {install!r}"
     assert "make install" in install
     copied = {src.rstrip("/") for line in text.splitlines() if line.startswith("COPY ") for src in line.split()[1:-1]}
     assert {"pyproject.toml", "Makefile", "scripts", "trtseg"} <= copied  # trtseg/ holds accel/ and jobs/
 
 
-# -- a two-node Ray cluster on this machine -------------------------------------------------------------------
+# -- a two-node Ray cluster on one host -------------------------------------------------------------------
 
 def _free_port() -> int:
     with socket.socket() as s:

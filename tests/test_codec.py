@@ -24,15 +24,15 @@ def test_truncated_stream_raises_a_known_error():
 def test_isal_is_used_where_installed():
     import importlib.util
     if importlib.util.find_spec("isal") is None:
-        pytest.skip("isal is not installed on this machine")
+        pytest.skip("isal is not installed")
     assert codec.backend().split("+")[0] == "isal"
 
 
 @pytest.fixture
 def parallel(monkeypatch):
-    """rapidgzip on, for streams of any size, with 4 threads whatever this machine's cores."""
+    """rapidgzip on, for streams of any size, with 4 threads whatever the cores."""
     if codec._rapidgzip is None:
-        pytest.skip("rapidgzip is not installed on this machine")
+        pytest.skip("rapidgzip is not installed")
     monkeypatch.setenv("TRTSEG_GZIP_THREADS", "4")
     monkeypatch.setattr(codec, "PARALLEL_MIN_BYTES", 0)
 

@@ -18,7 +18,7 @@ from trtseg.predict import Predictor
 
 from conftest import write_case
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
 
 
 def test_pinned_copies_give_the_bytes_back_in_order():

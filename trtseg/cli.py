@@ -9,7 +9,7 @@
     trtseg qc      -i INPUT -o OUTPUT [--reference FOLDER]
 
 Models are nnU-Net v2 folders (-m) or a model card (--card) with a PyTorch network (--network
-package.module:callable [--weights FILE]) or an ONNX file (--onnx-model FILE); see README "Model cards".
+package.module:callable [--weights FILE]) or an ONNX file (--onnx-model FILE); see docs/engines.md, "Model cards".
 """
 from __future__ import annotations
 

@@ -60,7 +60,7 @@ class Target:
 
 
 def current_target(spec: BuildSpec) -> Target:
-    """This machine's target: its first CUDA GPU, or, for an ahead-of-time TensorRT-RTX build, ``spec.target_cc``."""
+    """The local machine's target: its first CUDA GPU, or, for an ahead-of-time TensorRT-RTX build, ``spec.target_cc``."""
     if spec.target_cc:
         if not is_rtx():
             raise TrtsegError("target_cc (ahead-of-time builds without a GPU) needs TensorRT-RTX")
@@ -187,7 +187,7 @@ def check_target(meta: dict, target: Target, engine_url: str) -> None:
     """Refuses an engine built with another TensorRT or for another GPU, with a message that says so."""
     built = meta.get("target", {})
     if (built.get("module"), built.get("trt_version")) != (target.module, target.trt_version):
-        raise TrtsegError(f"{engine_url}: built with {built.get('module')} {built.get('trt_version')}, this machine has "
+        raise TrtsegError(f"{engine_url}: built with {built.get('module')} {built.get('trt_version')}, the local machine has "
                           f"{target.module} {target.trt_version}; rebuild it with `trtseg build`")
     if built.get("compute_capability") != target.compute_capability or built.get("gpu_name") != target.gpu_name:
         raise TrtsegError(f"{engine_url}: built for {built.get('gpu_name')} ({built.get('compute_capability')}), "
