@@ -30,12 +30,11 @@ def _fill(root: str, n: int, model, settings: Settings, put) -> None:
     put({f"{root}/in/case{i:06d}_0000.nii.gz": b"x" * 64 for i in range(n)})
     cases = list_cases(f"{root}/in", 1, storage_options=None)
     settings_key = ledger.key(stamp(model, settings))
-    files = {}
-    for c in cases:
-        files[f"{root}/out/{c.case_id}.nii.gz"] = b"m" * 100
-        e = ledger.Entry(c.case_id, settings_key, ledger.key(c.identity), 100)
-        files[f"{root}/out/{ledger.LEDGER}/{e.name}"] = b"{}"
-    put(files)
+    put({f"{root}/out/{c.case_id}.nii.gz": b"m" * 100 for c in cases})
+    masks = ledger.outputs(f"{root}/out")
+    put({f"{root}/out/{ledger.LEDGER}/"
+         + ledger.Entry(c.case_id, settings_key, ledger.key(c.identity), masks[f"{c.case_id}.nii.gz"]).name: b"{}"
+         for c in cases})
 
 
 def _decide(root: str, model, settings: Settings) -> tuple[float, int, int]:

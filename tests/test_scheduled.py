@@ -59,6 +59,11 @@ def test_replaced_deleted_and_resettled_cases_are_redone_and_the_rest_skipped(ra
     assert _statuses(out) == {"a": ("skipped", "unchanged"), "b": ("ok", "input changed"), "c": ("ok", "mask missing")}
     assert not np.array_equal(np.asarray(nib.load(os.path.join(out, "b.nii.gz")).dataobj), before), "stale mask kept"
     assert [n.split("~")[0] for n in _ledger(out)] == ["a", "b", "c"], "one entry per case: the old ones replaced"
+    # a mask replaced by another file (here a's, over b's): no longer the one recorded, so redone
+    shutil.copy(os.path.join(out, "a.nii.gz"), os.path.join(out, "b.nii.gz"))
+    assert main(run) == 0
+    assert _statuses(out) == {"a": ("skipped", "unchanged"), "b": ("ok", "mask replaced (not the one the ledger "
+                                                                   "recorded)"), "c": ("skipped", "unchanged")}
     # other settings: every case redone, and --dry-run says so first
     r = subprocess.run([sys.executable, "-m", "trtseg.cli", *run[:-1 if path == "single" else -2],
                         *(["--single-process"] if path == "single" else []), "--step-size", "0.7", "--dry-run"],
@@ -67,7 +72,7 @@ def test_replaced_deleted_and_resettled_cases_are_redone_and_the_rest_skipped(ra
     assert main([*run, "--step-size", "0.7"]) == 0
     assert {v for v in _statuses(out).values()} == {("ok", "settings changed")}
     runs = os.listdir(os.path.join(out, ".trtseg", "runs"))
-    assert len(runs) == 3 and all(n.endswith(".json") for n in runs), "every run's report is kept"
+    assert len(runs) == 4 and all(n.endswith(".json") for n in runs), "every run's report is kept"
 
 
 def test_hash_identity_sees_what_metadata_cannot(small_model, tmp_path):

@@ -21,14 +21,15 @@ import sys
 from trtseg.errors import TrtsegError, one_line
 
 
-def _add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+def _add_model_args(p: argparse.ArgumentParser, required: bool = False, folds: bool = True) -> None:
     p.add_argument("-m", "--model", default=None, help="nnU-Net v2 trained model folder (dataset.json, plans.json, fold_N/)")
     p.add_argument("-d", "--dataset", default=None, help="nnUNetv2_predict's addressing instead of -m: the dataset's "
                    "name or id, resolved with -c/-tr/-p under $nnUNet_results")
     p.add_argument("-c", "--configuration", default=None, help="with -d: the configuration (3d_fullres, 2d, ...)")
     p.add_argument("-tr", "--trainer", default="nnUNetTrainer", help="with -d: the trainer class name")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="with -d: the plans identifier")
-    p.add_argument("-f", "--folds", nargs="+", default=None, help="folds (default: every fold found)")
+    if folds:  # `trtseg predict` takes -f from WindowOptions (trtseg/options.py)
+        p.add_argument("-f", "--folds", nargs="+", default=None, help="folds (default: every fold found)")
     p.add_argument("--checkpoint", "-chk", default="checkpoint_final.pth", help="checkpoint file name in each fold folder")
     p.add_argument("--card", default=None, help="model card (JSON/YAML) for a non-nnU-Net model")
     p.add_argument("--network", default=None, help="with --card: package.module:callable that returns the network")
@@ -73,7 +74,7 @@ def _add_predict_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("-i", "--input", required=True, help="folder (or file) of NIfTI images; any fsspec URL")
     p.add_argument("-o", "--output", required=True, help="output folder; any fsspec URL")
-    _add_model_args(p)
+    _add_model_args(p, folds=False)
     add_settings(p)
     p.add_argument("--storage-options", default=None, help="JSON of fsspec storage options (credentials stay out of reports)")
     add_options(p, JobConfig, only=COMMON_FLAGS)

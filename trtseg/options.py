@@ -43,12 +43,14 @@ def opt(default: Any, flag: str, help: str, aliases: tuple[str, ...] = (), **arg
 @dataclass(frozen=True)
 class WindowOptions:
     """The sliding window: tile step as a fraction of the patch (nnU-Net's 0.5), mirroring test-time augmentation
-    over the checkpoint's allowed axes."""
+    over the checkpoint's allowed axes, and the folds whose engines each tile runs through (their mean is taken)."""
 
     step_size: float = opt(0.5, "--step-size", "tile step as a fraction of the patch size", aliases=("-step_size",),
                            type=float)
     use_mirroring: bool = opt(True, "--disable-tta", "no mirroring test-time augmentation", aliases=("--disable_tta",),
                               action="store_false")
+    folds: list[str] | None = opt(None, "-f", "folds to ensemble (default: every fold found)", aliases=("--folds",),
+                                  nargs="+")
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,9 @@ def from_args(cls: type, args: argparse.Namespace):
     """The ``cls`` instance that ``add_options``' flags parsed into ``args``."""
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
-        if "rewrites" in f.metadata:
+        if f.name == "folds" and getattr(args, "folds", None) is not None:
+            values["folds"] = tuple(str(v) for v in args.folds)
+        elif "rewrites" in f.metadata:
             values[f.name] = frozenset(n for n in f.metadata["rewrites"] if getattr(args, n.replace("-", "_"), False))
         elif hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)

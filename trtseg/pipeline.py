@@ -222,10 +222,10 @@ def write_case(meta: dict, model, settings: Settings, output_url: str, storage_o
                                 {"spacing": [float(s) for s in meta["spacing_zyx"][::-1]],
                                  "shape_zyx": list(meta["shape_zyx"])}, storage_options)
         mine = stamp(model, settings)
-        size = write_mask(out_url, mask, meta["header"], storage_options, settings.output.compress_level, mine)
+        write_mask(out_url, mask, meta["header"], storage_options, settings.output.compress_level, mine)
         # the ledger entry only once the mask is committed: a run killed before leaves none
         ledger.record(output_url, ledger.Entry(meta["case_id"], ledger.key(mine), ledger.key(meta.get("identity", "")),
-                                               size),
+                                               ledger.mask_key(out_url, storage_options)),
                       {"stamp": mine, "input_identity": meta.get("identity", ""), "files": meta["files"],
                        "mask": out_url.rsplit("/", 1)[-1]}, meta.get("replaces", []), storage_options)
     except Exception as e:
