@@ -23,7 +23,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# imported before Ray starts, not lazily: once the job runs, Ray may unpack the job's working directory again at
+# the same path for a node on the same host, and a module imported in that window is not found
+from trtseg.jobs.actor import CONCURRENCY_GROUPS, InferenceActor
 from trtseg.jobs.config import JobConfig
+from trtseg.jobs.stages import prepare_task, write_task
 from trtseg import storage
 from trtseg.dataset import Case, list_cases
 from trtseg.errors import one_line
@@ -178,9 +182,6 @@ class Scheduler:
     def __init__(self, cfg: JobConfig, model: NnUNetModel, todo: list[Case], results: dict, cpu_mode: bool,
                  t_start: float):
         import ray
-
-        from trtseg.jobs.actor import CONCURRENCY_GROUPS, InferenceActor
-        from trtseg.jobs.stages import prepare_task, write_task
 
         self.cfg, self.t_start, self.results = cfg, t_start, results
         n_gpus = float(ray.cluster_resources().get("GPU", 0)) if not cpu_mode else 0.0
