@@ -98,3 +98,12 @@ def s3():
     fs = s3fs.S3FileSystem(**opts)
     yield opts, fs
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real local Ray for the module; the Ray jobs of its tests join it instead of starting their own."""
+    import ray
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -19,14 +19,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("job_in"))
     write_case(d, "big", (90, 80, 30), (0.8, 0.8, 2.5), oblique_deg=12, seed=31, zero_border=2)

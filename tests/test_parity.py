@@ -23,15 +23,6 @@ BAR = 0.999
 pytestmark = pytest.mark.usefixtures("ray_local")  # every comparison runs the Ray job too
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """One local Ray for the module: the Ray job of every comparison joins it instead of starting its own."""
-    import ray
-    ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def run_trtseg(model_dir, in_dir, out_dir, folds, use_mirroring=True):
     """Both paths: the single process (Predictor) into out_dir, and the Ray job (one CPU actor) into out_dir_ray."""
     from trtseg.jobs.config import JobConfig
@@ -57,6 +48,23 @@ def assert_same_geometry(input_file: str, output_file: str) -> None:
     assert int(b.header["qform_code"]) == int(a.header["qform_code"])
     assert int(b.header["sform_code"]) == int(a.header["sform_code"])
     assert b.get_data_dtype() == np.uint8
+
+
+def both_paths_agree(common: list[str], tmp_path, case: str, ref: str, label: str, input_file: str) -> dict:
+    """Runs `trtseg predict` (``common`` without -o) in one process and as the Ray job (one CPU actor); each mask
+    agrees with nnU-Net's ``ref`` at the bar with the input's geometry. Returns path -> its report entry."""
+    from trtseg.cli import main
+    assert main([*common, "-o", str(tmp_path / "single"), "--single-process"]) == 0
+    assert main([*common, "-o", str(tmp_path / "ray"), "--cpu-actors", "1"]) == 0
+    entries = {}
+    for path in ("single", "ray"):
+        ours = str(tmp_path / path / f"{case}.nii.gz")
+        agreement = voxel_agreement(ref, ours)
+        print(label, path, agreement)
+        assert agreement >= BAR, (path, agreement)
+        assert_same_geometry(input_file, ours)
+        entries[path] = json.load(open(tmp_path / path / "run_report.json"))["cases"][0]
+    return entries
 
 
 def compare(model_dir, cases, tmp, folds, use_mirroring=True, min_labels=2):
@@ -231,14 +239,7 @@ def test_cascade_with_nnunets_own_lowres_predictions(cascade, tmp_path):
     ref = str(tmp_path / "ref" / "cas.nii.gz")
     common = ["predict", "-i", str(tmp_path / "in"), "-m", full, "--disable-tta", "--no-progress",
               "-prev_stage_predictions", str(tmp_path / "low_ref")]
-    assert main([*common, "-o", str(tmp_path / "single"), "--single-process"]) == 0
-    assert main([*common, "-o", str(tmp_path / "ray"), "--cpu-actors", "1"]) == 0
-    for path in ("single", "ray"):
-        ours = str(tmp_path / path / "cas.nii.gz")
-        agreement = voxel_agreement(ref, ours)
-        print("cascade", path, agreement)
-        assert agreement >= BAR, (path, agreement)
-        assert_same_geometry(cases[0][0], ours)
+    both_paths_agree(common, tmp_path, "cas", ref, "cascade", cases[0][0])
     # the previous stage matters: without it the run is refused, naming the model folder
     assert main(["predict", "-i", str(tmp_path / "in"), "-m", full, "-o", str(tmp_path / "no"), "--single-process"]) == 2
 
@@ -268,14 +269,7 @@ def test_v2_postprocessing_pkl_like_nnunetv2_apply_postprocessing(small_model, t
     assert voxel_agreement(ref, raw) < 1.0, "the postprocessing must change the masks, or the test shows nothing"
     common = ["predict", "-i", str(tmp_path / "in"), "-m", small_model, "-f", "0", "--disable-tta",
               "--no-progress", "--postprocessing", pp]
-    assert main([*common, "-o", str(tmp_path / "single"), "--single-process"]) == 0
-    assert main([*common, "-o", str(tmp_path / "ray"), "--cpu-actors", "1"]) == 0
-    for path in ("single", "ray"):
-        ours = str(tmp_path / path / "pp.nii.gz")
-        agreement = voxel_agreement(ref, ours)
-        print("postprocessing", path, agreement)
-        assert agreement >= BAR, (path, agreement)
-        entry = json.load(open(tmp_path / path / "run_report.json"))["cases"][0]
+    for entry in both_paths_agree(common, tmp_path, "pp", ref, "postprocessing", cases[0][0]).values():
         assert entry["postprocessing"]["kind"] == "nnunetv2" and entry["postprocessing"]["removed_voxels"] > 0
     bad = str(tmp_path / "bad.pkl")
     with open(bad, "wb") as f:

@@ -21,14 +21,6 @@ from conftest import write_case
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _report(out) -> dict:
     return json.load(open(os.path.join(out, "run_report.json")))
 

@@ -44,6 +44,18 @@ class CaseImage:
         return tuple(int(s) for s in self.data.shape[1:])  # type: ignore[return-value]
 
 
+def _raw_header(head: bytes):
+    """The NIfTI-1 or NIfTI-2 header at the start of ``head`` as written (nibabel's checks and fixes off), or None."""
+    for cls in (nib.Nifti1Header, nib.Nifti2Header):
+        try:
+            hdr = cls.from_fileobj(io.BytesIO(head), check=False)
+        except Exception:
+            continue
+        if int(hdr["sizeof_hdr"]) == cls.template_dtype["sizeof_hdr"].type(cls.sizeof_hdr):
+            return hdr
+    return None
+
+
 def _check_header_fits(raw: bytes, url: str, max_bytes: int | None) -> None:
     """Refuses, before decompressing, a NIfTI whose header cannot describe the file: dimensions, vox_offset and data
     type that claim more (or other) bytes than the file holds (a gzip stream's trailer states its uncompressed size
@@ -53,31 +65,26 @@ def _check_header_fits(raw: bytes, url: str, max_bytes: int | None) -> None:
         head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(raw[:65536], 544) if gz else raw[:544]
     except zlib.error:
         return  # a stream that does not decompress is refused by the decoder, with its cause
-    for cls in (nib.Nifti1Header, nib.Nifti2Header):
-        try:
-            hdr = cls.from_fileobj(io.BytesIO(head), check=False)
-        except Exception:
-            continue
-        if int(hdr["sizeof_hdr"]) != cls.template_dtype["sizeof_hdr"].type(cls.sizeof_hdr):
-            continue
-        ndim = int(hdr["dim"][0])
-        dims = [int(d) for d in hdr["dim"][1:1 + max(0, min(ndim, 7))]]
-        if not 1 <= ndim <= 7 or any(d < 1 for d in dims):
-            return  # read_channel refuses it with the shape named
-        voxels = int(np.prod(dims, dtype=np.int64))
-        need = int(hdr["vox_offset"]) + voxels * max(1, int(hdr["bitpix"]) // 8)
-        if max_bytes is not None and voxels * 4 > max_bytes:
-            raise CaseError(url, f"header claims {dims} voxels ({voxels * 4 / 2 ** 30:.1f} GiB as float32), more than "
-                                 f"--memory-budget-gb; refused before decompressing")
-        if gz:
-            stated = int.from_bytes(raw[-4:], "little")  # gzip's ISIZE: the uncompressed size modulo 2^32
-            if need < 2 ** 32 and stated < need:
-                raise CaseError(url, f"header claims {dims} voxels ({need} bytes), but the gzip stream holds "
-                                     f"{stated} bytes (mod 2^32): truncated or not what its header says; refused "
-                                     f"before decompressing")
-        elif len(raw) < need:
-            raise CaseError(url, f"header claims {dims} voxels ({need} bytes), but the file has {len(raw)} bytes")
-        return
+    hdr = _raw_header(head)
+    if hdr is None:
+        return  # not NIfTI: the decoder says so
+    ndim = int(hdr["dim"][0])
+    dims = [int(d) for d in hdr["dim"][1:1 + max(0, min(ndim, 7))]]
+    if not 1 <= ndim <= 7 or any(d < 1 for d in dims):
+        return  # read_channel refuses it with the shape named
+    voxels = int(np.prod(dims, dtype=np.int64))
+    need = int(hdr["vox_offset"]) + voxels * max(1, int(hdr["bitpix"]) // 8)
+    if max_bytes is not None and voxels * 4 > max_bytes:
+        raise CaseError(url, f"header claims {dims} voxels ({voxels * 4 / 2 ** 30:.1f} GiB as float32), more than "
+                             f"--memory-budget-gb; refused before decompressing")
+    if gz:
+        stated = int.from_bytes(raw[-4:], "little")  # gzip's ISIZE: the uncompressed size modulo 2^32
+        if need < 2 ** 32 and stated < need:
+            raise CaseError(url, f"header claims {dims} voxels ({need} bytes), but the gzip stream holds "
+                                 f"{stated} bytes (mod 2^32): truncated or not what its header says; refused "
+                                 f"before decompressing")
+    elif len(raw) < need:
+        raise CaseError(url, f"header claims {dims} voxels ({need} bytes), but the file has {len(raw)} bytes")
 
 
 def _decode(raw: bytes, url: str, max_bytes: int | None = None) -> nib.Nifti1Image:
@@ -102,18 +109,13 @@ def _decode(raw: bytes, url: str, max_bytes: int | None = None) -> nib.Nifti1Ima
 def _check_raw_pixdim(raw: bytes, url: str) -> None:
     """nibabel silently replaces zero or negative pixdim by 1 or its absolute value; such a file has no usable
     spacing, so we look at the header as written."""
-    for hdr_cls in (nib.Nifti1Header, nib.Nifti2Header):
-        try:
-            hdr = hdr_cls.from_fileobj(io.BytesIO(raw), check=False)
-        except Exception:
-            continue
-        if int(hdr["sizeof_hdr"]) != hdr_cls.template_dtype["sizeof_hdr"].type(hdr_cls.sizeof_hdr):
-            continue
-        ndim = int(hdr["dim"][0])
-        pix = [float(v) for v in hdr["pixdim"][1:1 + min(max(ndim, 0), 3)]]
-        if any(not np.isfinite(v) or v <= 0 for v in pix):
-            raise CaseError(url, f"invalid voxel spacing (pixdim {pix}); spacings must be positive")
+    hdr = _raw_header(raw)
+    if hdr is None:
         return
+    ndim = int(hdr["dim"][0])
+    pix = [float(v) for v in hdr["pixdim"][1:1 + min(max(ndim, 0), 3)]]
+    if any(not np.isfinite(v) or v <= 0 for v in pix):
+        raise CaseError(url, f"invalid voxel spacing (pixdim {pix}); spacings must be positive")
 
 
 def _voxels(img: nib.Nifti1Image) -> tuple[np.ndarray, bool]:
