@@ -207,9 +207,9 @@ class Scheduler:
         for a in self.actors:  # compile and autotune on each actor's tile thread while the first volumes are read
             a.warm_up.remote()
         task_opts = {"num_cpus": 1, "num_gpus": 0 if self.cpu_mode else cfg.task_gpus, "max_retries": cfg.task_retries}
-        self._prepare = lambda cid: ray.remote(prepare_task).options(name=f"prepare:{cid}", num_returns=2, **task_opts)
-        self._write = lambda cid: ray.remote(write_task).options(name=f"write:{cid}", num_cpus=1,
-                                                                 max_retries=cfg.task_retries)
+        prepare_fn, write_fn = ray.remote(prepare_task), ray.remote(write_task)  # exported once, named per case
+        self._prepare = lambda cid: prepare_fn.options(name=f"prepare:{cid}", num_returns=2, **task_opts)
+        self._write = lambda cid: write_fn.options(name=f"write:{cid}", num_cpus=1, max_retries=cfg.task_retries)
         self.progress = Progress(len(todo), cfg.progress)
         self.load: dict[int, int] = defaultdict(int)  # tiles queued per actor index
         self.dead: set[int] = set()  # actors that died past their restarts
