@@ -160,3 +160,19 @@ def test_headers_that_cannot_be_right_are_refused_before_decompressing(small_mod
     cases = {c["case_id"]: c for c in _report(out)["cases"]}
     assert cases["good"]["status"] == "ok" and cases["big"]["status"] == "ok"
     assert "gzip stream holds" in cases["bomb"]["error"] and "\n" not in cases["bomb"]["error"], cases["bomb"]
+
+
+def test_a_starting_job_removes_only_the_parts_of_writers_that_are_gone(tmp_path):
+    """A shard starting into a shared output must not delete another live shard's temporary files; a killed run's
+    are removed."""
+    from trtseg import storage
+    out = str(tmp_path)
+    live = f".a.nii.gz.{storage._WRITER}.0a1b.part"
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    dead = f".b.nii.gz.{storage._HOST}-{ended.pid}.0a1b.part"
+    unnamed = ".c.nii.gz.0a1b2c3d.part"  # an earlier release's name: no writer to ask
+    for name in (live, dead, unnamed):
+        open(os.path.join(out, name), "w").close()
+    assert storage.remove_stale_parts(out) == 2
+    assert os.listdir(out) == [live]

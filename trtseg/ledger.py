@@ -100,7 +100,7 @@ def record(output_url: str, entry: Entry, details: dict, stale: list[str], stora
                 pass
 
 
-def decide(case_id: str, mask_name: str, settings_key: str, input_key: str, entries: list[Entry],
+def decide(mask_name: str, settings_key: str, input_key: str, entries: list[Entry],
            masks: dict[str, str]) -> tuple[bool, str]:
     """(run it, why): the case's action from its entries and the output listing."""
     same = [e for e in entries if e.settings == settings_key and e.input == input_key]

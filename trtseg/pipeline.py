@@ -2,8 +2,9 @@
 run report. ``trtseg.predict`` runs them in one process; the Ray job (trtseg/jobs/) runs the same functions as tasks and
 its actors run the sliding window (``trtseg.infer.run_tiles`` into a ``trtseg.aggregate.Merger``) between them.
 
-A mask carries a stamp of what made it (model fingerprint, folds, the settings that change masks) in its header;
-a rerun skips a case whose mask has this run's stamp, unless ``overwrite``. Both paths write the same report.
+A mask carries a stamp of what made it (model fingerprint, folds, the settings that change masks, postprocessing),
+and its ledger entry (trtseg/ledger.py) records that stamp with the input's identity: a rerun redoes what changed
+and skips the rest, unless ``overwrite``. Both paths write the same report.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trtseg import formats, ledger, postprocess, storage, transfer
+from trtseg import ledger, postprocess, storage, transfer
 from trtseg.dataset import Case
 from trtseg.errors import CaseError, TrtsegError, one_line
 from trtseg.export import empty_export
@@ -133,7 +134,7 @@ def select_cases(cases: list[Case], output_url: str, model, settings: Settings, 
             c = dataclasses.replace(c, identity=ledger.content_identity(c.files, storage_options))
         out = mask_url(output_url, c.case_id, c.ending)
         mine = entries.get(c.case_id, [])
-        run, why = ledger.decide(c.case_id, out.rsplit("/", 1)[-1], settings_key, ledger.key(c.identity), mine, masks)
+        run, why = ledger.decide(out.rsplit("/", 1)[-1], settings_key, ledger.key(c.identity), mine, masks)
         if overwrite and not run:
             run, why = True, "--overwrite"
         if run:
@@ -143,7 +144,8 @@ def select_cases(cases: list[Case], output_url: str, model, settings: Settings, 
     return todo, skipped
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Waits for the device's queued work, so that a stage's seconds are its own."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -159,7 +161,8 @@ def prepare_case(case: Case, model, settings: Settings, device: torch.device,
     """
     seconds: dict[str, float] = {}
     meta: dict[str, Any] = {"case_id": case.case_id, "files": list(case.files), "seconds": seconds,
-                            "identity": case.identity, "replaces": list(case.replaces), "reason": case.reason}
+                            "identity": case.identity, "replaces": list(case.replaces), "reason": case.reason,
+                            "ending": case.ending}
     try:
         if case.problem:
             raise TrtsegError(f"{case.files[0]}: {case.problem}")
@@ -178,7 +181,7 @@ def prepare_case(case: Case, model, settings: Settings, device: torch.device,
         check_budget(settings, case.files[0], padded.shape[0], model.labels.num_heads, padded.shape[1:],
                      pre.shape_after_cropping)
         volume = transfer.to_host(padded) if to_host else padded
-        _sync(device)
+        sync(device)
         seconds["preprocess"] = time.perf_counter() - t
     except TrtsegError as e:
         meta["error"] = storage.redact(str(e))
@@ -201,7 +204,7 @@ def write_case(meta: dict, model, settings: Settings, output_url: str, storage_o
     probabilities stay as the network gave them, as nnU-Net saves them.
 
     Returns {"output", "seconds", "postprocessing"} or {"error", "seconds"}."""
-    out_url = mask_url(output_url, meta["case_id"], formats.ending(meta["files"][0].rsplit("/", 1)[-1]) or ".nii.gz")
+    out_url = mask_url(output_url, meta["case_id"], meta["ending"])
     t = time.perf_counter()
     seconds: dict[str, float] = {}
     pp_report = None

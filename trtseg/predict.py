@@ -23,7 +23,7 @@ from trtseg.export import Exported, empty_export, export
 from trtseg.infer import run_tiles
 from trtseg.model import NnUNetModel
 from trtseg.options import Settings
-from trtseg.pipeline import CaseReport, check_budget, prepare_case, write_case
+from trtseg.pipeline import CaseReport, check_budget, prepare_case, sync, write_case
 from trtseg.preprocess import Preprocessed, preprocess
 from trtseg.read import CaseImage
 from trtseg.tile import model_gaussian
@@ -80,7 +80,7 @@ class Predictor:
             try:
                 t = time.perf_counter()
                 logits = self.window_logits(volume, meta["plan"])
-                _sync(self.device)
+                sync(self.device)
                 seconds["infer"] = time.perf_counter() - t
                 del volume
                 t = time.perf_counter()
@@ -98,11 +98,6 @@ class Predictor:
         return CaseReport(case.case_id, "ok", output=written["output"], seconds=seconds, reason=case.reason,
                           tiles=len(meta["plan"].starts) if "plan" in meta else 0,
                           postprocessing=written.get("postprocessing"))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def predict_folder(input_url: str, output_url: str, model_folder: "str | NnUNetModel", folds: list[str] | None = None,

@@ -8,6 +8,8 @@ all-or-nothing, so the object is written in one request and never exists partial
 from __future__ import annotations
 
 import os
+import socket
+import time
 import uuid
 from typing import Any, Callable, TypeVar
 
@@ -109,7 +111,8 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: StorageOptions | 
     if isinstance(fs, LocalFileSystem):
         if parent:
             os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent or ".", f".{os.path.basename(path)}.{uuid.uuid4().hex}.part")
+        # the writer's host and pid in the name: remove_stale_parts leaves a live writer's file alone
+        tmp = os.path.join(parent or ".", f".{os.path.basename(path)}.{_WRITER}.{uuid.uuid4().hex}.part")
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -125,8 +128,33 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: StorageOptions | 
         retrying(lambda: fs.pipe_file(path, data), url)
 
 
+_HOST = socket.gethostname().replace(".", "_")
+_WRITER = f"{_HOST}-{os.getpid()}"
+_PART_AGE_OTHER_HOST = 24 * 3600  # a part written from another host (a shared file system) is stale after a day
+
+
+def _stale(folder: str, name: str) -> bool:
+    """A temporary file a writer left behind: its writer, on this host, is no longer running (or, written from
+    another host, it is a day old). Another job writing into the same output (a shard) keeps its files."""
+    parts = name.split(".")
+    writer = parts[-3] if len(parts) >= 4 else ""
+    host, _, pid = writer.rpartition("-")
+    if host == _HOST and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+            return False
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+    if host:  # another host
+        return time.time() - os.path.getmtime(os.path.join(folder, name)) > _PART_AGE_OTHER_HOST
+    return True  # an older run's name, without a writer
+
+
 def remove_stale_parts(url: str, storage_options: StorageOptions | None = None) -> int:
-    """Deletes temporary files (``.NAME.<hex>.part``) that a killed run left in a local output folder."""
+    """Deletes temporary files (``.NAME.<host>-<pid>.<hex>.part``) that a killed run left in a local output folder,
+    and only those: a writer that still runs (another shard's job) keeps its files."""
     fs, path = filesystem(url, storage_options)
     if not _local(fs) or not os.path.isdir(path):
         return 0
@@ -134,9 +162,12 @@ def remove_stale_parts(url: str, storage_options: StorageOptions | None = None) 
     for folder in (path, os.path.join(path, ".trtseg", "ledger"), os.path.join(path, ".trtseg", "runs")):
         if os.path.isdir(folder):
             for f in os.listdir(folder):
-                if f.startswith(".") and f.endswith(".part"):
-                    os.unlink(os.path.join(folder, f))
-                    removed += 1
+                if f.startswith(".") and f.endswith(".part") and _stale(folder, f):
+                    try:
+                        os.unlink(os.path.join(folder, f))
+                        removed += 1
+                    except FileNotFoundError:  # its writer renamed it meanwhile
+                        pass
     return removed
 
 
