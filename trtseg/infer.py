@@ -92,12 +92,12 @@ def run_tiles(engines: "Sequence[Engine]", volume: torch.Tensor, plan: WindowPla
     timing: how a Ray actor measures its GPU time per batch (trtseg/jobs/timeline.py); first: the first batch's kind."""
     timing = timing or _untimed
     kind = first
-    for engine in engines:
+    for fold, engine in enumerate(engines):
         for chunk in batches(starts, batch_size):
             with timing(kind) as engine_timer:
                 tiles = plan.gather(volume, chunk).to(engine.device)
                 with engine_timer():
                     logits = predict_tiles(engine, tiles, plan.mirror_axes, plan.probabilities)
-                merger.add(logits, chunk)
+                merger.add(logits, chunk, fold)
             kind = "batch"
     merger.cover(starts)

@@ -51,6 +51,9 @@ class WindowOptions:
                               action="store_false")
     folds: list[str] | None = opt(None, "-f", "folds to ensemble (default: every fold found)", aliases=("--folds",),
                                   nargs="+")
+    accumulate: str = opt("fp32", "--accumulate", "tile sums in float32, or in float16 with nnU-Net v2's own "
+                          "rounding steps (fp16: masks equal to nnUNetv2_predict's, one actor per case)",
+                          choices=["fp32", "fp16"])
 
 
 @dataclass(frozen=True)
