@@ -225,7 +225,7 @@ def test_cascade_with_nnunets_own_lowres_predictions(cascade, tmp_path):
     from trtseg.cli import main
 
     lowres, full = cascade
-    cases = [write_case(str(tmp_path / "in"), "cas", (72, 64, 26), (0.8, 0.8, 2.4), oblique_deg=11, seed=62,
+    cases = [write_case(str(tmp_path / "in"), "cas", (80, 72, 30), (0.8, 0.8, 2.2), oblique_deg=11, seed=62,
                         zero_border=2)]
     low_refs = nnunet_predict(lowres, cases, str(tmp_path / "low_ref"), [0], use_mirroring=False)
     assert len(np.unique(np.asarray(nib.load(low_refs[0]).dataobj))) >= 3, "the low-res stage says nothing"
@@ -240,6 +240,25 @@ def test_cascade_with_nnunets_own_lowres_predictions(cascade, tmp_path):
     common = ["predict", "-i", str(tmp_path / "in"), "-m", full, "--disable-tta", "--no-progress",
               "-prev_stage_predictions", str(tmp_path / "low_ref")]
     both_paths_agree(common, tmp_path, "cas", ref, "cascade", cases[0][0])
+    # both stages in one job (-m LOWRES CASCADE, in either order) against nnU-Net's two commands: the low-res mask
+    # stays on the device (single process) or crosses the object store (Ray job), and is not written. The cascade
+    # carries the low-res stage's few flipped voxels (nnU-Net's float16 sums at the borders) into its input, so
+    # this runs with nnU-Net's own float16 accumulation (--accumulate fp16, trtseg/aggregate.py)
+    one_job = ["predict", "-i", str(tmp_path / "in"), "-m", full, lowres, "--disable-tta", "--no-progress",
+               "--accumulate", "fp16"]
+    for entry in both_paths_agree(one_job, tmp_path / "one_job", "cas", ref, "one-job cascade", cases[0][0]).values():
+        assert entry["status"] == "ok"
+    # and exactly the file route given trtseg's own low-res masks
+    assert main(["predict", "-i", str(tmp_path / "in"), "-m", lowres, "-o", str(tmp_path / "low_ours"),
+                 "--single-process", "--disable-tta", "--no-progress", "--accumulate", "fp16"]) == 0
+    assert voxel_agreement(low_refs[0], str(tmp_path / "low_ours" / "cas.nii.gz")) >= 0.9999
+    assert main([*common[:-1], str(tmp_path / "low_ours"), "-o", str(tmp_path / "file_route"), "--single-process",
+                 "--accumulate", "fp16"]) == 0
+    assert voxel_agreement(str(tmp_path / "file_route" / "cas.nii.gz"),
+                           str(tmp_path / "one_job" / "single" / "cas.nii.gz")) == 1.0
+    assert sorted(os.listdir(tmp_path / "one_job" / "single")) == [".trtseg", "cas.nii.gz", "run_report.json"]
+    report = json.load(open(tmp_path / "one_job" / "ray" / "run_report.json"))
+    assert [p["role"] for p in report["model"]["passes"]] == ["stage", "member"]
     # the previous stage matters: without it the run is refused, naming the model folder
     assert main(["predict", "-i", str(tmp_path / "in"), "-m", full, "-o", str(tmp_path / "no"), "--single-process"]) == 2
 
@@ -275,3 +294,78 @@ def test_v2_postprocessing_pkl_like_nnunetv2_apply_postprocessing(small_model, t
     with open(bad, "wb") as f:
         pickle.dump(([remove_all_but_largest_component_from_segmentation], [{"labels_or_regions": [7]}]), f)
     assert main([*common[:-1], bad, "-o", str(tmp_path / "bad"), "--single-process"]) == 2
+
+
+def _nnunet_probabilities(model_dir: str, cases, out_dir: str) -> None:
+    """nnUNetv2_predict --save_probabilities with fold 0, mirroring off (CASE.nii.gz, CASE.npz, CASE.pkl)."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    os.makedirs(out_dir, exist_ok=True)
+    p = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
+    p.initialize_from_trained_model_folder(model_dir, use_folds=(0,))
+    p.predict_from_files_sequential(cases, [os.path.join(out_dir, "ens")], True, True, None)
+
+
+def test_ensemble_with_postprocessing_like_nnunetv2_ensemble_and_apply_postprocessing(small_model, model_2d, tmp_path,
+                                                                                        capsys):
+    """-m 3D 2D --postprocessing: the mean of the two configurations' probabilities and the postprocessing.pkl, in
+    one job, against nnUNetv2_predict --save_probabilities twice + nnUNetv2_ensemble + nnUNetv2_apply_postprocessing.
+    Members whose labels differ are refused, naming the folder."""
+    import pickle
+    import shutil
+
+    from nnunetv2.ensembling.ensemble import ensemble_folders
+    from nnunetv2.postprocessing.remove_connected_components import (
+        apply_postprocessing_to_folder, remove_all_but_largest_component_from_segmentation)
+
+    from trtseg.cli import main
+
+    cases = [write_case(str(tmp_path / "in"), "ens", (66, 58, 19), (0.8, 0.8, 2.9), oblique_deg=13, seed=71,
+                        zero_border=2)]
+    for name, model_dir in (("a", small_model), ("b", model_2d)):
+        _nnunet_probabilities(model_dir, cases, str(tmp_path / name))
+    ensemble_folders([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "ens"), num_processes=1)
+    pp = str(tmp_path / "postprocessing.pkl")
+    with open(pp, "wb") as f:
+        pickle.dump(([remove_all_but_largest_component_from_segmentation] * 2,
+                     [{"labels_or_regions": [1, 2]}, {"labels_or_regions": 1}]), f)
+    apply_postprocessing_to_folder(str(tmp_path / "ens"), str(tmp_path / "ref"), *pickle.load(open(pp, "rb")),
+                                   str(tmp_path / "a" / "plans.json"), str(tmp_path / "a" / "dataset.json"),
+                                   num_processes=1)
+    ref, mean = str(tmp_path / "ref" / "ens.nii.gz"), str(tmp_path / "ens" / "ens.nii.gz")
+    assert voxel_agreement(ref, mean) < 1.0, "the postprocessing must change the masks, or the test shows nothing"
+    for member in ("a", "b"):  # the ensemble is not one of its members
+        assert voxel_agreement(mean, str(tmp_path / member / "ens.nii.gz")) < 0.99, member
+    common = ["predict", "-i", str(tmp_path / "in"), "-m", small_model, model_2d, "-f", "0", "--disable-tta",
+              "--no-progress", "--postprocessing", pp]
+    for entry in both_paths_agree(common, tmp_path / "ours", "ens", ref, "ensemble", cases[0][0]).values():
+        assert entry["postprocessing"]["removed_voxels"] > 0
+    # the mean probabilities stay available, as nnUNetv2_ensemble --save_npz writes them
+    assert main([*common, "-o", str(tmp_path / "probs"), "--single-process", "--save-probabilities"]) == 0
+    ours = np.load(tmp_path / "probs" / "ens.npz")["probabilities"]
+    theirs = (np.load(tmp_path / "a" / "ens.npz")["probabilities"] + np.load(tmp_path / "b" / "ens.npz")["probabilities"]) / 2
+    assert np.abs(ours - theirs).mean() < 1e-3
+    # an ensemble of models with different labels is refused before any case, naming the folder
+    odd = str(tmp_path / "odd_labels")
+    shutil.copytree(model_2d, odd)
+    ds = json.load(open(os.path.join(odd, "dataset.json")))
+    json.dump({**ds, "labels": {**ds["labels"], "extra": 3}}, open(os.path.join(odd, "dataset.json"), "w"))
+    capsys.readouterr()
+    assert main(["predict", "-i", str(tmp_path / "in"), "-m", small_model, odd, "-o", str(tmp_path / "no"),
+                 "--single-process"]) == 2
+    err = capsys.readouterr().err
+    assert "odd_labels" in err and "same labels" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_2d_image_is_refused_with_one_line_naming_the_file(model_2d, tmp_path):
+    """trtseg reads volumes; a 2-D NIfTI image (no slice axis) fails its case with one line naming the file."""
+    from trtseg.cli import main
+
+    os.makedirs(tmp_path / "in")
+    nib.save(nib.Nifti1Image(np.ones((40, 30), np.float32), np.eye(4)), str(tmp_path / "in" / "flat_0000.nii.gz"))
+    assert main(["predict", "-i", str(tmp_path / "in"), "-m", model_2d, "-o", str(tmp_path / "out"),
+                 "--single-process", "--no-progress"]) == 1
+    case = json.load(open(tmp_path / "out" / "run_report.json"))["cases"][0]
+    assert case["status"] == "failed" and "flat_0000.nii.gz" in case["error"] and "2-D image" in case["error"]
+    assert "\n" not in case["error"] and not os.path.exists(tmp_path / "out" / "flat.nii.gz")

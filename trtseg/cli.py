@@ -22,10 +22,14 @@ from trtseg.errors import TrtsegError, one_line
 
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool = False, folds: bool = True) -> None:
-    p.add_argument("-m", "--model", default=None, help="nnU-Net v2 trained model folder (dataset.json, plans.json, fold_N/)")
+    p.add_argument("-m", "--model", nargs="+", default=None, help="nnU-Net trained model folder(s) (dataset.json, "
+                   "plans.json, fold_N/); several: an ensemble of configurations (the mean of their probabilities, "
+                   "as nnUNetv2_ensemble), a 3d_lowres folder beside its 3d_cascade_fullres one is the cascade's "
+                   "first stage")
     p.add_argument("-d", "--dataset", default=None, help="nnUNetv2_predict's addressing instead of -m: the dataset's "
                    "name or id, resolved with -c/-tr/-p under $nnUNet_results")
-    p.add_argument("-c", "--configuration", default=None, help="with -d: the configuration (3d_fullres, 2d, ...)")
+    p.add_argument("-c", "--configuration", nargs="+", default=None, help="with -d: the configuration(s) (3d_fullres, "
+                   "2d, ...; several as for -m)")
     p.add_argument("-tr", "--trainer", default="nnUNetTrainer", help="with -d: the trainer class name")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="with -d: the plans identifier")
     if folds:  # `trtseg predict` takes -f from WindowOptions (trtseg/options.py)
@@ -45,19 +49,24 @@ def _resolve_model_folder(args) -> None:
         if not args.configuration:
             raise TrtsegError("-d needs -c CONFIGURATION (3d_fullres, 2d, 3d_lowres, ...)")
         from trtseg.nnunet_paths import model_folder
-        args.model = model_folder(args.dataset, args.configuration, args.trainer, args.plans)
+        args.model = [model_folder(args.dataset, c, args.trainer, args.plans) for c in args.configuration]
         args.dataset = None  # resolved
 
 
-def _load_model(args):
+def _load_model(args, several: bool = False):
+    """The model of -m/-d or --card; with ``several`` (predict) the run's ModelSet (trtseg/ensemble.py)."""
     _resolve_model_folder(args)
     if args.card:
         from trtseg.accel.card import model_from_card
         return model_from_card(args.card, args.network, args.weights, args.onnx_model)
     if not args.model:
         raise TrtsegError("give a model: -m MODEL_FOLDER, or --card CARD with --network or --onnx-model")
-    from trtseg.model_folder import load_model_folder
-    return load_model_folder(args.model, args.folds, args.checkpoint)
+    from trtseg.model_folder import load_model_folder, load_models
+    if several:
+        return load_models(args.model, args.folds, args.checkpoint)
+    if len(args.model) > 1:
+        raise TrtsegError(f"this command takes one model folder, got {len(args.model)}: {' '.join(args.model)}")
+    return load_model_folder(args.model[0], args.folds, args.checkpoint)
 
 
 # JobConfig fields that are flags of `trtseg predict` (the rest are set from other flags or are internal)
@@ -94,7 +103,7 @@ def cmd_predict(args) -> int:
         from trtseg.predict import predict_folder
         setup_logging(args.log_json)
         storage.set_default_options(opts)
-        report = predict_folder(args.input, args.output, _load_model(args), args.folds, args.checkpoint,
+        report = predict_folder(args.input, args.output, _load_model(args, several=True), args.folds, args.checkpoint,
                                 settings, opts, args.limit, args.dry_run, args.overwrite, args.progress,
                                 allow_empty=args.allow_empty, input_identity=args.input_identity,
                                 shard=args.shard)

@@ -15,7 +15,7 @@ import torch
 
 from trtseg import resample as rs
 from trtseg import transfer
-from trtseg.model import NnUNetModel
+from trtseg.model import LabelScheme, NnUNetModel
 from trtseg.preprocess import Preprocessed
 
 
@@ -28,9 +28,23 @@ class Exported:
     probabilities: np.ndarray | None = None
 
 
-def export_on_device(logits: torch.Tensor, pre: Preprocessed, model: NnUNetModel, with_probabilities: bool = False
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def labels_of_probabilities(probabilities: torch.Tensor, labels: LabelScheme) -> torch.Tensor:
+    """nnU-Net's convert_probabilities_to_segmentation: (k, z, y, x) probabilities -> (z, y, x) int32 labels: the
+    argmax, or for regions each region's label painted where its probability exceeds 0.5, in regions_class_order."""
+    if not labels.has_regions:
+        return torch.argmax(probabilities, dim=0).to(torch.int32)
+    seg = torch.zeros(probabilities.shape[1:], dtype=torch.int32, device=probabilities.device)
+    for i, c in enumerate(labels.regions_class_order or ()):
+        seg[probabilities[i] > 0.5] = c
+    return seg
+
+
+def export_on_device(logits: torch.Tensor, pre: Preprocessed, model: NnUNetModel, with_probabilities: bool = False,
+                     half_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits: (k, z, y, x) float32 at the model's spacing, in the model's axis order.
+
+    half_logits: nnU-Net's float16 numerics (--accumulate fp16, trtseg/aggregate.py): its resampling writes into
+    an array of the logits' dtype, float16, so the resampled logits are rounded to float16 before the argmax.
 
     Returns, on the logits' device: the mask (z, y, x) in the input file's axis order, contiguous, in the mask's
     dtype (uint8, or int32 for uint16 masks), and the probabilities (k, z, y, x) float32 in that axis order (1 for
@@ -54,15 +68,15 @@ def export_on_device(logits: torch.Tensor, pre: Preprocessed, model: NnUNetModel
         plan = rs.plan_resize(spec.kind, spec.order, spec.order_z, spec.force_separate_z, first, second,
                               spec.anisotropy_threshold, axis_map)
         logits = rs.resample(logits.float(), pre.shape_after_cropping, plan)
+        if half_logits:
+            logits = logits.half().float()
     labels = model.labels
     probs = None
     if labels.has_regions:
         probs = torch.sigmoid(logits)
-        seg = torch.zeros(logits.shape[1:], dtype=torch.int32, device=logits.device)
-        for i, c in enumerate(labels.regions_class_order or ()):
-            seg[probs[i] > 0.5] = c
+        seg = labels_of_probabilities(probs, labels)
     else:
-        seg = torch.argmax(logits, dim=0).to(torch.int32)
+        seg = torch.argmax(logits, dim=0).to(torch.int32)  # the argmax of logits is that of their softmax
         if with_probabilities:
             probs = torch.softmax(logits, dim=0)
     # the mask gets its file's dtype on the device: a quarter of int32's bytes cross to the host, and no host cast

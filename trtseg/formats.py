@@ -81,7 +81,8 @@ def read_sitk(url: str, storage_options=None) -> tuple[np.ndarray, tuple[float, 
             first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise CaseError(url, f"SimpleITK cannot read it ({first[:200]})") from None
     if img.GetDimension() != 3:
-        raise CaseError(url, f"{img.GetDimension()}-D image; a 3-D volume is required")
+        raise CaseError(url, f"{img.GetDimension()}-D image; trtseg reads 3-D volumes (a 2d model runs over a "
+                             "volume's slices): save it as a volume of one slice")
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise CaseError(url, f"{img.GetNumberOfComponentsPerPixel()} components per voxel; give one file per channel "
                              "(CASE_0000, CASE_0001, ...)")

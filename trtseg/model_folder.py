@@ -19,3 +19,13 @@ def load_model_folder(folder: str, folds: list[str] | None = None,
         v1_name = model_v1.V1_CHECKPOINT if checkpoint_name == "checkpoint_final.pth" else checkpoint_name
         return model_v1.load_v1_model_folder(folder, folds, v1_name)
     return load_v2_model_folder(folder, folds, checkpoint_name)
+
+
+def load_models(folders: "str | list[str]", folds: list[str] | None = None,
+                checkpoint_name: str = "checkpoint_final.pth") -> "ModelSet":
+    """The run's models (trtseg/ensemble.py): one folder, or several (an ensemble of configurations, a cascade with
+    its previous stage), each with the same folds and checkpoint name, as nnUNetv2_predict takes them per command."""
+    from trtseg.ensemble import ModelSet
+
+    folders = [folders] if isinstance(folders, str) else list(folders)
+    return ModelSet.build([load_model_folder(f, folds, checkpoint_name) for f in folders])

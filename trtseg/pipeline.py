@@ -21,11 +21,13 @@ import torch
 
 from trtseg import ledger, postprocess, storage, transfer
 from trtseg.dataset import Case
+from trtseg.ensemble import ModelSet
 from trtseg.errors import CaseError, TrtsegError, one_line
 from trtseg.export import empty_export
+from trtseg.model import NnUNetModel
 from trtseg.options import Settings
 from trtseg.preprocess import preprocess
-from trtseg.read import read_case
+from trtseg.read import CaseImage, read_case
 from trtseg.window import plan_window
 from trtseg.write import write_mask, write_probabilities
 
@@ -35,18 +37,25 @@ def stamp(model, settings: Settings) -> str:
     w = settings.window
     pp = model.postprocessing
     pp_tag = hashlib.sha256(json.dumps(pp.describe()["steps"]).encode()).hexdigest()[:8] if pp.steps else "none"
-    return f"{model.fingerprint} folds={','.join(model.folds)} step={w.step_size} tta={int(w.use_mirroring)} pp={pp_tag}"
+    acc = " acc=fp16" if w.accumulate == "fp16" else ""  # fp32, the default, leaves earlier stamps as they were
+    return (f"{model.fingerprint} folds={','.join(model.folds)} step={w.step_size} tta={int(w.use_mirroring)} "
+            f"pp={pp_tag}{acc}")
 
 
-def check_cascade(model, settings: Settings) -> None:
-    """A cascade model runs only with its previous stage's masks: one error naming the model folder otherwise."""
-    if model.previous_stage and not settings.prev_stage_predictions:
-        raise TrtsegError(f"{model.folder}: a {model.configuration_name} model takes its {model.previous_stage} "
-                          "stage's masks as input: give them with --prev-stage-predictions FOLDER (nnU-Net's "
-                          "-prev_stage_predictions)")
-    if settings.prev_stage_predictions and not model.previous_stage:
-        raise TrtsegError(f"{model.folder}: --prev-stage-predictions given, but {model.configuration_name} is not a "
-                          "cascade configuration (its plans name no previous_stage)")
+def check_cascade(models: ModelSet, settings: Settings) -> None:
+    """A cascade model runs only with its previous stage: a 3d_lowres folder in the same -m list, or its masks from
+    --prev-stage-predictions; one error naming the model folder otherwise."""
+    file_stages = [i for i in range(len(models.models)) if models.file_stage(i)]
+    for i in file_stages:
+        m = models.models[i]
+        if not settings.prev_stage_predictions:
+            raise TrtsegError(f"{m.folder}: a {m.configuration_name} model takes its {m.previous_stage} stage's "
+                              f"masks as input: add the {m.previous_stage} model folder to -m (both stages in one "
+                              "job), or give its masks with --prev-stage-predictions FOLDER (nnU-Net's "
+                              "-prev_stage_predictions)")
+    if settings.prev_stage_predictions and not file_stages:
+        raise TrtsegError(f"{models.folder}: --prev-stage-predictions given, but no model of this run takes them "
+                          "(no cascade configuration, or its previous stage is in -m)")
 
 
 def read_prev_stage(case: Case, model, settings: Settings, shape_zyx, storage_options=None) -> np.ndarray:
@@ -69,18 +78,19 @@ def read_prev_stage(case: Case, model, settings: Settings, shape_zyx, storage_op
     return arr[0].astype(np.int32)
 
 
-def with_postprocessing(model, settings: Settings, storage_options=None):
-    """The model with the postprocessing this run applies: none with --disable-postprocessing, the file of
-    --postprocessing (its labels checked against the model's), else the model folder's own (v1's
-    postprocessing.json)."""
+def with_postprocessing(models: "ModelSet | NnUNetModel", settings: Settings, storage_options=None) -> ModelSet:
+    """The run's models with the postprocessing it applies to the final masks: none with
+    --disable-postprocessing, the file of --postprocessing (its labels checked against the models'), else a lone
+    model folder's own (v1's postprocessing.json)."""
+    models = ModelSet.of(models)
     out = settings.output
     if out.disable_postprocessing:
-        return dataclasses.replace(model, postprocessing=postprocess.NONE)
+        return models.with_postprocessing(postprocess.NONE)
     if out.postprocessing:
         pp = postprocess.load(out.postprocessing, storage_options)
-        pp.check_labels(set(model.labels.foreground_labels), out.postprocessing)
-        return dataclasses.replace(model, postprocessing=pp)
-    return model
+        pp.check_labels(set(models.labels.foreground_labels), out.postprocessing)
+        return models.with_postprocessing(pp)
+    return models
 
 
 def mask_url(output_url: str, case_id: str, ending: str = ".nii.gz") -> str:
@@ -150,31 +160,41 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def prepare_case(case: Case, model, settings: Settings, device: torch.device,
-                 storage_options: storage.StorageOptions | None = None, to_host: bool = True) -> tuple[dict, Any]:
-    """Reads and preprocesses one case on ``device`` and plans its window.
+def prepare_case(case: Case, models: ModelSet, settings: Settings, device: torch.device,
+                 storage_options: storage.StorageOptions | None = None, to_host: bool = True, index: int = 0,
+                 prev: "np.ndarray | torch.Tensor | None" = None, image: CaseImage | None = None
+                 ) -> tuple[dict, Any, CaseImage | None]:
+    """Reads one case (unless ``image`` is given), preprocesses it for pass ``index`` of ``models`` on ``device``
+    and plans its window.
 
-    Returns (meta, the padded volume (c, z, y, x) float32, or None). The volume is numpy on the host when
-    ``to_host`` (it goes through Ray's object store), else a tensor on ``device``. meta holds the case id, files,
-    input header and shape (z, y, x), seconds per stage, what export needs ("pre"), the window "plan", and either
-    "error" (the one-line error of a case that cannot run) or "empty" (an all-zero volume: no network run).
+    prev: the mask (z, y, x) of the stage this pass takes, for a cascade in one job; a cascade given
+    --prev-stage-predictions reads its file here instead.
+
+    Returns (meta, the padded volume (c, z, y, x) float32 or None, the image read). The volume is numpy on the host
+    when ``to_host`` (it goes through Ray's object store), else a tensor on ``device``. meta holds the case id,
+    files, input header and shape (z, y, x), seconds per stage, the pass's "index", what export needs ("pre"), the
+    window "plan", and either "error" (the one-line error of a case that cannot run) or "empty" (an all-zero
+    volume: no network run).
     """
     seconds: dict[str, float] = {}
     meta: dict[str, Any] = {"case_id": case.case_id, "files": list(case.files), "seconds": seconds,
                             "identity": case.identity, "replaces": list(case.replaces), "reason": case.reason,
-                            "ending": case.ending}
+                            "ending": case.ending, "index": index}
+    model = models.models[index]
     try:
         if case.problem:
             raise TrtsegError(f"{case.files[0]}: {case.problem}")
-        t = time.perf_counter()
-        budget = int(settings.memory_budget_gb * 2 ** 30) if settings.memory_budget_gb else None
-        image = read_case(list(case.files), model.num_image_channels, storage_options, budget)
-        seconds["read"] = time.perf_counter() - t
+        if image is None:
+            t = time.perf_counter()
+            budget = int(settings.memory_budget_gb * 2 ** 30) if settings.memory_budget_gb else None
+            image = read_case(list(case.files), model.num_image_channels, storage_options, budget)
+            seconds["read"] = time.perf_counter() - t
         meta.update(header=image.header, shape_zyx=image.shape_zyx, spacing_zyx=image.spacing_zyx)
         if not np.any(image.data):
             meta["empty"] = True
-            return meta, None
-        prev = read_prev_stage(case, model, settings, image.shape_zyx, storage_options) if model.previous_stage else None
+            return meta, None, image
+        if models.file_stage(index):
+            prev = read_prev_stage(case, model, settings, image.shape_zyx, storage_options)
         t = time.perf_counter()
         pre = preprocess(image, model, device, prev)
         padded, plan = plan_window(pre.data, model, settings.window.step_size, settings.window.use_mirroring)
@@ -185,14 +205,14 @@ def prepare_case(case: Case, model, settings: Settings, device: torch.device,
         seconds["preprocess"] = time.perf_counter() - t
     except TrtsegError as e:
         meta["error"] = storage.redact(str(e))
-        return meta, None
+        return meta, None, image
     except Exception as e:
         meta["error"] = storage.redact(f"{case.files[0]}: {one_line(e)}")
-        return meta, None
+        return meta, None, image
     meta.update(pre={"shape_before_cropping": pre.shape_before_cropping, "bbox": pre.bbox,
                      "shape_after_cropping": pre.shape_after_cropping, "spacing_transposed": pre.spacing_transposed},
                 plan=plan, volume_bytes=int(volume.nbytes) if to_host else 0)
-    return meta, volume
+    return meta, volume, image
 
 
 def write_case(meta: dict, model, settings: Settings, output_url: str, storage_options,
@@ -283,8 +303,10 @@ def run_report(model, source: str | None, settings: Settings, engine: dict | Non
     if actors:
         summary["engine_busy_fraction"] = {a["actor"]: round(a["engine_seconds"] / wall_seconds, 4) for a in actors}
         summary["engine_busy_in_span"] = {a["actor"]: a["engine_busy_in_span"] for a in actors}
-    return {"model": {"source": source, "fingerprint": model.fingerprint, "folds": model.folds,
-                      "configuration": model.configuration_name},
+    models = ModelSet.of(model)
+    described = {"passes": models.describe()} if len(models.models) > 1 else {}
+    return {"model": {"source": source, "fingerprint": models.fingerprint, "folds": models.folds,
+                      "configuration": models.configuration_name, **described},
             "settings": settings.to_json(), "job": job, "engine": engine, "actors": actors or [],
             "cases": ordered, "summary": summary}
 

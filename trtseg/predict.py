@@ -19,7 +19,8 @@ from trtseg import storage
 from trtseg.aggregate import Merger
 from trtseg.dataset import Case
 from trtseg.errors import one_line
-from trtseg.export import Exported, empty_export, export
+from trtseg.ensemble import Combiner, ModelSet
+from trtseg.export import Exported, empty_export, export, export_on_device, exported_on_host
 from trtseg.infer import run_tiles
 from trtseg.model import NnUNetModel
 from trtseg.options import Settings
@@ -33,20 +34,29 @@ CaseResult = CaseReport  # the name earlier releases used
 
 
 class Predictor:
-    """The model's folds as engines on one device, and the sliding window over them."""
+    """The run's models (one folder, an ensemble, a cascade's stages) as engines on one device, one engine per fold,
+    and the sliding window over them."""
 
-    def __init__(self, model: NnUNetModel, settings: Settings, engines: list[Engine] | None = None):
-        self.model = model
+    def __init__(self, model: "NnUNetModel | ModelSet", settings: Settings, engines: list[Engine] | None = None):
+        self.models = ModelSet.of(model)
+        self.model = self.models.models[0]
         self.settings = settings
         self.device = settings.engine.resolved_device()
-        self.engines = engines if engines is not None else create_engines(model, settings.engine, self.device)
-        self.gaussian = model_gaussian(model, self.device)
+        if engines is not None and len(self.models.models) != 1:
+            raise ValueError("engines can be given for one model only")
+        self.engines_per_pass = [engines] if engines is not None else \
+            [create_engines(m, settings.engine, self.device) for m in self.models.models]
+        self.engines = self.engines_per_pass[0]
+        self.gaussians = [model_gaussian(m, self.device) for m in self.models.models]
 
     @torch.inference_mode()
-    def window_logits(self, volume: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
-        """Logits (k, z, y, x) float32 of a padded volume (c, z, y, x) over its unpadded grid, mean over folds."""
-        merger = Merger(plan, self.model.labels.num_heads, self.gaussian, len(self.engines))
-        run_tiles(self.engines, volume.to(self.device), plan, plan.starts, self.settings.engine.batch_size, merger)
+    def window_logits(self, volume: torch.Tensor, plan: WindowPlan, index: int = 0) -> torch.Tensor:
+        """Logits (k, z, y, x) float32 of a padded volume (c, z, y, x) over its unpadded grid, by the model of pass
+        ``index``, mean over its folds."""
+        engines = self.engines_per_pass[index]
+        merger = Merger(plan, self.models.models[index].labels.num_heads, self.gaussians[index], len(engines),
+                        self.settings.window.accumulate)
+        run_tiles(engines, volume.to(self.device), plan, plan.starts, self.settings.engine.batch_size, merger)
         return merger.finalize()
 
     def logits(self, data: torch.Tensor) -> torch.Tensor:
@@ -56,7 +66,7 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_image(self, image: CaseImage) -> Exported:
-        """An image already read (trtseg.accel.precision's accuracy reports) -> its mask on the host."""
+        """An image already read (trtseg.accel.precision's accuracy reports) -> its mask on the host; one model."""
         with_probabilities = self.settings.output.save_probabilities
         if not np.any(image.data):
             return empty_export(image.shape_zyx, self.model, with_probabilities)
@@ -65,42 +75,72 @@ class Predictor:
         padded, plan = plan_window(pre.data, self.model, w.step_size, w.use_mirroring)
         check_budget(self.settings, image.files[0] if image.files else "<array>", padded.shape[0],
                      self.model.labels.num_heads, padded.shape[1:], pre.shape_after_cropping)
-        return export(self.window_logits(padded, plan), pre, self.model, with_probabilities)
+        return exported_on_host(*export_on_device(self.window_logits(padded, plan), pre, self.model, with_probabilities,
+                                                  w.accumulate == "fp16"), self.model)
 
     @torch.inference_mode()
     def predict_case(self, case: Case, output_folder: str,
                      storage_options: storage.StorageOptions | None = None) -> CaseReport:
         """Reads, predicts and writes one case. Bad input fails this case only: no output file is written."""
-        meta, volume = prepare_case(case, self.model, self.settings, self.device, storage_options, to_host=False)
+        meta, volume, image = prepare_case(case, self.models, self.settings, self.device, storage_options,
+                                           to_host=False)
         seconds = meta["seconds"]
         if meta.get("error"):
             return CaseReport(case.case_id, "failed", error=meta["error"], seconds=seconds, reason=case.reason)
         mask = probabilities = None
+        tiles = 0
         if not meta.get("empty"):
             try:
+                combiner = Combiner(self.models, self.settings.output.save_probabilities)
+                for index in range(len(self.models.models)):
+                    if index:  # the next model's preprocessing of the image already read (a stage's mask on the device)
+                        step, volume, _ = prepare_case(case, self.models, self.settings, self.device,
+                                                       storage_options, False, index,
+                                                       combiner.previous_mask(index), image)
+                        _add_seconds(seconds, step["seconds"])
+                        if step.get("error"):
+                            return CaseReport(case.case_id, "failed", error=step["error"], seconds=seconds)
+                    else:
+                        step = meta
+                    tiles += len(step["plan"].starts)
+                    self._run_pass(index, step, volume, combiner, seconds)
+                    del volume
                 t = time.perf_counter()
-                logits = self.window_logits(volume, meta["plan"])
-                sync(self.device)
-                seconds["infer"] = time.perf_counter() - t
-                del volume
-                t = time.perf_counter()
-                pre = Preprocessed(data=torch.empty(0), **meta["pre"])
-                result = export(logits, pre, self.model, self.settings.output.save_probabilities)
+                result = exported_on_host(*combiner.result(), self.models)
                 mask, probabilities = result.mask, result.probabilities
-                seconds["export"] = time.perf_counter() - t
+                seconds["export"] += time.perf_counter() - t
             except Exception as e:  # an engine or export failure fails this case, named, not the run
                 return CaseReport(case.case_id, "failed", error=storage.redact(f"{case.files[0]}: {one_line(e)}"),
                                   seconds=seconds)
-        written = write_case(meta, self.model, self.settings, output_folder, storage_options, mask, probabilities)
+        written = write_case(meta, self.models, self.settings, output_folder, storage_options, mask, probabilities)
         seconds.update(written["seconds"])
         if written.get("error"):
             return CaseReport(case.case_id, "failed", error=written["error"], seconds=seconds)
         return CaseReport(case.case_id, "ok", output=written["output"], seconds=seconds, reason=case.reason,
-                          tiles=len(meta["plan"].starts) if "plan" in meta else 0,
-                          postprocessing=written.get("postprocessing"))
+                          tiles=tiles, postprocessing=written.get("postprocessing"))
+
+    def _run_pass(self, index: int, step: dict, volume: torch.Tensor, combiner: Combiner, seconds: dict) -> None:
+        """One model's sliding window and export on the device, into the case's Combiner."""
+        t = time.perf_counter()
+        logits = self.window_logits(volume, step["plan"], index)
+        sync(self.device)
+        seconds["infer"] = seconds.get("infer", 0.0) + time.perf_counter() - t
+        t = time.perf_counter()
+        model = self.models.models[index]
+        pre = Preprocessed(data=torch.empty(0), **step["pre"])
+        with_probabilities = self.models.needs_probabilities(index, self.settings.output.save_probabilities)
+        half = self.settings.window.accumulate == "fp16"
+        combiner.add(index, *export_on_device(logits, pre, model, with_probabilities, half))
+        sync(self.device)
+        seconds["export"] = seconds.get("export", 0.0) + time.perf_counter() - t
 
 
-def predict_folder(input_url: str, output_url: str, model_folder: "str | NnUNetModel", folds: list[str] | None = None,
+def _add_seconds(into: dict, more: dict) -> None:
+    for k, v in more.items():
+        into[k] = into.get(k, 0.0) + v
+
+
+def predict_folder(input_url: str, output_url: str, model_folder: "str | list[str] | NnUNetModel | ModelSet", folds: list[str] | None = None,
                    checkpoint_name: str = "checkpoint_final.pth", settings: Settings | None = None,
                    storage_options: storage.StorageOptions | None = None, limit: int | None = None,
                    dry_run: bool = False, overwrite: bool = False, progress_bar: bool = True, log=print,
@@ -112,7 +152,7 @@ def predict_folder(input_url: str, output_url: str, model_folder: "str | NnUNetM
     """
     from trtseg.dataset import list_cases
     from trtseg.log import Progress, event
-    from trtseg.model_folder import load_model_folder
+    from trtseg.model_folder import load_models
     from trtseg import pipeline
     from trtseg.pipeline import check_cascade, run_report, select_cases, with_postprocessing, write_report
 
@@ -121,7 +161,8 @@ def predict_folder(input_url: str, output_url: str, model_folder: "str | NnUNetM
     if not dry_run:
         storage.check_writable(output_url, storage_options)
         storage.remove_stale_parts(output_url, storage_options)
-    model = model_folder if isinstance(model_folder, NnUNetModel) else load_model_folder(model_folder, folds, checkpoint_name)
+    model = model_folder if isinstance(model_folder, (NnUNetModel, ModelSet)) else \
+        load_models(model_folder, folds, checkpoint_name)
     model = with_postprocessing(model, settings, storage_options)
     check_cascade(model, settings)
     cases = pipeline.shard(list_cases(input_url, model.num_image_channels, storage_options, allow_empty), shard)
@@ -143,7 +184,7 @@ def predict_folder(input_url: str, output_url: str, model_folder: "str | NnUNetM
             event("case failed", case=case.case_id, error=r.error)
         progress.update(cases=1, tiles=r.tiles or 0)
     progress.close()
-    source = model_folder if isinstance(model_folder, str) else model.folder
+    source = model_folder if isinstance(model_folder, (str, list)) else model.folder
     report = run_report(model, source, settings, predictor.engines[0].describe() if predictor.engines else None,
                         cases, results, time.perf_counter() - t0,
                         job={"mode": "single-process", "run_id": uuid.uuid4().hex[:6], "shard": shard})

@@ -119,10 +119,10 @@ def normalize(data: torch.Tensor, nonzero: torch.Tensor | None, model: NnUNetMod
 
 
 def preprocess(image: CaseImage, model: NnUNetModel, device: torch.device | str = "cpu",
-               prev_stage: np.ndarray | None = None) -> Preprocessed:
+               prev_stage: np.ndarray | torch.Tensor | None = None) -> Preprocessed:
     """Transpose, crop, normalize and resample one case on ``device``.
 
-    prev_stage: a cascade model's previous-stage mask (z, y, x) on the image's grid: transposed and cropped like
+    prev_stage: a cascade model's previous-stage mask (z, y, x) on the image's grid (numpy, or a tensor on any device): transposed and cropped like
     the image, resampled with the plans' segmentation resampling and appended as one channel per foreground
     label, as nnU-Net's predictor does with -prev_stage_predictions."""
     where = image.files[0] if image.files else "<array>"
@@ -148,7 +148,8 @@ def preprocess(image: CaseImage, model: NnUNetModel, device: torch.device | str 
                           spec.anisotropy_threshold) if spec.kind != "none" else None
     onehot = None
     if prev_stage is not None:
-        seg = torch.from_numpy(np.ascontiguousarray(prev_stage)).to(data.device).permute(*tf)[sl].to(torch.int32)
+        seg = prev_stage if isinstance(prev_stage, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(prev_stage))
+        seg = seg.to(data.device).permute(*tf)[sl].to(torch.int32)
         # nnU-Net's crop_to_nonzero marks background outside the (hole-filled) nonzero mask as -1; it takes part
         # in the label-wise resampling's argmax
         inside = mask if mask is not None else fill_holes(nonzero[sl])

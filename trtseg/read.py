@@ -158,7 +158,8 @@ def read_channel(url: str, storage_options: storage.StorageOptions | None = None
     img = _decode(raw, url, max_bytes)
     shape = img.shape
     if len(shape) < 3:
-        raise CaseError(url, f"{len(shape)}-D image of shape {shape}; a 3-D volume is required")
+        raise CaseError(url, f"{len(shape)}-D image of shape {shape}; trtseg reads 3-D volumes (a 2d model runs "
+                             "over a volume's slices): save it as a volume of one slice")
     if len(shape) > 4 or (len(shape) == 4 and shape[3] < 1):
         raise CaseError(url, f"{len(shape)}-D image of shape {shape}; a 3-D volume (or 4-D with channels last) is required")
     if any(int(s) == 0 for s in shape):

@@ -37,6 +37,7 @@ from trtseg.jobs.stages import peak_rss_mb, worker_device
 from trtseg.jobs.timeline import GpuTimeline
 from trtseg import storage, transfer
 from trtseg.aggregate import Merger
+from trtseg.ensemble import STAGE, Combiner, ModelSet
 from trtseg.export import export_on_device, exported_on_host
 from trtseg.infer import run_tiles
 from trtseg.model import NnUNetModel
@@ -66,7 +67,7 @@ class CaseStateLost(RuntimeError):
 
 
 class InferenceActor:
-    def __init__(self, model: NnUNetModel, settings: Settings, name: str, torch_threads: int | None = None,
+    def __init__(self, model: "ModelSet | NnUNetModel", settings: Settings, name: str, torch_threads: int | None = None,
                  storage_options=None, diagnostics: bool = False):
         storage.set_default_options(storage_options)
         self.name = name
@@ -74,16 +75,21 @@ class InferenceActor:
         gpu = self.device.type == "cuda"
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.model = model
+        self.models = ModelSet.of(model)
+        self.model = self.models.models[0]
         self.settings = settings
-        self.engines = create_engines(model, settings.engine, self.device)
+        # every model of the run (ensemble members, a cascade's stages), each with an engine per fold
+        self.engines_per_pass = [create_engines(m, settings.engine, self.device) for m in self.models.models]
+        self.engines = self.engines_per_pass[0]
         # the actor's own CUDA streams, apart from other processes' work: tiles and sums queue on one, exports on
         # the other (a second thread, see finalize)
         self.stream = torch.cuda.Stream(self.device) if gpu else None
         self.export_stream = torch.cuda.Stream(self.device) if gpu else None
         self.copy_stream = torch.cuda.Stream(self.device) if gpu else None
-        self.gaussian = model_gaussian(model, self.device)
+        self.gaussians = [model_gaussian(m, self.device) for m in self.models.models]
         self._cases: dict[str, _CaseState] = {}
+        # per case attempt, as owner: the stages' masks and the ensemble's running sum (trtseg/ensemble.py)
+        self._combiners: dict[str, Combiner] = {}
         self._uploads: dict[str, Future] = {}  # case -> (volume on the device, copy-done event), from prefetch
         # cases whose volume the tile thread took (kept for the actor's life, a few bytes each: a prefetch that
         # arrives after its case was finished or dropped does nothing); a redone case comes back under a new key
@@ -117,9 +123,11 @@ class InferenceActor:
         self._threads.setdefault("warm_up", threading.current_thread().name)  # the first call's: the driver's
         if self.device.type != "cuda" or self._warm_thread == threading.get_ident():
             return self.warmup_seconds
-        shape = (max(self.settings.engine.batch_size, 1), self.model.num_input_channels, *self.model.patch_size)
+        batch = max(self.settings.engine.batch_size, 1)
         with self._on_stream(), torch.inference_mode():
-            self.warmup_seconds += sum(e.warm_up(shape) for e in self.engines)
+            for m, engines in zip(self.models.models, self.engines_per_pass):
+                shape = (batch, m.num_input_channels, *m.patch_size)
+                self.warmup_seconds += sum(e.warm_up(shape) for e in engines)
         self._warm_thread = threading.get_ident()
         return self.warmup_seconds
 
@@ -127,13 +135,14 @@ class InferenceActor:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _case(self, case_id: str, data: np.ndarray, plan: WindowPlan, prior_tiles: int) -> _CaseState:
+    def _case(self, case_id: str, data: np.ndarray, plan: WindowPlan, prior_tiles: int, index: int) -> _CaseState:
         have = len(self._cases[case_id].merger.covered) if case_id in self._cases else 0
         if have != prior_tiles:
             raise CaseStateLost(f"{self.name} holds {have} tiles of {case_id}, expected {prior_tiles} (it restarted)")
         if case_id not in self._cases:
             x = self._take_upload(case_id, data)
-            merger = Merger(plan, self.model.labels.num_heads, self.gaussian, len(self.engines))
+            merger = Merger(plan, self.models.models[index].labels.num_heads, self.gaussians[index],
+                            len(self.engines_per_pass[index]), self.settings.window.accumulate)
             self._cases[case_id] = _CaseState(x, merger)
         return self._cases[case_id]
 
@@ -179,30 +188,33 @@ class InferenceActor:
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
     @torch.inference_mode()
-    def infer_chunk(self, case_id: str, data: np.ndarray, plan: WindowPlan, chunk_starts, prior_tiles: int) -> dict:
-        """Adds the weighted logits of the tiles at ``chunk_starts`` (all folds, mirroring) to the case's sum.
+    def infer_chunk(self, case_id: str, data: np.ndarray, plan: WindowPlan, chunk_starts, prior_tiles: int,
+                    index: int = 0) -> dict:
+        """Adds the weighted logits of the tiles at ``chunk_starts`` (all folds of pass ``index``'s model,
+        mirroring) to the case's sum. case_id names the case attempt and pass ("CASE#ATTEMPT/PASS").
 
         prior_tiles: how many of the case's tiles this actor should already hold; a restarted actor holds fewer,
         and says so (CaseStateLost) instead of silently summing an incomplete case.
         """
         self.warm_up()
         with self._on_stream():
-            return self._infer_chunk(case_id, data, plan, chunk_starts, prior_tiles)
+            return self._infer_chunk(case_id, data, plan, chunk_starts, prior_tiles, index)
 
-    def _infer_chunk(self, case_id: str, data: np.ndarray, plan: WindowPlan, chunk_starts, prior_tiles: int) -> dict:
+    def _infer_chunk(self, case_id: str, data: np.ndarray, plan: WindowPlan, chunk_starts, prior_tiles: int,
+                     index: int) -> dict:
         t0 = time.perf_counter()
         self.first_tile_at = self.first_tile_at or time.time()
         self._threads["tiles"] = threading.current_thread().name
         new_case = case_id not in self._cases
         entry = self.timeline.mark() if new_case else None
-        st = self._case(case_id, data, plan, prior_tiles)
+        st = self._case(case_id, data, plan, prior_tiles, index)
         if new_case and self._returned_at is not None:
             self.case_start_host_seconds["between_calls"] += t0 - self._returned_at
             self.case_start_host_seconds["setup"] += time.perf_counter() - t0
             if self._trace is not None:
                 self._trace.append(("case", case_id, round(self._returned_at - self._t0, 4), round(t0 - self._t0, 4),
                                     round(time.perf_counter() - self._t0, 4)))
-        run_tiles(self.engines, st.volume, plan, chunk_starts, self.settings.engine.batch_size, st.merger,
+        run_tiles(self.engines_per_pass[index], st.volume, plan, chunk_starts, self.settings.engine.batch_size, st.merger,
                   lambda kind: self.timeline.batch(kind, entry if kind == "case" else None),
                   first="case" if new_case else "chunk")
         self._keep_chunks_queued()
@@ -244,11 +256,15 @@ class InferenceActor:
         return st
 
     def drop(self, case_id: str) -> None:
-        """Forgets a case (the driver redoes it elsewhere)."""
-        self._cases.pop(case_id, None)
+        """Forgets a case attempt ("CASE#ATTEMPT"): each pass's sums and volume, and its combiner (the driver redoes
+        it elsewhere)."""
+        self._combiners.pop(case_id, None)
+        for key in [k for k in self._cases if k.split("/")[0] == case_id]:
+            self._cases.pop(key, None)
         with self._lock:
-            self._uploads.pop(case_id, None)
-            self._taken.add(case_id)
+            for key in [k for k in self._uploads if k.split("/")[0] == case_id]:
+                self._uploads.pop(key, None)
+                self._taken.add(key)
 
     # no decorator goes under @ray.method: with one (torch.inference_mode) Ray 2.60 ran the method in the default
     # group, on the tile thread, behind every chunk queued there (the GPU ran dry at each case start)
@@ -264,9 +280,13 @@ class InferenceActor:
             return origin, transfer.to_host(part)
 
     @ray.method(concurrency_group=EXPORT_GROUP)
-    def finalize(self, case_id: str, expected_tiles: int, meta: dict, light_model: NnUNetModel, *partials):
-        """Own sum + the other actors' partials -> export on this device -> (stats, the mask (z, y, x) numpy, the
-        probabilities (k, z, y, x) float32 numpy with --save-probabilities, else None)."""
+    def finalize(self, case_id: str, expected_tiles: int, meta: dict, *partials):
+        """Own sum + the other actors' partials -> export on this device -> into the case's Combiner.
+
+        Returns (stats, mask, probabilities): after the last pass the case's mask (z, y, x) numpy and, with
+        --save-probabilities, its probabilities (k, z, y, x) float32 numpy; after a cascade's stage that stage's
+        mask (the next pass's prepare task takes it); after an earlier ensemble member (None, None): its
+        probabilities stay here, on the device, summed. stats["more"]: passes follow."""
         t0 = time.perf_counter()
         self._threads[EXPORT_GROUP] = threading.current_thread().name
         st = self._pop(case_id, expected_tiles)
@@ -275,26 +295,38 @@ class InferenceActor:
             st.volume = torch.empty(0)  # freed before the export allocates
             logits = st.merger.finalize(partials)
             del st
-            return self._export(logits, t0, started, meta, light_model, partials)
+            return self._export(logits, t0, started, case_id.split("/")[0], meta, partials)
 
-    def _export(self, logits: torch.Tensor, t0: float, started, meta: dict, light_model: NnUNetModel, partials):
-        with_probabilities = self.settings.output.save_probabilities
-        on_device = export_on_device(logits, Preprocessed(data=torch.empty(0), **meta["pre"]), light_model,
-                                     with_probabilities)
+    def _export(self, logits: torch.Tensor, t0: float, started, case_key: str, meta: dict, partials):
+        index, save = meta.get("index", 0), self.settings.output.save_probabilities
+        model = self.models.models[index]
+        combiner = self._combiners.setdefault(case_key, Combiner(self.models, save))
+        combiner.add(index, *export_on_device(logits, Preprocessed(data=torch.empty(0), **meta["pre"]), model,
+                                              self.models.needs_probabilities(index, save),
+                                              self.settings.window.accumulate == "fp16"))
+        more = index + 1 < len(self.models.models)
+        if not more:
+            on_device = combiner.result()
+            del self._combiners[case_key]
+        elif self.models.roles[index] == STAGE:
+            on_device = combiner.stage_masks.pop(index), None  # only the next prepare task needs it
+        else:
+            on_device = None, None
         self.timeline.export_done(started, self.export_stream)
         t1 = time.perf_counter()
-        exported = exported_on_host(*on_device, light_model)
+        exported = exported_on_host(*on_device, self.models) if on_device[0] is not None else None
         if self._trace is not None:
             self._trace.append(("export", meta.get("case_id"), round(t0 - self._t0, 4), round(t1 - self._t0, 4),
                                 round(time.perf_counter() - self._t0, 4)))
         seconds = time.perf_counter() - t0
         with self._lock:  # the tile and export threads both add to it
             self.busy_seconds += seconds
-        probability_bytes = int(exported.probabilities.nbytes) if exported.probabilities is not None else 0
+        probabilities = exported.probabilities if exported is not None else None
+        probability_bytes = int(probabilities.nbytes) if probabilities is not None else 0
         return {"export_seconds": seconds, "partial_bytes": int(sum(a.nbytes for _, a in partials)),
-                "probability_bytes": probability_bytes,
-                "owner": self.name, "peak_gpu_memory_mb": self._case_peak_gpu_mb()}, exported.mask, \
-            exported.probabilities
+                "probability_bytes": probability_bytes, "more": more,
+                "owner": self.name, "peak_gpu_memory_mb": self._case_peak_gpu_mb()}, \
+            exported.mask if exported is not None else None, probabilities
 
     def _case_peak_gpu_mb(self) -> float | None:
         """The most GPU memory this actor had allocated since the previous case's export ended: the case's volume,

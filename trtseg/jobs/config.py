@@ -28,7 +28,7 @@ class JobConfig:
 
     input: str
     output: str
-    model: str | None = None
+    model: str | list[str] | None = None  # one folder, or several (trtseg/ensemble.py)
     folds: list[str] | None = None
     checkpoint: str = "checkpoint_final.pth"
     model_card: dict[str, Any] | None = None  # {"card": URL, "network": ..., "weights": ..., "onnx": ...}

@@ -31,19 +31,20 @@ from trtseg.jobs.stages import prepare_task, write_task
 from trtseg import storage
 from trtseg.dataset import Case, list_cases
 from trtseg.errors import one_line
-from trtseg.model import NnUNetModel
-from trtseg.model_folder import load_model_folder
+from trtseg.ensemble import STAGE, ModelSet
+from trtseg.model_folder import load_models
 from trtseg.log import Progress, event as _event, setup_logging
 from trtseg.pipeline import (CaseReport, check_cascade, run_report, select_cases, shard, with_postprocessing,
                              write_report)
 
-def load_model(cfg: JobConfig) -> NnUNetModel:
+def load_model(cfg: JobConfig) -> ModelSet:
+    """The job's models: a card's, or those of the -m folders (trtseg/ensemble.py)."""
     if cfg.model_card:
         from trtseg.accel.card import model_from_card
         c = cfg.model_card
-        return model_from_card(c["card"], c.get("network"), c.get("weights"), c.get("onnx"))
+        return ModelSet.of(model_from_card(c["card"], c.get("network"), c.get("weights"), c.get("onnx")))
     assert cfg.model, "a model folder or a model card is required"
-    return load_model_folder(cfg.model, cfg.folds, cfg.checkpoint)
+    return load_models(cfg.model, cfg.folds, cfg.checkpoint)
 
 
 def _init_ray(cfg: JobConfig, n_cpu_actors: int) -> bool:
@@ -73,11 +74,18 @@ def _cause(e: BaseException) -> str:
 
 
 class _CaseRun:
-    """A case between prepare and write: its volume, where its tiles went, and how often it was redone."""
+    """A case between prepare and write: the pass (model) it is at, that pass's volume, where its tiles went, the
+    stages' masks (object refs, for the cascades after them), and how often it was redone."""
 
-    def __init__(self, case: Case, data_ref):
-        self.case, self.data = case, data_ref
-        self.meta: dict = {}
+    def __init__(self, case: Case):
+        self.case, self.data = case, None
+        self.index = 0  # the pass: a model of the run's ModelSet
+        self.meta: dict = {}  # the first pass's meta: the case's header, shape and seconds (later passes add theirs)
+        self.pass_meta: dict = {}  # the current pass's: its preprocessing and window plan
+        self.prev: dict[int, object] = {}  # pass index -> object ref of that stage's mask
+        self.tiles = 0
+        self.volume_bytes = 0  # through the object store, over every pass
+        self.finals: list[dict] = []
         self.attempt, self.open, self.owner = 0, 0, -1
         self.assigned: dict[int, int] = {}
         self.stats: list[dict] = []
@@ -88,7 +96,13 @@ class _CaseRun:
 
     @property
     def key(self) -> str:
+        """The case attempt: the owner's Combiner holds the passes' results under it."""
         return f"{self.case.case_id}#{self.attempt}"
+
+    @property
+    def pass_key(self) -> str:
+        """The current pass of the attempt: the actors' sums and volumes are held under it."""
+        return f"{self.key}/{self.index}"
 
 
 def gpu_actor_count(n_gpus: float, gpus_per_actor: float, task_gpus: float) -> int:
@@ -179,7 +193,7 @@ class Scheduler:
     over the live actors, least-loaded first, and the least-loaded owns the case; a case whose sums an actor lost
     is redone on live actors at most ``case_retries`` times."""
 
-    def __init__(self, cfg: JobConfig, model: NnUNetModel, todo: list[Case], results: dict, cpu_mode: bool,
+    def __init__(self, cfg: JobConfig, model: ModelSet, todo: list[Case], results: dict, cpu_mode: bool,
                  t_start: float):
         import ray
 
@@ -191,6 +205,7 @@ class Scheduler:
         self.run_id = uuid.uuid4().hex[:6]
         self.settings = dataclasses.replace(cfg.settings, engine=cfg.settings.engine.with_(
             device="cpu" if self.cpu_mode else cfg.settings.engine.device))
+        self.models = model
         self.light_ref = ray.put(model.without_weights())
         # held for the whole run: Ray re-sends it when it restarts an actor (a dropped ref would be freed)
         self.model_ref = ray.put(model)
@@ -249,10 +264,16 @@ class Scheduler:
         case being written holds just its mask)."""
         while self.pending and sum(r.final is None for r in self.runs.values()) < self.cfg.max_cases_in_flight:
             case = self.pending.pop(0)
-            meta_ref, data_ref = self._prepare(case.case_id).remote(case, self.light_ref, self.settings,
-                                                                    self.cfg.storage_options)
-            self.runs[case.case_id] = _CaseRun(case, data_ref)
-            self.waiting[meta_ref] = _Waiting(case.case_id, Event.PREPARED, 0)
+            self.runs[case.case_id] = run = _CaseRun(case)
+            self._prepare_pass(run)
+
+    def _prepare_pass(self, run: "_CaseRun") -> None:
+        """The prepare task of the run's current pass; a cascade's pass gets its stage's mask (an object ref)."""
+        prev = self.models.previous[run.index]
+        meta_ref, run.data = self._prepare(run.case.case_id).remote(
+            run.case, self.light_ref, self.settings, self.cfg.storage_options, run.index,
+            run.prev.get(prev) if prev is not None else None)
+        self.waiting[meta_ref] = _Waiting(run.case.case_id, Event.PREPARED, run.attempt)
 
     def on_error(self, run: "_CaseRun", w: _Waiting, e: BaseException) -> None:
         import ray
@@ -266,9 +287,15 @@ class Scheduler:
             self.on_failed(run.case.case_id, error)
 
     def on_prepared(self, run: "_CaseRun", meta: dict, w: _Waiting) -> None:
-        run.meta = meta
+        if run.index == 0:
+            run.meta = meta
+        else:
+            for k, v in meta.get("seconds", {}).items():
+                run.meta["seconds"][k] = run.meta["seconds"].get(k, 0.0) + v
+        run.pass_meta = meta
+        run.volume_bytes += meta.get("volume_bytes", 0)
         if meta.get("error"):
-            self.on_failed(run.case.case_id, meta["error"], meta.get("seconds"))
+            self.on_failed(run.case.case_id, meta["error"], run.meta.get("seconds"))
         elif meta.get("empty"):
             self._write_case(run, None, None)
         else:
@@ -285,8 +312,15 @@ class Scheduler:
             self.finalize(run)
 
     def on_finalized(self, run: "_CaseRun", final: dict, w: _Waiting) -> None:
-        run.final = final
+        run.finals.append(final)
         run.data = None  # the volume may leave the object store
+        if final.get("more"):  # the next model's pass; a stage's mask goes to its prepare task
+            if self.models.roles[run.index] == STAGE:
+                run.prev[run.index] = run.mask
+            run.index += 1
+            self._prepare_pass(run)
+            return
+        run.final = final
         self._write_case(run, run.mask, run.probabilities)
 
     def on_written(self, run: "_CaseRun", value: dict, w: _Waiting) -> None:
@@ -316,32 +350,36 @@ class Scheduler:
         live = [i for i in range(self.n_actors) if i not in self.dead]
         if not live:
             raise RuntimeError("no inference actor is alive")
-        plan = run.meta["plan"]
+        plan = run.pass_meta["plan"]
         size = max(1, min(self.cfg.tiles_per_task, math.ceil(len(plan.starts) / len(live))))
-        run.owner = min(live, key=lambda k: self.load[k])
+        if run.index == 0:  # the owner of the first pass owns every pass: it holds the case's Combiner
+            run.owner = min(live, key=lambda k: self.load[k])
+        run.tiles += len(plan.starts)
         run.assigned = defaultdict(int)
         for n, chunk in enumerate(_chunks(plan.starts, size)):
             i = run.owner if n == 0 else min(live, key=lambda k: self.load[k])
             if i not in run.assigned:  # the volume goes to the actor's device while it works on earlier cases
-                self.actors[i].prefetch.remote(run.key, run.data)
+                self.actors[i].prefetch.remote(run.pass_key, run.data)
             self.load[i] += len(chunk)
-            ref = self.actors[i].infer_chunk.remote(run.key, run.data, plan, chunk, run.assigned[i])
+            ref = self.actors[i].infer_chunk.remote(run.pass_key, run.data, plan, chunk, run.assigned[i], run.index)
             run.assigned[i] += len(chunk)
             run.open += 1
             self.waiting[ref] = _Waiting(run.case.case_id, Event.INFERRED, run.attempt, (i, len(chunk)))
 
     def finalize(self, run: "_CaseRun") -> None:
         """The helpers hand their partial sums to the owner, which exports the mask on its device."""
-        partials = [self.actors[i].take_partial.remote(run.key, n, self.cfg.partials)
+        partials = [self.actors[i].take_partial.remote(run.pass_key, n, self.cfg.partials)
                     for i, n in run.assigned.items() if i != run.owner]
         stats_ref, run.mask, run.probabilities = self.actors[run.owner].finalize.options(num_returns=3).remote(
-            run.key, run.assigned[run.owner], run.meta, self.light_ref, *partials)
+            run.pass_key, run.assigned[run.owner], run.pass_meta, *partials)
         self.waiting[stats_ref] = _Waiting(run.case.case_id, Event.FINALIZED, run.attempt)
 
     def redo_or_fail(self, run: "_CaseRun", error: str) -> None:
-        """A case whose summed tiles were lost (an actor restarted or died) is redone, a bounded number of times."""
-        for i in run.assigned:
+        """A case whose summed tiles were lost (an actor restarted or died) is redone, a bounded number of times: its
+        pass again, or with several passes the case from its first (the owner's Combiner may be lost with it)."""
+        for i in {*run.assigned, run.owner}:
             self.actors[i].drop.remote(run.key)
+        for i in run.assigned:
             self.load[i] = max(0, self.load[i] - run.assigned[i])
         if run.attempt >= self.cfg.case_retries:
             self.on_failed(run.case.case_id, error)
@@ -349,29 +387,34 @@ class Scheduler:
         run.attempt += 1
         run.redone.append(error)
         run.open = 0
-        run.stats = []
+        run.stats, run.finals, run.tiles, run.volume_bytes = [], [], 0, 0
         _event("case redone", case=run.case.case_id, attempt=run.attempt, cause=error)
-        self.distribute(run)
+        if len(self.models.models) == 1:
+            self.distribute(run)  # its volume is still in the object store
+        else:
+            run.index, run.prev = 0, {}
+            self._prepare_pass(run)
 
     def _case_report(self, run: "_CaseRun", written: dict) -> CaseReport:
         meta, final = run.meta, run.final or {}
+        finals = run.finals or [final]
         per_actor: dict[str, int] = defaultdict(int)
         for st in run.stats:
             per_actor[st["actor"]] += st["tiles"]
         seconds = {**meta.get("seconds", {}), "infer": sum(st["seconds"] for st in run.stats),
-                   "export": final.get("export_seconds", 0.0), **written["seconds"]}
+                   "export": sum(f.get("export_seconds", 0.0) for f in finals), **written["seconds"]}
         return CaseReport(
             run.case.case_id, "ok", output=written["output"], seconds=seconds, reason=run.case.reason,
-            tiles=len(meta["plan"].starts) if "plan" in meta else 0, actors=dict(per_actor), owner=final.get("owner"),
+            tiles=run.tiles, actors=dict(per_actor), owner=final.get("owner"),
             redone=run.redone,
-            object_store_bytes={"volume": meta.get("volume_bytes", 0), "partials": final.get("partial_bytes", 0),
+            object_store_bytes={"volume": run.volume_bytes, "partials": sum(f.get("partial_bytes", 0) for f in finals),
                                 "mask": int(np.prod(meta.get("shape_zyx", (0,)))),
                                 "probabilities": final.get("probability_bytes", 0)},
             peak_rss_mb={"prepare_worker": meta.get("peak_rss_mb"), "write_worker": written.get("peak_rss_mb")},
             peak_gpu_memory_mb=final.get("peak_gpu_memory_mb"), done_at_s=round(time.perf_counter() - self.t_start, 3),
             postprocessing=written.get("postprocessing"))
 
-    def report(self, model: NnUNetModel, cases: list[Case], actor_stats: list[dict]) -> dict:
+    def report(self, model: ModelSet, cases: list[Case], actor_stats: list[dict]) -> dict:
         by_name = {a["actor"]: a for a in actor_stats}
         for r in self.results.values():  # which engine and GPU made each mask
             names = list(r.actors or {})
@@ -388,7 +431,7 @@ class Scheduler:
                           time.perf_counter() - self.t_start, job=job, actors=actor_stats)
 
 
-def _run(cfg: JobConfig, model: NnUNetModel, cases: list[Case], todo: list[Case], results: dict, cpu_mode: bool,
+def _run(cfg: JobConfig, model: ModelSet, cases: list[Case], todo: list[Case], results: dict, cpu_mode: bool,
          t_start: float) -> dict:
     """Schedules the cases of ``todo`` on a connected Ray; ``results`` already holds the skipped ones."""
     import ray

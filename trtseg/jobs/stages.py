@@ -1,7 +1,8 @@
 """The job's Ray tasks: the shared case stages (``trtseg.pipeline``) run in a Ray worker, plus what the run report
 wants to know of that worker (its peak memory).
 
-prepare_task   read -> preprocess -> window plan, on the worker's device; the padded volume goes to the object store
+prepare_task   read -> preprocess -> window plan for one model (pass), on the worker's device; the padded
+               volume goes to the object store
 (the tiles     run by InferenceActor: ``trtseg.infer.run_tiles`` into a ``trtseg.aggregate.Merger`` per case)
 write_task     the mask (and probabilities) written atomically with the rerun stamp
 """
@@ -29,10 +30,14 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def prepare_task(case: Case, model, settings: Settings, storage_options=None) -> tuple[dict, Any]:
-    """``prepare_case`` on the worker's device, the volume as numpy for the object store."""
+def prepare_task(case: Case, models, settings: Settings, storage_options=None, index: int = 0, prev=None
+                 ) -> tuple[dict, Any]:
+    """``prepare_case`` for pass ``index`` on the worker's device, the volume as numpy for the object store.
+
+    prev: the mask (z, y, x) of the stage a one-job cascade takes (the owner actor's result, numpy). A later pass
+    reads the image again: one more read per model beside the object store holding every case's image."""
     storage.set_default_options(storage_options)
-    meta, volume = prepare_case(case, model, settings, worker_device(settings), None, to_host=True)
+    meta, volume, _ = prepare_case(case, models, settings, worker_device(settings), None, True, index, prev)
     meta["peak_rss_mb"] = peak_rss_mb()
     return meta, volume
 
