@@ -1,22 +1,30 @@
-"""The cascade (3d_lowres -> 3d_cascade_fullres) against nnUNetv2 doing the same, whole commands, on one GPU.
+"""The models nnU-Net users deploy besides one configuration, against nnUNetv2 doing the same, whole commands, on
+one GPU:
 
-    python -m benchmarks.cascade_vs_nnunet [--cases 2] [--shape 512 512 240] [--json results.json]
+    python -m benchmarks.models_vs_nnunet --scenario cascade|ensemble [--cases 2] [--shape 512 512 240] [--json F]
 
-Both sides run their two commands as a user does, each a fresh process, timed from start to exit:
-- nnUNetv2: `nnUNetv2_predict -c 3d_lowres`, then `-c 3d_cascade_fullres -prev_stage_predictions LOWRES_OUT`
-  (nnUNetv2's own predict_entry_point, default workers, no mirroring);
-- trtseg: `trtseg predict -m LOWRES`, then `trtseg predict -m CASCADE --prev-stage-predictions LOWRES_OUT`,
-  default flags except --disable-tta, in one process each (--single-process).
+- cascade: nnUNetv2's two commands, `nnUNetv2_predict -c 3d_lowres`, then `-c 3d_cascade_fullres
+  -prev_stage_predictions LOWRES_OUT`, against one `trtseg predict -m LOWRES CASCADE` (both stages in one job).
+- ensemble: nnUNetv2's four, `nnUNetv2_predict -c 3d_fullres --save_probabilities`, the same for 3d_lowres,
+  `nnUNetv2_ensemble` and `nnUNetv2_apply_postprocessing` (a postprocessing.pkl keeping the largest foreground
+  component and the largest component of label 1), against one `trtseg predict -m FULLRES LOWRES --postprocessing
+  postprocessing.pkl`.
 
-Models: nnU-Net's 3d_fullres CT topology (PlainConvUNet 32->320, 6 stages, 128^3 patch) for both stages with seeded
-random weights, the low-res stage at 2.5 x 1.95 x 1.95 mm. Inputs: CT-like 512x512x240 volumes at 0.7 x 0.7 x
-1.25 mm. The masks are compared voxel for voxel: each stage end to end, and trtseg's cascade stage given nnU-Net's
-own low-res masks (the stage alone; random weights amplify any difference in the previous stage's input).
+Each command is a fresh process, timed from start to exit, as a user runs it: nnUNetv2's entry points with their
+default workers; trtseg with default flags and --single-process (two cases on one GPU: the Ray job's start-up
+would be most of the time). Both sides run without mirroring (--disable_tta / --disable-tta), to keep nnUNetv2's
+side within minutes.
+
+Models: nnU-Net's 3d_fullres CT topology (PlainConvUNet 32->320, 6 stages, 128^3 patch) for every configuration,
+seeded random weights, the low-res configuration at 2.5 x 1.95 x 1.95 mm. Inputs: CT-like 512x512x240 volumes at
+0.7 x 0.7 x 1.25 mm. The final masks are compared voxel for voxel with nnUNetv2's.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import pickle
 import subprocess
 import sys
 import tempfile
@@ -24,69 +32,134 @@ import time
 
 import nibabel as nib
 import numpy as np
+import torch
 
 from benchmarks.case_latency import FULLRES_FEATURES
 from benchmarks.common import machine, save
 from trtseg import synthetic as syn
 
 
-def _timed(cmd: list[str], env: dict) -> float:
+_PROGRESS: dict = {}  # steps timed so far, written to the result file after each (a run cut short keeps them)
+
+
+def _timed(cmd: list[str], env: dict, step: str = "") -> float:
     t = time.perf_counter()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:6])} ... failed ({r.returncode}): {(r.stdout + r.stderr)[-2000:]}")
-    return round(time.perf_counter() - t, 2)
+    seconds = round(time.perf_counter() - t, 2)
+    if _PROGRESS.get("path"):
+        _PROGRESS.setdefault("steps", {})[step or " ".join(cmd[-4:])] = seconds
+        with open(_PROGRESS["path"] + ".partial", "w") as f:
+            json.dump(_PROGRESS["steps"], f, indent=2)
+    return seconds
+
+
+def _nnunet(entry: str, name: str) -> list[str]:
+    """A nnUNetv2 console script as a module call (the console scripts need not be installed)."""
+    module, fn = entry.rsplit(":", 1)
+    return [sys.executable, "-c", f"import sys; from {module} import {fn}; sys.argv[0] = '{name}'; {fn}()"]
+
+
+def _models(results: str) -> dict[str, str]:
+    """Dataset088: 3d_lowres, 3d_cascade_fullres and 3d_fullres trained-model folders of one plans.json."""
+    lowres, cascade = syn.make_cascade_folders(os.path.join(results, "Dataset088_CT"), seed=5,
+                                               features=FULLRES_FEATURES, fullres_patch=(128, 128, 128),
+                                               fullres_spacing=(1.0, 0.78, 0.78), lowres_patch=(128, 128, 128),
+                                               lowres_spacing=(2.5, 1.95, 1.95),
+                                               dataset_json=syn.dataset_dict(num_channels=1, num_labels=4))
+    plans, ds = (json.load(open(os.path.join(lowres, f))) for f in ("plans.json", "dataset.json"))
+    torch.manual_seed(7)
+    net = syn.build_network(plans, ds, "3d_fullres")
+    syn._spread_logits(net, plans, 1, 8.0, 7)
+    fullres = syn.write_model_folder(os.path.join(results, "Dataset088_CT", "nnUNetTrainer__nnUNetPlans__3d_fullres"),
+                                     plans, ds, {0: net.state_dict()}, "3d_fullres")
+    return {"3d_lowres": lowres, "3d_cascade_fullres": cascade, "3d_fullres": fullres}
+
+
+def _agreement(work: str, a_dir: str, b_dir: str, cases: int) -> dict[str, float]:
+    out = {}
+    for i in range(cases):
+        a = np.asarray(nib.load(os.path.join(work, a_dir, f"ct{i}.nii.gz")).dataobj)
+        b = np.asarray(nib.load(os.path.join(work, b_dir, f"ct{i}.nii.gz")).dataobj)
+        out[f"ct{i}"] = float((a == b).mean())
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenario", choices=["cascade", "ensemble"], required=True)
     ap.add_argument("--cases", type=int, default=2)
     ap.add_argument("--shape", nargs=3, type=int, default=[512, 512, 240])
     ap.add_argument("--json", default=None)
+    ap.add_argument("--skip-accumulate-fp16", action="store_true", help="no second trtseg run with --accumulate fp16")
     args = ap.parse_args()
-    work = tempfile.mkdtemp(prefix="trtseg_cascade_")
+    _PROGRESS["path"] = args.json
+    work = tempfile.mkdtemp(prefix="trtseg_models_")
     results = os.path.join(work, "results")
-    lowres, full = syn.make_cascade_folders(os.path.join(results, "Dataset088_CT"), seed=5, features=FULLRES_FEATURES,
-                                            fullres_patch=(128, 128, 128), fullres_spacing=(1.0, 0.78, 0.78),
-                                            lowres_patch=(128, 128, 128), lowres_spacing=(2.5, 1.95, 1.95),
-                                            dataset_json=syn.dataset_dict(num_channels=1, num_labels=4))
+    models = _models(results)
     inp = os.path.join(work, "in")
     os.makedirs(inp)
     for i in range(args.cases):
         syn.save_nifti(os.path.join(inp, f"ct{i}_0000.nii.gz"), syn.ct_like_volume(args.shape, seed=i),
                        syn.affine_for((0.7, 0.7, 1.25)))
     env = {**os.environ, "nnUNet_results": results, "nnUNet_raw": work, "nnUNet_preprocessed": work}
-    py = sys.executable
-    nn = [py, "-c", "import sys; from nnunetv2.inference.predict_from_raw_data import predict_entry_point; "
-          "sys.argv[0] = 'nnUNetv2_predict'; predict_entry_point()"]
-    out = {"scenario": "cascade_vs_nnunet", "machine": machine(), "cases": args.cases, "shape_xyz": args.shape}
-    out["nnunetv2_seconds"] = {
-        "3d_lowres": _timed([*nn, "-i", inp, "-o", os.path.join(work, "nn_low"), "-d", "88", "-c", "3d_lowres",
-                             "-f", "0", "--disable_tta"], env),
-        "3d_cascade_fullres": _timed([*nn, "-i", inp, "-o", os.path.join(work, "nn_full"), "-d", "88", "-c",
-                                      "3d_cascade_fullres", "-f", "0", "--disable_tta", "-prev_stage_predictions",
-                                      os.path.join(work, "nn_low")], env)}
-    ts = [py, "-m", "trtseg.cli", "predict", "-i", inp, "--disable-tta", "--single-process", "--no-progress"]
-    out["trtseg_seconds"] = {
-        "3d_lowres": _timed([*ts, "-o", os.path.join(work, "ts_low"), "-m", lowres], env),
-        "3d_cascade_fullres": _timed([*ts, "-o", os.path.join(work, "ts_full"), "-m", full,
-                                      "--prev-stage-predictions", os.path.join(work, "ts_low")], env)}
-    # trtseg's cascade stage given nnU-Net's own low-res masks: the stage alone, apart from the low-res differences
-    out["trtseg_cascade_on_nnunet_lowres_seconds"] = _timed([*ts, "-o", os.path.join(work, "ts_full_nnlow"), "-m",
-                                                             full, "--prev-stage-predictions",
-                                                             os.path.join(work, "nn_low")], env)
-    nn_total, ts_total = sum(out["nnunetv2_seconds"].values()), sum(out["trtseg_seconds"].values())
-    out["nnunetv2_total_seconds"], out["trtseg_total_seconds"] = round(nn_total, 2), round(ts_total, 2)
-    out["speedup"] = round(nn_total / ts_total, 1)
-    agreement = {}
-    pairs = {"3d_lowres": ("nn_low", "ts_low"), "3d_cascade_fullres": ("nn_full", "ts_full"),
-             "3d_cascade_fullres_given_nnunets_lowres": ("nn_full", "ts_full_nnlow")}
-    for stage, (a_dir, b_dir) in pairs.items():
-        for i in range(args.cases):
-            a = np.asarray(nib.load(os.path.join(work, a_dir, f"ct{i}.nii.gz")).dataobj)
-            b = np.asarray(nib.load(os.path.join(work, b_dir, f"ct{i}.nii.gz")).dataobj)
-            agreement[f"{stage}/ct{i}"] = float((a == b).mean())
-    out["voxel_agreement_vs_nnunet"] = agreement
+    predict = _nnunet("nnunetv2.inference.predict_from_raw_data:predict_entry_point", "nnUNetv2_predict")
+    nn_common = ["-i", inp, "-d", "88", "-f", "0", "--disable_tta",
+                 *([] if torch.cuda.is_available() else ["-device", "cpu"])]
+    ts = [sys.executable, "-m", "trtseg.cli", "predict", "-i", inp, "--disable-tta", "--single-process",
+          "--no-progress"]
+    out: dict = {"scenario": f"models_vs_nnunet/{args.scenario}", "machine": machine(), "cases": args.cases,
+                 "shape_xyz": args.shape, "mirroring": False}
+    pp = os.path.join(work, "postprocessing.pkl")
+    if args.scenario == "cascade":
+        out["trtseg_command"] = "trtseg predict -m 3d_lowres 3d_cascade_fullres --disable-tta --single-process"
+        ts_args = ["-m", models["3d_lowres"], models["3d_cascade_fullres"]]
+    else:
+        from nnunetv2.postprocessing.remove_connected_components import \
+            remove_all_but_largest_component_from_segmentation as keep_largest
+        with open(pp, "wb") as f:
+            pickle.dump(([keep_largest] * 2, [{"labels_or_regions": [1, 2, 3]}, {"labels_or_regions": 1}]), f)
+        out["trtseg_command"] = ("trtseg predict -m 3d_fullres 3d_lowres --postprocessing postprocessing.pkl "
+                                 "--disable-tta --single-process")
+        ts_args = ["-m", models["3d_fullres"], models["3d_lowres"], "--postprocessing", pp]
+    # trtseg first: a run cut short still has its figure
+    out["trtseg_seconds"] = _timed([*ts, "-o", os.path.join(work, "ts"), *ts_args], env, "trtseg")
+    if args.scenario == "cascade":
+        low = os.path.join(work, "nn_low")
+        out["nnunetv2_seconds"] = {
+            "nnUNetv2_predict -c 3d_lowres": _timed([*predict, *nn_common, "-o", low, "-c", "3d_lowres"], env),
+            "nnUNetv2_predict -c 3d_cascade_fullres -prev_stage_predictions": _timed(
+                [*predict, *nn_common, "-o", os.path.join(work, "nn"), "-c", "3d_cascade_fullres",
+                 "-prev_stage_predictions", low], env)}
+    else:
+        ens = _nnunet("nnunetv2.ensembling.ensemble:entry_point_ensemble_folders", "nnUNetv2_ensemble")
+        app = _nnunet("nnunetv2.postprocessing.remove_connected_components:entry_point_apply_postprocessing",
+                      "nnUNetv2_apply_postprocessing")
+        a, b, m = (os.path.join(work, d) for d in ("nn_full", "nn_low", "nn_mean"))
+        out["nnunetv2_seconds"] = {
+            "nnUNetv2_predict -c 3d_fullres --save_probabilities": _timed(
+                [*predict, *nn_common, "-o", a, "-c", "3d_fullres", "--save_probabilities"], env),
+            "nnUNetv2_predict -c 3d_lowres --save_probabilities": _timed(
+                [*predict, *nn_common, "-o", b, "-c", "3d_lowres", "--save_probabilities"], env),
+            "nnUNetv2_ensemble": _timed([*ens, "-i", a, b, "-o", m], env),
+            "nnUNetv2_apply_postprocessing": _timed(
+                [*app, "-i", m, "-o", os.path.join(work, "nn"), "-pp_pkl_file", pp, "-plans_json",
+                 os.path.join(a, "plans.json"), "-dataset_json", os.path.join(a, "dataset.json")], env)}
+    if args.scenario == "ensemble":
+        out["postprocessing_changed_voxels"] = 1.0 - min(_agreement(work, "nn_mean", "nn", args.cases).values())
+        report = json.load(open(os.path.join(work, "ts", "run_report.json")))
+        out["trtseg_postprocessing"] = [c["postprocessing"] for c in report["cases"]]
+        out["trtseg_case_seconds"] = [c["seconds"] for c in report["cases"]]
+    # the same trtseg command with nnU-Net's own float16 sums (--accumulate fp16): agreement only
+    if not args.skip_accumulate_fp16:
+        out["trtseg_accumulate_fp16_seconds"] = _timed([*ts, "-o", os.path.join(work, "ts16"), "--accumulate",
+                                                        "fp16", *ts_args], env)
+        out["voxel_agreement_vs_nnunet_accumulate_fp16"] = _agreement(work, "nn", "ts16", args.cases)
+    nn_total = sum(out["nnunetv2_seconds"].values())
+    out["nnunetv2_total_seconds"] = round(nn_total, 2)
+    out["speedup"] = round(nn_total / out["trtseg_seconds"], 1)
+    out["voxel_agreement_vs_nnunet"] = _agreement(work, "nn", "ts", args.cases)
     save(out, args.json)
 
 

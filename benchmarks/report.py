@@ -22,13 +22,16 @@ COMMANDS = {
     "gzip_read": "python -m benchmarks.gzip_read",
     "conv_alternatives": "python -m benchmarks.conv_alternatives",
     "fused_conv": "python -m benchmarks.fused_conv",
-    "cascade_vs_nnunet": "python -m benchmarks.cascade_vs_nnunet --cases 2",
+    "models_vs_nnunet/cascade": "python -m benchmarks.models_vs_nnunet --scenario cascade --cases 2",
+    "models_vs_nnunet/ensemble": "python -m benchmarks.models_vs_nnunet --scenario ensemble",
     "skip_decision": "python -m benchmarks.skip_decision --cases 5000",
 }
 
 # result files written by a command other than their scenario's plain one (the exact command, run on the H100 with
 # shared/device's base bundle and the isal wheel on PYTHONPATH)
 FILE_COMMANDS = {
+    "h200_models_vs_nnunet_ensemble.json": "timeout 440 python -m benchmarks.models_vs_nnunet --scenario ensemble "
+                                           "--cases 1 --skip-accumulate-fp16 (cut off in nnUNetv2_apply_postprocessing)",
     "h200_engine_throughput_pipeline.json": "python -m benchmarks.engine_throughput --batches 4 --repeats 5 --configs "
                                             "fp16+compile+cl+half+fold+merge+fuse+graphs (after the one-pipeline "
                                             "refactor: options declared once, rewrites in trtseg/accel/rewrites)",
@@ -183,11 +186,17 @@ def rows(r: dict) -> list[str]:
         return [f"{r['cases']} cases, local disk: {r['local']['seconds_per_1000_cases']} s per 1000 cases",
                 f"moto S3 on loopback: {r['s3_moto_loopback']['seconds_per_1000_cases']} s per 1000 cases, requests "
                 f"{r['s3_moto_loopback']['s3_requests']}"]
-    if s == "cascade_vs_nnunet":
-        return [f"{r['cases']} CTs {r['shape_xyz']}, 3d_lowres + 3d_cascade_fullres, whole commands: nnUNetv2 "
-                f"{r['nnunetv2_seconds']} = {r['nnunetv2_total_seconds']} s, trtseg {r['trtseg_seconds']} = "
-                f"{r['trtseg_total_seconds']} s ({r['speedup']}x)",
-                f"masks vs nnUNetv2: {r['voxel_agreement_vs_nnunet']}"]
+    if s.startswith("models_vs_nnunet/"):
+        total = r.get("nnunetv2_total_seconds") or f"at least {r.get('nnunetv2_total_seconds_at_least')}"
+        speedup = r.get("speedup") or f"at least {r.get('speedup_at_least')}"
+        out = [f"{r['cases']} CT(s) {r['shape_xyz']}, whole commands, no mirroring: nnUNetv2 {r['nnunetv2_seconds']} "
+               f"= {total} s; `{r['trtseg_command']}` {r['trtseg_seconds']} s ({speedup}x)",
+               f"masks vs nnUNetv2: {r['voxel_agreement_vs_nnunet']}"]
+        if "voxel_agreement_vs_nnunet_accumulate_fp16" in r:
+            out.append(f"with --accumulate fp16: {r['voxel_agreement_vs_nnunet_accumulate_fp16']}")
+        if r.get("note"):
+            out.append(r["note"])
+        return out
     if s == "vs_nnunet":
         return [f"{k}: nnUNetv2 {v['nnunetv2_predict_seconds']} s vs trtseg {v['trtseg_median_seconds']} s "
                 f"({v['speedup']}x), masks agree {v['voxel_agreement']:.5f}" for k, v in r["runs"].items()]
