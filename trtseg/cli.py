@@ -37,7 +37,8 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False, folds: b
     p.add_argument("--checkpoint", "-chk", default="checkpoint_final.pth", help="checkpoint file name in each fold folder")
     p.add_argument("--card", default=None, help="model card (JSON/YAML) for a non-nnU-Net model")
     p.add_argument("--network", default=None, help="with --card: package.module:callable that returns the network")
-    p.add_argument("--weights", default=None, help="with --card --network: a state dict file")
+    p.add_argument("--weights", nargs="+", default=None, help="with --card --network: a state dict file, one per "
+                   "fold, or a folder of fold_N files (default: the card's weights)")
     p.add_argument("--onnx-model", default=None, help="with --card: an ONNX file instead of a PyTorch network")
 
 
@@ -58,7 +59,7 @@ def _load_model(args, several: bool = False):
     _resolve_model_folder(args)
     if args.card:
         from trtseg.accel.card import model_from_card
-        return model_from_card(args.card, args.network, args.weights, args.onnx_model)
+        return model_from_card(args.card, args.network, args.weights, args.onnx_model, args.folds)
     if not args.model:
         raise TrtsegError("give a model: -m MODEL_FOLDER, or --card CARD with --network or --onnx-model")
     from trtseg.model_folder import load_model_folder, load_models

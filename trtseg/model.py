@@ -141,6 +141,8 @@ class NnUNetModel:
     #: the connected-component postprocessing of its masks (trtseg/postprocess.py): a v1 folder's
     #: postprocessing.json by default, or the file given with --postprocessing
     postprocessing: Postprocessing = field(default=NONE)
+    #: what loading found and kept, for the run report (a card's norm layers, say)
+    notes: tuple[str, ...] = ()
 
     def with_folds(self, folds: list[str]) -> "NnUNetModel":
         """The same model restricted to ``folds``."""
@@ -217,6 +219,27 @@ class NnUNetModel:
                                          c.get("resampling_fn_seg_kwargs", {"order": 1, "order_z": 0}), self.folder)
 
     @property
+    def resample_first(self) -> bool:
+        """Resample, then normalize (nnU-Net v1's order, or a card's preprocessing_order); else normalize first."""
+        return self.nnunet_version == 1 or bool(self.configuration.get("trtseg_resample_first"))
+
+    @property
+    def crop_to_nonzero(self) -> bool:
+        """Crop to the nonzero box before normalizing (nnU-Net's); a card may normalize over the whole volume."""
+        return bool(self.configuration.get("trtseg_crop_to_nonzero", True))
+
+    @property
+    def aggregates_probabilities(self) -> bool:
+        """Average softmax probabilities over mirrorings, tiles and folds (nnU-Net v1, or a card's aggregate:
+        probabilities) instead of logits."""
+        return self.nnunet_version == 1 or self.configuration.get("trtseg_aggregate") == "probabilities"
+
+    @property
+    def pad_side(self) -> str:
+        """Where a volume smaller than the patch is padded: "centered" (nnU-Net's) or "end" (a card's choice)."""
+        return str(self.configuration.get("trtseg_pad_side", "centered"))
+
+    @property
     def previous_stage(self) -> str | None:
         """A cascade configuration's previous stage (3d_cascade_fullres: "3d_lowres"), else None."""
         return self.configuration.get("previous_stage")
@@ -238,10 +261,7 @@ class NnUNetModel:
         if "generic_unet_v1" in arch:
             from trtseg.generic_unet import GenericUNet
             net = GenericUNet(**arch["generic_unet_v1"])
-            try:
-                net.load_state_dict(self.fold_weights[fold])
-            except RuntimeError as e:
-                raise ModelFolderError(self.folder, f"v1 checkpoint weights do not fit the Generic_UNet its plans describe: {str(e)[:300]}") from None
+            load_weights(net, self.fold_weights[fold], self.folder, "the Generic_UNet its v1 plans describe")
             return net.eval()
         cls = _locate(arch["network_class_name"], self.folder)
         kwargs = copy.deepcopy(arch["arch_kwargs"])
@@ -250,12 +270,26 @@ class NnUNetModel:
                 kwargs[key] = _locate(kwargs[key], self.folder)
         kwargs["deep_supervision"] = False
         net = cls(input_channels=self.num_input_channels, num_classes=self.labels.num_heads, **kwargs)
-        weights = self.fold_weights[fold]
-        try:
-            net.load_state_dict(weights)
-        except RuntimeError as e:
-            raise ModelFolderError(self.folder, f"checkpoint weights do not fit the network the plans describe: {str(e)[:300]}") from None
+        load_weights(net, self.fold_weights[fold], self.folder, "the network the plans describe")
         return net.eval()
+
+
+def load_weights(net: torch.nn.Module, state: dict, where: str, what: str) -> None:
+    """Loads a state dict, or one error that says in full sentences which keys are missing, unexpected or of
+    another shape (a few of each named), instead of PyTorch's multi-line message."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the network" for k in own
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = []
+    for name, items in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)):
+        if items:
+            shown = "; ".join(items[:3]) + (f"; and {len(items) - 3} more" if len(items) > 3 else "")
+            problems.append(f"{len(items)} {name} ({shown})")
+    if problems:
+        raise ModelFolderError(where, f"the weights do not fit {what}: {', '.join(problems)}")
+    net.load_state_dict(state)
 
 
 def _locate(dotted: str, where: str) -> Any:

@@ -305,6 +305,9 @@ def run_report(model, source: str | None, settings: Settings, engine: dict | Non
         summary["engine_busy_in_span"] = {a["actor"]: a["engine_busy_in_span"] for a in actors}
     models = ModelSet.of(model)
     described = {"passes": models.describe()} if len(models.models) > 1 else {}
+    notes = [n for m in models.models for n in m.notes]
+    if notes:  # what loading found and kept (a card's norm layers)
+        described["notes"] = notes
     return {"model": {"source": source, "fingerprint": models.fingerprint, "folds": models.folds,
                       "configuration": models.configuration_name, **described},
             "settings": settings.to_json(), "job": job, "engine": engine, "actors": actors or [],

@@ -133,7 +133,8 @@ def preprocess(image: CaseImage, model: NnUNetModel, device: torch.device | str 
     shape_before = tuple(int(s) for s in data.shape[1:])
 
     nonzero = (data != 0).any(dim=0)
-    box = bbox_of(nonzero)
+    # nnU-Net crops to the nonzero box; a card may keep (and normalize over) the whole volume
+    box = bbox_of(nonzero) if model.crop_to_nonzero else [[0, int(n)] for n in nonzero.shape]
     sl = tuple(slice(a, b) for a, b in box)
     data = data[(slice(None), *sl)]
     need_mask = any(m and s.startswith("ZScoreNormalization")
@@ -161,9 +162,9 @@ def preprocess(image: CaseImage, model: NnUNetModel, device: torch.device | str 
         seg_plan = rs.plan_resize(sspec.kind, sspec.order, sspec.order_z, sspec.force_separate_z, spacing, target,
                                   sspec.anisotropy_threshold)
         onehot = rs.resample_seg_onehot(seg, new_shape, seg_plan, model.labels.foreground_labels)
-    if model.nnunet_version == 1:
-        # v1 resamples first, then normalizes; its mask is the nonzero mask resampled as a segmentation (linear,
-        # nearest along a separate z, then >= 0.5)
+    if model.resample_first:
+        # v1 (and a card with preprocessing_order resample_then_normalize) resamples first, then normalizes; its
+        # mask is the nonzero mask resampled as a segmentation (linear, nearest along a separate z, then >= 0.5)
         if plan is not None:
             data = rs.resample(data, new_shape, plan)
             if mask is not None:

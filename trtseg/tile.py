@@ -9,15 +9,17 @@ import numpy as np
 import torch
 
 
-def pad_to_patch(data: torch.Tensor, patch_size) -> tuple[torch.Tensor, tuple[slice, ...]]:
-    """Zero-pads (c, z, y, x) to at least ``patch_size``, half below and the rest above (acvl pad_nd_image).
+def pad_to_patch(data: torch.Tensor, patch_size, side: str = "centered") -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Zero-pads (c, z, y, x) to at least ``patch_size``, half below and the rest above (acvl pad_nd_image), or
+    with ``side`` "end" all above (a model card's padding choice).
 
     Returns the padded tensor and the (z, y, x) slices that cut the original region back out.
     """
     pads, revert = [], []
     for n, p in zip(data.shape[1:], patch_size):
         diff = max(0, int(p) - int(n))
-        below, above = diff // 2, diff // 2 + diff % 2
+        below = 0 if side == "end" else diff // 2
+        above = diff - below
         pads.append((below, above))
         revert.append(slice(below, below + int(n)))
     if any(b or a for b, a in pads):

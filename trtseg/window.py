@@ -77,7 +77,7 @@ def plan_window(data: torch.Tensor, model, step_size: float, use_mirroring: bool
 
     Returns the padded volume (same device and dtype) and its plan."""
     patch = tuple(int(p) for p in model.patch_size)
-    padded, crop = pad_to_patch(data, (1, *patch) if len(patch) == 2 else patch)
+    padded, crop = pad_to_patch(data, (1, *patch) if len(patch) == 2 else patch, getattr(model, "pad_side", "centered"))
     shape = tuple(int(s) for s in padded.shape[1:])
     if len(patch) == 2:  # every slice, z slowest, then nnU-Net's 2-D steps (predict_sliding_window's 2d branch)
         starts = tuple((z, *yx) for z in range(shape[0]) for yx in tile_starts(shape[1:], patch, step_size))
@@ -86,4 +86,4 @@ def plan_window(data: torch.Tensor, model, step_size: float, use_mirroring: bool
     return padded, WindowPlan(patch=patch, padded_shape=shape, crop=tuple((s.start, s.stop) for s in crop),
                               starts=starts,
                               mirror_axes=model.mirror_axes if use_mirroring else None,
-                              probabilities=model.nnunet_version == 1)
+                              probabilities=model.aggregates_probabilities)

@@ -8,9 +8,11 @@ builder precision flag is needed.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -114,9 +116,14 @@ def export_onnx(net: torch.nn.Module, url: str, input_channels: int, patch_size,
         path = os.path.join(tmp, "model.onnx")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy exporter warns about InstanceNorm's training flag
-            torch.onnx.export(model, (example,), path, input_names=[INPUT], output_names=[OUTPUT],
-                              dynamic_axes={INPUT: dyn, OUTPUT: dyn} if dyn else None, opset_version=opset,
-                              dynamo=False, do_constant_folding=True)
+            printed = os.path.join(tmp, "exporter.out")
+            try:
+                with _process_output_to(printed):  # on failure the exporter prints its graph: into the log
+                    torch.onnx.export(model, (example,), path, input_names=[INPUT], output_names=[OUTPUT],
+                                      dynamic_axes={INPUT: dyn, OUTPUT: dyn} if dyn else None, opset_version=opset,
+                                      dynamo=False, do_constant_folding=True)
+            except Exception as e:
+                raise _export_failed(e, url, open(printed).read()) from None
         proto = onnx.load(path)
         external = None
         if proto.ByteSize() > EXTERNAL_DATA_LIMIT:
@@ -196,3 +203,39 @@ def compare_with_pytorch(net: torch.nn.Module, onnx_url: str, patches: dict[str,
             got = sess.run([OUTPUT], {INPUT: x})[0]
         report[name] = compare_outputs(ref, got)
     return report
+
+
+@contextlib.contextmanager
+def _process_output_to(path: str):
+    """Sends this process's stdout and stderr (file descriptors 1 and 2, where PyTorch's C++ prints) to ``path``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(path, "w") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+def _export_failed(e: Exception, url: str, printed: str = "") -> TrtsegError:
+    """One line for a failed ONNX export: the exporter's cause, with its whole message and what it printed (often
+    a graph dump of hundreds of lines) in a log file beside the system's temporary files."""
+    import traceback
+
+    text = printed + "\n" + "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    log = os.path.join(tempfile.gettempdir(), f"trtseg-onnx-export-{hashlib.sha256(text.encode()).hexdigest()[:8]}.log")
+    with open(log, "w") as f:
+        f.write(text)
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    cause = next((ln for ln in lines if "export" in ln.lower() or "not supported" in ln.lower()), lines[0] if lines else "")
+    cause = cause.split("[Caused by")[0].strip()
+    return TrtsegError(f"ONNX export for {url} failed: {type(e).__name__}: {cause[:300]} (the exporter's full "
+                       f"output: {log})")

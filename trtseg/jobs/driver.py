@@ -42,7 +42,7 @@ def load_model(cfg: JobConfig) -> ModelSet:
     if cfg.model_card:
         from trtseg.accel.card import model_from_card
         c = cfg.model_card
-        return ModelSet.of(model_from_card(c["card"], c.get("network"), c.get("weights"), c.get("onnx")))
+        return ModelSet.of(model_from_card(c["card"], c.get("network"), c.get("weights"), c.get("onnx"), cfg.folds))
     assert cfg.model, "a model folder or a model card is required"
     return load_models(cfg.model, cfg.folds, cfg.checkpoint)
 
