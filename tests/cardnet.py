@@ -72,3 +72,8 @@ def mean_softmax_of(folder: str, folds: int = 5) -> torch.nn.Module:
         net.load_state_dict(torch.load(os.path.join(folder, f"fold_{f}.pt"), weights_only=True))
         nets.append(net)
     return MeanSoftmax(nets)
+
+
+def batch_norm_net() -> torch.nn.Module:
+    """BatchNorm in training mode with no running statistics: it would normalize by each batch of tiles."""
+    return torch.nn.Sequential(torch.nn.Conv3d(1, 4, 1), torch.nn.BatchNorm3d(4), torch.nn.Conv3d(4, 3, 1))

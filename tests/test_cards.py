@@ -203,6 +203,8 @@ def test_network_kwargs_and_one_line_errors(tmp_path, monkeypatch):
     msg = str(e.value)
     assert "of another shape" in msg and "0.weight (8, 1, 3, 3, 3) in the file, (4, 1, 3, 3, 3) in the network" in msg
     assert "\n" not in msg and msg.endswith(")"), msg
+    with pytest.raises(ModelFolderError, match=r"BatchNorm3d '1' is in training mode without running statistics"):
+        model_from_card(_card(tmp_path / "plain_card"), "cardnet:batch_norm_net")
     with pytest.raises(ModelFolderError, match=r"cardnet:not_a_module returned a dict, not a torch.nn.Module"):
         model_from_card(_card(tmp_path / "plain_card"), "cardnet:not_a_module")
     bad = model_from_card(_card(tmp_path, input_channels=1, labels={"background": 0, "a": 1, "b": 2}),

@@ -67,7 +67,12 @@ def create_engines(model, spec: "EngineSpec", device: torch.device | str | None 
     engines: list[Engine] = []
     for fold in model.folds:
         if kind == "torch":
-            engines.append(torch_engine(model.build_network(fold), spec, device))
+            cache = None
+            if spec.compile:
+                from trtseg.accel.compile_cache import CompileCacheEntry, key_fields
+                shape = (batch, model.num_input_channels, *model.patch_size)
+                cache = CompileCacheEntry(cache_url, key_fields(model.fingerprint, fold, spec.text(), shape, device))
+            engines.append(torch_engine(model.build_network(fold), spec, device, compile_cache=cache))
         elif kind == "onnxruntime":
             from trtseg.accel.onnxruntime_engine import OnnxRuntimeEngine
 

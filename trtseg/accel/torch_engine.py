@@ -46,7 +46,7 @@ class TorchEngine(Engine):
     def __init__(self, network: torch.nn.Module, device: torch.device | str = "cpu", precision: str = "fp32",
                  compile: bool | str = False, cuda_graphs: bool = False, channels_last: bool = False,
                  fp16_weights: bool = False, static_batch: int | None = None, fold_convolutions: bool = False,
-                 merge_upsampling: bool = False, fuse_norms: bool = False):
+                 merge_upsampling: bool = False, fuse_norms: bool = False, compile_cache=None):
         self.device = torch.device(device)
         if precision not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
@@ -90,6 +90,11 @@ class TorchEngine(Engine):
             mode = _TORCH_COMPILE_MODES.get(self.compile_mode, self.compile_mode)  # type: ignore[arg-type]
             self._fn = torch.compile(self.network, mode=mode, dynamic=False)  # type: ignore[assignment]
         self.compiled = bool(compile)
+        # trtseg/accel/compile_cache.py: the compiled graphs of an earlier process on this GPU type, loaded before
+        # the first compiled call; saved after warm_up when there were none
+        self.compile_cache = compile_cache if compile else None
+        if self.compile_cache is not None:
+            self.compile_cache.load()
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.cuda_graphs = cuda_graphs
@@ -141,9 +146,21 @@ class TorchEngine(Engine):
             out = self._fn(batch)
         return out[:n].float().contiguous()
 
+    def warm_up(self, batch_shape: tuple[int, ...]) -> float:
+        """Engine.warm_up (compiles), then saves the compile results where the cache had none to load."""
+        seconds = super().warm_up(batch_shape)
+        cache = self.compile_cache
+        if cache is not None and cache.status != "loaded":
+            try:
+                cache.save()
+            except Exception as e:  # a cache that cannot be written costs the next process a compile, not this run
+                cache.status = f"not saved ({type(e).__name__}: {e})"
+        return seconds
+
     def describe(self) -> dict:
         return {"engine": self.name, "device": str(self.device), "precision": self.precision, "compiled": self.compiled,
                 "compile_mode": self.compile_mode,
+                "compile_cache": self.compile_cache.describe() if self.compile_cache is not None else None,
                 "cuda_graphs": self.cuda_graphs, "channels_last": self.channels_last, "fp16_weights": self.fp16_weights,
                 "folded_convolutions": self.folded_convolutions, "merged_upsamplings": self.merged_upsamplings,
                 "fused_norms": self.fused_norms}

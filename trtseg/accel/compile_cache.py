@@ -1,0 +1,114 @@
+"""torch.compile's results, built once per GPU type and reused by every process, actor and node.
+
+A compiled engine's first batches compile its graph (22-60 s for nnU-Net's 3d_fullres network, 172 s with
+max-autotune, on an NVIDIA H100), again in every new process and on every node: Inductor's own cache lives on one
+machine's disk. PyTorch's portable cache (``torch.compiler.save_cache_artifacts`` / ``load_cache_artifacts``)
+packs Inductor's compiled graphs and autotuning results into bytes that another machine can load. trtseg keeps them
+in the engine cache, on any fsspec URL, beside the ONNX graphs and TensorRT engines:
+
+    CACHE/compile/<device>/<key>.bin    the artifacts
+    CACHE/compile/<device>/<key>.json   the key's fields, the bytes' SHA-256 and what made them
+
+The key holds what decides the compiled code: the device (GPU name and compute capability, or the CPU), the torch,
+Triton and CUDA versions, the model fingerprint and fold, the input shape (batch, channels, patch), the engine
+spec (precision, compile mode, layouts, rewrites) and the fused kernels' tile configurations. An entry whose
+fields differ from the expected ones is refused and rebuilt; an entry whose bytes do not match their hash or do not
+load is rebuilt, never trusted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+
+import torch
+
+from trtseg import storage
+
+log = logging.getLogger(__name__)
+
+
+def device_slug(device: torch.device) -> str:
+    """A path-safe name of the device type: the GPU's name and compute capability, or the CPU's architecture."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        name = f"{torch.cuda.get_device_name(device)}-sm{major}{minor}"
+    else:
+        name = f"cpu-{platform.machine()}"
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", name)
+
+
+def key_fields(model_fingerprint: str, fold: str, engine_text: str, input_shape, device: torch.device) -> dict:
+    """Everything the compiled code depends on (see the module docstring)."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"device": device_slug(device), "torch": torch.__version__, "triton": triton_version,
+            "cuda": torch.version.cuda, "model": model_fingerprint, "fold": fold, "engine": engine_text,
+            "input_shape": [int(s) for s in input_shape],
+            "conv_configs": os.environ.get("TRTSEG_CONV_CONFIGS")}
+
+
+class CompileCacheEntry:
+    """One compiled engine's entry: ``load`` before its first compiled call, ``save`` after its warm-up.
+
+    ``status``: None (not looked up yet), "loaded", "saved", "missing", or "rebuilt: <why>" (a corrupt or mismatched
+    entry, replaced by ``save``)."""
+
+    def __init__(self, cache_url: str, fields: dict):
+        self.fields = fields
+        self.key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
+        base = storage.join(cache_url, "compile", fields["device"], self.key)
+        self.bin_url, self.meta_url = base + ".bin", base + ".json"
+        self.status: str | None = None
+
+    def load(self) -> bool:
+        """Loads the entry into this process's Inductor caches; True when it did."""
+        if not (storage.exists(self.bin_url) and storage.exists(self.meta_url)):
+            self.status = "missing"
+            return False
+        try:
+            meta = json.loads(storage.read_bytes(self.meta_url))
+            raw = storage.read_bytes(self.bin_url)
+        except Exception as e:  # unreadable: treat as corrupt
+            return self._refuse(f"unreadable ({type(e).__name__})")
+        if meta.get("fields") != self.fields:
+            differ = sorted(k for k in set(self.fields) | set(meta.get("fields") or {})
+                            if (meta.get("fields") or {}).get(k) != self.fields.get(k))
+            return self._refuse(f"made for other {', '.join(differ)}")
+        if hashlib.sha256(raw).hexdigest() != meta.get("sha256"):
+            return self._refuse("its bytes do not match their hash")
+        try:
+            torch.compiler.load_cache_artifacts(raw)
+        except Exception as e:
+            return self._refuse(f"does not load ({type(e).__name__})")
+        self.status = "loaded"
+        log.info("compile cache: loaded %s", self.bin_url)
+        return True
+
+    def _refuse(self, why: str) -> bool:
+        self.status = f"rebuilt: {why}"
+        log.warning("compile cache: %s %s; compiling again", self.bin_url, why)
+        return False
+
+    def save(self) -> None:
+        """Writes this process's compile artifacts as the entry (after the compile that ``load`` could not spare)."""
+        packed = torch.compiler.save_cache_artifacts()
+        if not packed:
+            return
+        raw, info = packed
+        meta = {"fields": self.fields, "sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw),
+                "artifacts": {k: len(v) for k, v in getattr(info, "artifacts", {}).items()}}
+        storage.write_bytes_atomic(self.bin_url, raw)
+        storage.write_bytes_atomic(self.meta_url, json.dumps(meta, indent=2).encode())
+        if self.status in (None, "missing"):
+            self.status = "saved"
+        log.info("compile cache: saved %s (%d bytes)", self.bin_url, len(raw))
+
+    def describe(self) -> dict:
+        return {"status": self.status, "entry": self.bin_url}
