@@ -25,6 +25,7 @@ COMMANDS = {
     "models_vs_nnunet/cascade": "python -m benchmarks.models_vs_nnunet --scenario cascade --cases 2",
     "models_vs_nnunet/ensemble": "python -m benchmarks.models_vs_nnunet --scenario ensemble",
     "skip_decision": "python -m benchmarks.skip_decision --cases 5000",
+    "mask_gzip": "python -m benchmarks.mask_gzip",
 }
 
 # result files written by a command other than their scenario's plain one (the exact command, run on the H100 with
@@ -186,6 +187,10 @@ def rows(r: dict) -> list[str]:
         return [f"{r['cases']} cases, local disk: {r['local']['seconds_per_1000_cases']} s per 1000 cases",
                 f"moto S3 on loopback: {r['s3_moto_loopback']['seconds_per_1000_cases']} s per 1000 cases, requests "
                 f"{r['s3_moto_loopback']['s3_requests']}"]
+    if s == "mask_gzip":
+        return [f"{name} ({m['labels']} labels, {m['raw_bytes']} bytes raw): " + ", ".join(
+            f"level {lv} {x['seconds']} s {x['bytes']} bytes" for lv, x in m["levels"].items())
+            for name, m in r["masks"].items()]
     if s.startswith("models_vs_nnunet/"):
         total = r.get("nnunetv2_total_seconds") or f"at least {r.get('nnunetv2_total_seconds_at_least')}"
         speedup = r.get("speedup") or f"at least {r.get('speedup_at_least')}"

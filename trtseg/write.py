@@ -19,7 +19,7 @@ from trtseg import codec, formats, storage
 STAMP_PREFIX = b"trtseg:"
 
 
-def encode_mask(mask_zyx: np.ndarray, header: nib.Nifti1Header, compress_level: int = 6, stamp: str = "") -> bytes:
+def encode_mask(mask_zyx: np.ndarray, header: nib.Nifti1Header, compress_level: int = 1, stamp: str = "") -> bytes:
     """NIfTI bytes (gzip-compressed when compress_level > 0) of a (z, y, x) mask with ``header``'s geometry.
 
     stamp: written into the header's descrip field as ``trtseg:<stamp>`` (at most 72 characters), so a rerun can
@@ -40,7 +40,7 @@ def encode_mask(mask_zyx: np.ndarray, header: nib.Nifti1Header, compress_level: 
 
 
 def write_mask(url: str, mask_zyx: np.ndarray, header,
-               storage_options: storage.StorageOptions | None = None, compress_level: int = 6, stamp: str = "") -> int:
+               storage_options: storage.StorageOptions | None = None, compress_level: int = 1, stamp: str = "") -> int:
     """Writes the mask to ``url`` atomically; returns the bytes written. ``header`` is the input's NIfTI header
     (.nii.gz or .nii, nibabel) or its ``SitkGeometry`` (.nrrd, .mha, .mhd: SimpleITK, trtseg/formats.py)."""
     if isinstance(header, formats.SitkGeometry):
