@@ -103,3 +103,30 @@ def test_a_malformed_kernel_setting_fails_only_where_the_fused_kernels_are_confi
     monkeypatch.setattr(triton_fusion, "CONV_CONFIGS", dict(triton_fusion.CONV_CONFIGS))
     with pytest.raises(ValueError, match="TRTSEG_CONV_CONFIGS: entry '2:1,2' is not"):
         triton_fusion.conv_config(2, 32)
+
+
+def test_a_handful_of_cases_runs_in_one_process_without_starting_ray(small_model, tmp_path, capsys):
+    """The default `trtseg predict` (no --single-process) with fewer cases than --ray-from-cases, no cluster and no
+    GPU runs in this process, says so, and reports its start-up; --ray-from-cases 0 starts Ray as before."""
+    import json
+
+    import ray
+
+    from trtseg.cli import main
+
+    inp = str(tmp_path / "in")
+    write_case(inp, "a", (40, 36, 12), (1.0, 1.0, 2.5), seed=1)
+    write_case(inp, "b", (38, 40, 12), (1.0, 1.0, 2.5), seed=2)
+    common = ["predict", "-i", inp, "-m", small_model, "-f", "0", "--disable-tta", "--no-progress"]
+    assert not ray.is_initialized()
+    assert main([*common, "-o", str(tmp_path / "auto")]) == 0
+    report = json.load(open(tmp_path / "auto" / "run_report.json"))
+    assert report["job"]["mode"] == "single-process" and "--ray-from-cases" in report["job"]["chosen"]
+    assert report["actors"] == [] and not ray.is_initialized()
+    assert set(report["summary"]["startup_seconds"]) == {"before_engines", "engines", "warm_up"}
+    assert "without Ray" in capsys.readouterr().err
+    assert main([*common, "-o", str(tmp_path / "ray"), "--ray-from-cases", "0"]) == 0
+    report = json.load(open(tmp_path / "ray" / "run_report.json"))
+    assert report["job"]["mode"] == "cpu" and len(report["actors"]) == 1
+    assert {"before_ray", "ray_start", "actors_warm_up", "to_first_tile"} <= set(report["summary"]["startup_seconds"])
+    assert [c["status"] for c in report["cases"]] == ["ok", "ok"]

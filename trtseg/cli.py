@@ -71,7 +71,8 @@ def _load_model(args, several: bool = False):
 
 
 # JobConfig fields that are flags of `trtseg predict` (the rest are set from other flags or are internal)
-_JOB_FLAGS = ("overwrite", "dry_run", "limit", "allow_empty", "input_identity", "shard", "address", "cpu_actors", "gpus_per_actor", "actor_resources",
+_JOB_FLAGS = ("overwrite", "dry_run", "limit", "allow_empty", "input_identity", "shard", "address", "cpu_actors",
+              "ray_from_cases", "gpus_per_actor", "actor_resources",
               "task_gpus", "max_cases_in_flight", "tiles_per_task", "partials", "log_json", "progress",
               "diagnostics")
 

@@ -292,14 +292,17 @@ class CaseReport:
 
 def run_report(model, source: str | None, settings: Settings, engine: dict | None, cases: list[Case],
                results: dict[str, CaseReport], wall_seconds: float, job: dict | None = None,
-               actors: list[dict] | None = None) -> dict:
+               actors: list[dict] | None = None, startup: dict | None = None) -> dict:
     """run_report.json: the model, the settings, the engine, every case in input order and a summary (total, ok,
-    failed, skipped, wall seconds); the Ray job adds its "job" settings and per-actor counters."""
+    failed, skipped, wall seconds, and the start-up's seconds before the first case could run); the Ray job adds its
+    "job" settings and per-actor counters."""
     ordered = [results[c.case_id].to_json() for c in cases if c.case_id in results]
     summary: dict[str, Any] = {"total": len(ordered)}
     for status in ("ok", "failed", "skipped"):
         summary[status] = sum(r["status"] == status for r in ordered)
     summary["wall_seconds"] = round(wall_seconds, 3)
+    if startup is not None:
+        summary["startup_seconds"] = startup
     if actors:
         summary["engine_busy_fraction"] = {a["actor"]: round(a["engine_seconds"] / wall_seconds, 4) for a in actors}
         summary["engine_busy_in_span"] = {a["actor"]: a["engine_busy_in_span"] for a in actors}

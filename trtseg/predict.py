@@ -151,10 +151,9 @@ def predict_folder(input_url: str, output_url: str, model_folder: "str | list[st
     a bad case is reported with its error and the others still run.
     """
     from trtseg.dataset import list_cases
-    from trtseg.log import Progress, event
     from trtseg.model_folder import load_models
     from trtseg import pipeline
-    from trtseg.pipeline import check_cascade, run_report, select_cases, with_postprocessing, write_report
+    from trtseg.pipeline import check_cascade, select_cases, with_postprocessing
 
     settings = settings or Settings()
     t0 = time.perf_counter()
@@ -171,9 +170,29 @@ def predict_folder(input_url: str, output_url: str, model_folder: "str | list[st
     todo, results = select_cases(cases, output_url, model, settings, overwrite, storage_options, input_identity)
     if dry_run:
         return dry_run_listing(todo, results, log)
+    source = model_folder if isinstance(model_folder, (str, list)) else model.folder
+    return run_in_process(model, source, settings, cases, todo, results, output_url, storage_options, progress_bar,
+                          t0, {"mode": "single-process", "shard": shard})
+
+
+def run_in_process(model: ModelSet, source, settings: Settings, cases: list[Case], todo: list[Case], results: dict,
+                   output_url: str, storage_options, progress_bar: bool, t0: float, job: dict) -> dict:
+    """Runs ``todo`` in this process (``results`` holds the skipped cases) and writes the run report; the start-up
+    (engines built and warmed up, before the first case) is its own entry of the report's summary."""
+    from trtseg.log import Progress, event
+    from trtseg.pipeline import run_report, write_report
+
+    t_setup = time.perf_counter()
     predictor = Predictor(model, settings)
-    event("run started", mode="single-process", cases=len(todo), skipped=len(results),
-          engine=settings.engine.text())
+    warm = 0.0
+    if predictor.device.type == "cuda":  # compile and autotune before the first case, not inside it
+        batch = max(settings.engine.batch_size, 1)
+        for m, engines in zip(predictor.models.models, predictor.engines_per_pass):
+            warm += sum(e.warm_up((batch, m.num_input_channels, *m.patch_size)) for e in engines)
+    startup = {"before_engines": round(t_setup - t0, 3), "engines": round(time.perf_counter() - t_setup - warm, 3),
+               "warm_up": round(warm, 3)}
+    event("run started", mode=job["mode"], cases=len(todo), skipped=len(results), engine=settings.engine.text(),
+          startup_seconds=startup)
     progress = Progress(len(todo), progress_bar)
     for case in todo:
         r = predictor.predict_case(case, output_url, storage_options)
@@ -184,10 +203,9 @@ def predict_folder(input_url: str, output_url: str, model_folder: "str | list[st
             event("case failed", case=case.case_id, error=r.error)
         progress.update(cases=1, tiles=r.tiles or 0)
     progress.close()
-    source = model_folder if isinstance(model_folder, (str, list)) else model.folder
     report = run_report(model, source, settings, predictor.engines[0].describe() if predictor.engines else None,
-                        cases, results, time.perf_counter() - t0,
-                        job={"mode": "single-process", "run_id": uuid.uuid4().hex[:6], "shard": shard})
+                        cases, results, time.perf_counter() - t0, job={**job, "run_id": uuid.uuid4().hex[:6]},
+                        startup=startup)
     write_report(output_url, report, storage_options)
     return report
 

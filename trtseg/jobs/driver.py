@@ -155,11 +155,21 @@ def run_job(cfg: JobConfig) -> dict:
     if cfg.dry_run:
         from trtseg.predict import dry_run_listing
         return dry_run_listing(todo, results)
+    if _in_one_process(cfg, len(todo)):
+        from trtseg.predict import run_in_process
+        _event("running in this process, without Ray: fewer cases than --ray-from-cases on at most one GPU",
+               cases=len(todo), ray_from_cases=cfg.ray_from_cases)
+        return run_in_process(model, cfg.model or (cfg.model_card or {}).get("card"), cfg.settings, cases, todo,
+                              results, cfg.output, None, cfg.progress, t_start,
+                              {"mode": "single-process", "chosen": f"fewer than {cfg.ray_from_cases} cases, no "
+                               "cluster, at most one GPU (--ray-from-cases)", "shard": cfg.shard})
 
     cpu_mode = bool(cfg.cpu_actors) or cfg.settings.engine.device == "cpu"
+    t_ray = time.perf_counter()
     started_ray = _init_ray(cfg, cfg.cpu_actors or 1)
+    startup = {"before_ray": round(t_ray - t_start, 3), "ray_start": round(time.perf_counter() - t_ray, 3)}
     try:
-        return _run(cfg, model, cases, todo, results, cpu_mode, t_start)
+        return _run(cfg, model, cases, todo, results, cpu_mode, t_start, startup)
     finally:
         if started_ray:
             ray.shutdown()
@@ -431,14 +441,33 @@ class Scheduler:
                           time.perf_counter() - self.t_start, job=job, actors=actor_stats)
 
 
+def _in_one_process(cfg: JobConfig, n_cases: int) -> bool:
+    """Whether one process beats starting Ray: few cases, no cluster to join, no CPU actors asked for, at most
+    one GPU (Ray's start-up and actor start cost more than a handful of cases take)."""
+    import ray
+    import torch
+
+    if cfg.ray_from_cases <= 0 or n_cases >= cfg.ray_from_cases or cfg.cpu_actors:
+        return False
+    if cfg.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        return False
+    return torch.cuda.device_count() <= 1
+
+
 def _run(cfg: JobConfig, model: ModelSet, cases: list[Case], todo: list[Case], results: dict, cpu_mode: bool,
-         t_start: float) -> dict:
+         t_start: float, startup: dict | None = None) -> dict:
     """Schedules the cases of ``todo`` on a connected Ray; ``results`` already holds the skipped ones."""
     import ray
 
+    t_actors = time.perf_counter()
+    epoch_start = time.time() - (t_actors - t_start)
     scheduler = Scheduler(cfg, model, todo, results, cpu_mode, t_start)
     actor_stats = scheduler.run()
     report = scheduler.report(model, cases, actor_stats)
+    firsts = [a["first_tile_at"] for a in actor_stats if a.get("first_tile_at")]
+    report["summary"]["startup_seconds"] = {
+        **(startup or {}), "actors_warm_up": max((a["warmup_seconds"] for a in actor_stats), default=0.0),
+        "to_first_tile": round(min(firsts) - epoch_start, 3) if firsts else None}
     for a in scheduler.actors:
         ray.kill(a)
     write_report(cfg.output, report)
