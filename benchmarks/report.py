@@ -50,8 +50,6 @@ FILE_COMMANDS = {
                                          "--compile --channels-last --fp16-weights --compress-level 1 "
                                          "--max-cases-in-flight 8 (Inductor's cache cold; the trace adds host times "
                                          "of case starts and exports to the JSON)",
-    "h100_engine_throughput_max_autotune.json": "python -m benchmarks.engine_throughput --batches 4 --configs "
-                                                "fp16+max+cl+half --iters 10 --repeats 3",
     "h100_precision_masks_fast.json": "python -m benchmarks.precision_masks --only fp16_weights_compiled_channels_last",
     "h100_engine_throughput_freeze.json": "python -m benchmarks.engine_throughput --batches 4 --configs "
                                           "fp16+compile+cl+half fp16+compile+cl+half+freeze",
@@ -64,7 +62,6 @@ FILE_COMMANDS = {
                                                     "--channels-last --fp16-weights --compress-level 1 "
                                                     "--max-cases-in-flight 8, run again right after the first "
                                                     "(Inductor's cache warm)",
-    "h100_dataset_throughput_fast_warm_cache_repeat.json": "the same again, a third run on that machine",
     "h100_dataset_throughput_fast_pinned.json": "python -m benchmarks.dataset_throughput --cases 16 --compile "
                                                 "--channels-last --fp16-weights --compress-level 1 "
                                                 "--max-cases-in-flight 8, after host<->device copies went through "
@@ -87,21 +84,11 @@ FILE_COMMANDS = {
     "h100_case_latency_max_autotune_fold.json": "python -m benchmarks.case_latency --device cuda --compile max-autotune "
                                                 "--channels-last --fp16-weights --fold-convolutions --compress-level 1 "
                                                 "(Inductor's cache cold)",
-    "h100_dataset_throughput_fold.json": "python -m benchmarks.dataset_throughput --cases 16 --compile --channels-last "
-                                         "--fp16-weights --fold-convolutions --compress-level 1 --max-cases-in-flight 8, "
-                                         "right after h100_case_latency_max_autotune_fold.json on that instance",
-    "h100_dataset_throughput_ab_plain.json": "python -m benchmarks.dataset_throughput --cases 16 --compile "
-                                             "--channels-last --fp16-weights --compress-level 1 --max-cases-in-flight 8, "
-                                             "the first of three runs in a row on the instance of "
-                                             "h100_dataset_throughput_fold.json",
-    "h100_dataset_throughput_ab_fold.json": "the same with --fold-convolutions, the second of the three",
-    "h100_dataset_throughput_ab_plain_again.json": "the same without --fold-convolutions, the third of the three",
     "h100_dataset_throughput_tile_thread_warmup.json": "python -m benchmarks.dataset_throughput --cases 16 --compile "
                                                         "--channels-last --fp16-weights --compress-level 1 "
                                                         "--max-cases-in-flight 8, after the actor's warm-up moved to "
                                                         "its tile thread (Inductor's cache cold)",
     "h100_dataset_throughput_tile_thread_warmup_fold.json": "the same with --fold-convolutions, right after it",
-    "h100_conv_alternatives_limit0.json": "python -m benchmarks.conv_alternatives --parts layers --benchmark-limit 0",
     "h100_engine_throughput_merge.json": "python -m benchmarks.engine_throughput --batches 4 --configs "
                                          "fp16+compile+cl+half+fold fp16+compile+cl+half+fold+merge "
                                          "fp16+compile+cl+half+merge",
@@ -171,6 +158,18 @@ FILE_COMMANDS = {
                                           "--fp16-weights --compress-level 1, after host<->device copies went through "
                                           "pinned memory (another machine instance than h100_case_latency_fast.json)",
 }
+
+
+# BENCHMARKS.md's sections: what the product does, and the scenarios whose results show it
+SECTIONS = [
+    ("Whole commands against nnUNetv2", ("vs_nnunet", "models_vs_nnunet", "cpu_vs_nnunet")),
+    ("One case end to end, in a warm process", ("case_latency",)),
+    ("The Ray job", ("dataset_throughput", "scaling")),
+    ("The network: engine throughput, profiles and kernels", ("engine_throughput", "engine_profile",
+                                                              "conv_alternatives", "fused_conv")),
+    ("Masks of the fast paths against fp32 and the CPU", ("precision_masks", "gpu_parity")),
+    ("Reading, writing and deciding reruns", ("gzip_read", "mask_gzip", "skip_decision")),
+]
 
 
 def _machine(r: dict) -> str:
@@ -274,10 +273,16 @@ def main() -> None:
     lines = ["# Benchmarks", "", "Generated by `python -m benchmarks.report` from `benchmarks/results/*.json`. Each file was",
              "written by the command shown, on the machine shown. Warm-up (and compile) runs are excluded and stated in",
              "the JSON; figures are medians over repeats.", ""]
-    for path in sorted(glob.glob(os.path.join(HERE, "results", "*.json"))):
-        r = json.load(open(path))
-        lines += [f"## {os.path.basename(path)}", "", f"- command: `{FILE_COMMANDS.get(os.path.basename(path)) or COMMANDS.get(r['scenario'], '?')}`",
-                  f"- machine: {_machine(r)}", ""] + [f"- {x}" for x in rows(r)] + [""]
+    results = [(p, json.load(open(p))) for p in sorted(glob.glob(os.path.join(HERE, "results", "*.json")))]
+    for title, scenarios in SECTIONS:
+        group = [(p, r) for p, r in results if r["scenario"].split("/")[0] in scenarios]
+        if not group:
+            continue
+        lines += [f"## {title}", ""]
+        for path, r in group:
+            name = os.path.basename(path)
+            lines += [f"### {name}", "", f"- command: `{FILE_COMMANDS.get(name) or COMMANDS.get(r['scenario'], '?')}`",
+                      f"- machine: {_machine(r)}", ""] + [f"- {x}" for x in rows(r)] + [""]
     with open(os.path.join(os.path.dirname(HERE), "BENCHMARKS.md"), "w") as f:
         f.write("\n".join(lines))
 
