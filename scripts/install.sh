@@ -5,7 +5,7 @@
 # ships). Otherwise machines with an NVIDIA GPU get PyPI's default (CUDA) build, and machines without one get the
 # CPU build: TRTSEG_CPU_TORCH (default torch==2.13.0) from
 # TRTSEG_TORCH_INDEX when set (e.g. https://download.pytorch.org/whl/cpu elsewhere).
-# TRTSEG_EXTRAS (default test) picks the extras: container images take s3,gcs,demo.
+# TRTSEG_EXTRAS (default test) picks the extras: container images take s3,gcs,demo,formats,dicom.
 # The installed torch version is then pinned as a constraint, so that no other package (timm via
 # dynamic-network-architectures, for instance) can swap it for another build.
 set -euo pipefail

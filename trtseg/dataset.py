@@ -64,7 +64,8 @@ def list_cases(input_url: str, num_channels: int | None = None,
         if ignored:
             found = ", ".join(f"{n} file(s) ending {e or '(no ending)'}" for e, n in sorted(ignored.items()))
             raise TrtsegError(f"{input_url}: no case trtseg can read: {found}; trtseg reads "
-                              f"{', '.join(formats.ENDINGS)} (give --allow-empty to accept an empty input)")
+                              f"{', '.join(formats.ENDINGS)} and DICOM series (a folder of .dcm files per case; "
+                              "give --allow-empty to accept an empty input)")
         raise TrtsegError(f"{input_url}: the input folder holds no files (give --allow-empty to accept an empty "
                           f"input)")
     return cases
@@ -87,6 +88,23 @@ def _ignored_ending(name: str) -> str:
     return ("." + name.rsplit(".", 1)[-1].lower()) if "." in name else ""
 
 
+def _dicom_series(fs, path: str, url_of) -> tuple[tuple[str, ...], None, str] | None:
+    """(files, problem, identity) of a subfolder that holds a DICOM series (.dcm files), else None. The identity
+    is a hash of every file's listing identity: a replaced, added or removed slice changes it."""
+    import hashlib
+
+    from trtseg import dicom
+
+    entries = sorted(fs.ls(path, detail=True), key=lambda e: e["name"])
+    names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries]
+    if not dicom.is_series_listing(names):
+        return None
+    keep = set(dicom.series_files(names))
+    chosen = [e for e, n in zip(entries, names) if n in keep]
+    digest = hashlib.sha256("|".join(f"{e['name']}={file_identity(e)}" for e in chosen).encode()).hexdigest()[:24]
+    return tuple(url_of(e["name"]) for e in chosen), None, f"series:{len(chosen)}:{digest}"
+
+
 def _list_cases(input_url: str, num_channels: int | None, storage_options) -> tuple[list[Case], dict[str, int]]:
     fs, path = storage.filesystem(input_url, storage_options)
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
@@ -105,6 +123,7 @@ def _list_cases(input_url: str, num_channels: int | None, storage_options) -> tu
     single: dict[str, str] = {}
     clashes: dict[str, list[str]] = {}  # case id -> files that claim the same input (a_0000.nii and a_0000.nii.gz)
     ignored: dict[str, int] = {}
+    dicom_cases: list[Case] = []  # subfolders holding a DICOM series (trtseg/dicom.py)
     infos = {}  # url -> identity, from this one listing
     fs.invalidate_cache(path)  # a scheduled rerun must see scans replaced since any cached listing
     for entry in sorted(fs.ls(path, detail=True), key=lambda e: e["name"]):
@@ -125,7 +144,11 @@ def _list_cases(input_url: str, num_channels: int | None, storage_options) -> tu
             if cid in single:
                 clashes.setdefault(cid, [single[cid]]).append(url_of(p))
             single[cid] = url_of(p)
-        elif not name.lower().endswith(_DATA_FILES) and entry.get("type") != "directory":
+        elif entry.get("type") == "directory":
+            series = _dicom_series(fs, p, url_of)
+            if series is not None:
+                dicom_cases.append(Case(safe_case_id(name), *series))
+        elif not name.lower().endswith(_DATA_FILES):
             ignored[_ignored_ending(name)] = ignored.get(_ignored_ending(name), 0) + 1
     cases = []
     for cid, chans in grouped.items():
@@ -144,6 +167,11 @@ def _list_cases(input_url: str, num_channels: int | None, storage_options) -> tu
     for cid, url in single.items():
         cases.append(Case(safe_case_id(cid), (url,), f"two inputs for one case: {' and '.join(clashes[cid])}; keep one"
                           if cid in clashes else None, infos[url]))
+    cases += dicom_cases
+    if not cases and ignored.get(".dcm"):  # -i is one series' folder: it is the case
+        series = _dicom_series(fs, path, url_of)
+        if series is not None:
+            cases, ignored = [Case(safe_case_id(path.rstrip("/").rsplit("/", 1)[-1]), *series)], {}
     ids = [c.case_id for c in cases]
     dupes = {i for i in ids if ids.count(i) > 1}
     cases = [Case(c.case_id, c.files, c.problem or f"case id {c.case_id!r} is shared by several inputs", c.identity)

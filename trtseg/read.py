@@ -189,6 +189,13 @@ def read_case(files: list[str], expected_channels: int | None = None,
     expected_channels: the model's input channel count, checked when given
     max_bytes: a volume whose header claims more float32 bytes is refused before it is decompressed
     """
+    if files and files[0].lower().endswith(".dcm"):  # a DICOM series (trtseg/dicom.py): one channel
+        from trtseg import dicom
+        where = files[0].rsplit("/", 1)[0]
+        if expected_channels not in (None, 1):
+            raise CaseError(where, f"a DICOM series is one channel, the model expects {expected_channels}")
+        arr, spacing, header = dicom.read_series(list(files), where)
+        return CaseImage(data=np.ascontiguousarray(arr[None]), spacing_zyx=spacing, header=header, files=list(files))
     arrays, spacing0, header0, affine0 = [], None, None, None
     for url in files:
         data, spacing, header, affine = read_channel(url, storage_options, max_bytes)

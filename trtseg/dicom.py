@@ -1,0 +1,173 @@
+"""DICOM series as cases: a folder of one series' slice files (or one multi-frame file) is a case.
+
+Reading: SimpleITK's series reader (ITK over GDCM), the reader nnU-Net users' DICOM-to-NIfTI conversions use. Its
+geometry (spacing, origin, direction, the slice order along the normal) and intensities (rescale slope and
+intercept applied) are the NIfTI route's exactly, so trtseg's masks of a series equal those of the series converted
+to NIfTI with SimpleITK. GDCM decodes the common compressed transfer syntaxes (JPEG, JPEG-LS, JPEG 2000, RLE).
+
+Checks, before any pixel is decoded, on the headers alone (pydicom, stop_before_pixels): one series per folder,
+image objects only (no SR, PR, SEG, RTSTRUCT...), one orientation, no duplicated or missing slice, uniform slice
+spacing and no gantry tilt (slices stepping along their normal). Each refusal is one line naming the series.
+
+The mask is written as NIfTI (CASE.nii.gz) with the series' geometry, as SimpleITK writes the converted volume.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+import tempfile
+
+import numpy as np
+
+from trtseg import storage
+from trtseg.errors import CaseError
+
+#: objects that are not images a network can segment
+NON_IMAGE_MODALITIES = {"SR", "PR", "KO", "SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "REG", "DOC"}
+_DICOM_FILE = re.compile(r".*\.dcm$", re.IGNORECASE)
+
+
+def pydicom():
+    """pydicom, imported lazily. A python-gdcm that fails on import with something other than ImportError (some
+    builds on some Pythons) would stop pydicom's own import at its GDCM plugin: pydicom is then imported without
+    that plugin (SimpleITK brings its own GDCM for the pixels)."""
+    try:
+        import pydicom as module
+    except AttributeError:
+        for name in [n for n in sys.modules if n == "pydicom" or n.startswith("pydicom.")]:
+            del sys.modules[name]
+        sys.modules["gdcm"] = None  # type: ignore[assignment]
+        import pydicom as module
+    return module
+
+
+def is_series_listing(names: list[str]) -> bool:
+    """Whether a folder's file names are a DICOM series: .dcm files."""
+    return any(_DICOM_FILE.match(n) for n in names)
+
+
+def series_files(names: list[str]) -> list[str]:
+    return sorted(n for n in names if _DICOM_FILE.match(n))
+
+
+def _local_files(urls: list[str], tmp: str) -> list[str]:
+    fs, _ = storage.filesystem(urls[0])
+    if storage._local(fs):
+        return [storage.filesystem(u)[1] for u in urls]
+    out = []
+    for i, u in enumerate(urls):
+        path = os.path.join(tmp, f"{i:06d}.dcm")
+        with open(path, "wb") as f:
+            f.write(storage.read_bytes(u))
+        out.append(path)
+    return out
+
+
+def check_series(paths: list[str], where: str) -> None:
+    """The header checks of the module docstring; raises CaseError naming the series (``where``)."""
+    pd = pydicom()
+    heads = []
+    for p in paths:
+        try:
+            heads.append(pd.dcmread(p, stop_before_pixels=True))
+        except Exception as e:
+            raise CaseError(p, f"not a readable DICOM file ({type(e).__name__}: {str(e)[:120]})") from None
+    modalities = sorted({str(getattr(h, "Modality", "")) for h in heads} & NON_IMAGE_MODALITIES)
+    if modalities or any("Rows" not in h for h in heads):
+        raise CaseError(where, f"holds non-image DICOM objects ({', '.join(modalities) or 'no pixel data'}); a case "
+                               "folder holds one image series")
+    uids = sorted({str(getattr(h, "SeriesInstanceUID", "")) for h in heads})
+    if len(uids) > 1:
+        raise CaseError(where, f"mixed series in one folder: {len(uids)} SeriesInstanceUIDs ({', '.join(u[-12:] for u in uids[:3])}"
+                               f"{', ...' if len(uids) > 3 else ''}); give each series its own folder")
+    if len(heads) == 1:
+        return  # one file: a single slice or a multi-frame (enhanced) object, whose frames GDCM orders
+    orients = {tuple(round(float(v), 4) for v in getattr(h, "ImageOrientationPatient", ())) for h in heads}
+    if len(orients) != 1 or not next(iter(orients)):
+        raise CaseError(where, "slices with different or missing ImageOrientationPatient")
+    o = np.array([float(v) for v in heads[0].ImageOrientationPatient])
+    normal = np.cross(o[:3], o[3:])
+    normal /= np.linalg.norm(normal)
+    pos = np.array([[float(v) for v in h.ImagePositionPatient] for h in heads])
+    along = pos @ normal
+    order = np.argsort(along)
+    steps = np.diff(along[order])
+    names = [os.path.basename(paths[i]) for i in order]
+    dup = np.nonzero(steps < 1e-3)[0]
+    if dup.size:
+        i = int(dup[0])
+        raise CaseError(where, f"duplicated slice position {along[order][i]:.3f} mm ({names[i]} and {names[i + 1]})")
+    spacing = float(np.median(steps))
+    gaps = np.nonzero(steps > 1.5 * spacing)[0]
+    if gaps.size:
+        i = int(gaps[0])
+        raise CaseError(where, f"missing slice(s): a {steps[i]:.3f} mm gap between {names[i]} and {names[i + 1]} "
+                               f"(slice spacing {spacing:.3f} mm)")
+    if float(np.max(np.abs(steps - spacing))) > max(0.01 * spacing, 1e-3):
+        raise CaseError(where, f"non-uniform slice spacing ({steps.min():.3f} to {steps.max():.3f} mm); resample "
+                               "the series to uniform slices first")
+    step = pos[order[-1]] - pos[order[0]]
+    tilt = math.degrees(math.acos(min(1.0, abs(float(step @ normal)) / float(np.linalg.norm(step)))))
+    if tilt > 0.05:
+        raise CaseError(where, f"gantry tilt: slices step {tilt:.2f} degrees off their normal; resample the series "
+                               "to an untilted grid first")
+
+
+def read_series(urls: list[str], where: str):
+    """(voxels (z, y, x) as SimpleITK's series reader gives them, spacing (z, y, x), its NIfTI header)."""
+    import SimpleITK as sitk
+
+    with tempfile.TemporaryDirectory(prefix="trtseg_dicom_") as tmp:
+        paths = _local_files(urls, tmp)
+        check_series(paths, where)
+        folder = os.path.dirname(paths[0])
+        try:
+            if len(paths) == 1:
+                img = sitk.ReadImage(paths[0])
+            else:
+                reader = sitk.ImageSeriesReader()
+                uids = reader.GetGDCMSeriesIDs(folder)
+                names = reader.GetGDCMSeriesFileNames(folder, uids[0]) if len(uids) == 1 else paths
+                reader.SetFileNames([n for n in names if n in set(paths)] or paths)
+                img = reader.Execute()
+        except RuntimeError as e:
+            syntax = _transfer_syntax(paths[0])
+            last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise CaseError(where, f"SimpleITK/GDCM cannot decode the series (transfer syntax {syntax}): "
+                                   f"{last[:160]}") from None
+    if img.GetDimension() != 3:
+        raise CaseError(where, f"a {img.GetDimension()}-D image; trtseg reads 3-D series")
+    arr = sitk.GetArrayFromImage(img)
+    if arr.dtype.kind == "f":
+        arr = arr.astype(np.float32, copy=False)
+    spacing = tuple(float(s) for s in img.GetSpacing())
+    return arr, (spacing[2], spacing[1], spacing[0]), nifti_header(arr.shape, img)
+
+
+def _transfer_syntax(path: str) -> str:
+    try:
+        ts = pydicom().dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+        return f"{ts.name} ({ts})"
+    except Exception:
+        return "unknown"
+
+
+def nifti_header(shape_zyx, img):
+    """The NIfTI header SimpleITK's writer gives the series: the affine from its LPS geometry turned to RAS, as
+    qform and sform (code 1), so the mask has the NIfTI route's geometry."""
+    import nibabel as nib
+
+    direction = np.array(img.GetDirection(), dtype=float).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = direction @ np.diag(img.GetSpacing())
+    affine[:3, 3] = img.GetOrigin()
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # LPS -> RAS
+    header = nib.Nifti1Header()
+    header.set_data_shape(tuple(int(s) for s in shape_zyx[::-1]))
+    header.set_zooms(tuple(float(s) for s in img.GetSpacing()))
+    header.set_qform(affine, code=1)
+    header.set_sform(affine, code=1)
+    header.set_xyzt_units("mm")
+    return header
