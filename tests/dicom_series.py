@@ -39,6 +39,9 @@ def write_series(folder: str, volume_zyx: np.ndarray, spacing_zyx, row_dir=(1.0,
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
         ds.Modality, ds.PatientID, ds.PatientName = modality, "TEST", "Test^Series"
         ds.StudyDate, ds.SeriesNumber, ds.InstanceNumber = "20260101", 1, int(z) + 1
+        # the patient and study attributes a scanner writes (type 2: present, possibly empty)
+        ds.PatientBirthDate, ds.PatientSex, ds.StudyTime, ds.StudyID = "", "O", "120000", "1"
+        ds.AccessionNumber, ds.ReferringPhysicianName, ds.Manufacturer = "", "", "test"
         ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*row, *col)]
         pos = positions[z] if positions is not None else np.asarray(origin, float) + normal * spacing_zyx[0] * z
         ds.ImagePositionPatient = [f"{v:.6f}" for v in pos]

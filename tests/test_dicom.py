@@ -109,3 +109,54 @@ def test_bad_series_fail_with_one_line_each_and_the_others_complete(small_model,
         assert c["status"] == "failed" and text in c["error"] and "\n" not in c["error"], (case, c["error"])
         assert str(root / case) in c["error"], c["error"]  # names the series
         assert not os.path.exists(tmp_path / "out" / f"{case}.nii.gz")
+
+
+def test_dicom_seg_out_references_the_series_and_reads_back(small_model, tmp_path):
+    """--output-format both writes CASE.seg.dcm beside CASE.nii.gz: highdicom and pydicom read it back, one segment
+    per label of dataset.json with its name, the algorithm named, every frame's source instance in the series, and
+    its label map equal to the NIfTI mask. dicom-seg alone records the Segmentation as the case's mask (reruns
+    skip it); a NIfTI input asked for a Segmentation fails its case in one line."""
+    import highdicom as hd
+
+    from trtseg.dicom import pydicom
+
+    pd = pydicom()
+    paths = _oblique(str(tmp_path / "in" / "ct1"))
+    common = ["-m", small_model, "-f", "0", "--disable-tta", "--no-progress", "--single-process"]
+    assert main(["predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "both"), "--output-format", "both",
+                 *common]) == 0
+    nifti = np.asarray(nib.load(str(tmp_path / "both" / "ct1.nii.gz")).dataobj).transpose(2, 1, 0)  # (z, y, x)
+    seg_file = str(tmp_path / "both" / "ct1.seg.dcm")
+    raw = pd.dcmread(seg_file)
+    assert raw.Modality == "SEG" and raw.SegmentationType == "BINARY"
+    seg = hd.seg.segread(seg_file)
+    ds = json.load(open(os.path.join(small_model, "dataset.json")))
+    names = {v: k for k, v in ds["labels"].items() if v}
+    assert [(s.SegmentNumber, s.SegmentLabel) for s in seg.SegmentSequence] == \
+        [(i + 1, names[v]) for i, v in enumerate(sorted(names))]
+    assert seg.SegmentSequence[0].SegmentAlgorithmName == "trtseg"
+    sources = {pd.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in paths}
+    referenced = {r.ReferencedSOPInstanceUID for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced == set(sources)
+    # the label map over the source slices, in the mask's z order (along the normal from the volume's origin)
+    heads = sorted((pd.dcmread(p, stop_before_pixels=True) for p in paths), key=lambda h: float(h.ImagePositionPatient[2]))
+    uids = [h.SOPInstanceUID for h in heads]
+    labels = seg.get_pixels_by_source_instance(uids, combine_segments=True, skip_overlap_checks=True)
+    present = sorted(names)
+    expected = np.zeros_like(nifti, dtype=np.int64)
+    for i, v in enumerate(present):
+        expected[nifti == v] = i + 1
+    assert np.array_equal(labels, expected)
+    # dicom-seg alone: the Segmentation is the mask the ledger records; a rerun skips it
+    for _ in range(2):
+        assert main(["predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "seg"), "--output-format",
+                     "dicom-seg", *common]) == 0
+    assert sorted(os.listdir(tmp_path / "seg")) == [".trtseg", "ct1.seg.dcm", "run_report.json"]
+    assert json.load(open(tmp_path / "seg" / "run_report.json"))["cases"][0]["status"] == "skipped"
+    # a NIfTI input cannot have a Segmentation of a series it does not have
+    nif = str(tmp_path / "nifti")
+    shutil.copytree(str(tmp_path / "both"), nif, ignore=shutil.ignore_patterns("*.dcm", ".trtseg", "*.json"))
+    os.rename(os.path.join(nif, "ct1.nii.gz"), os.path.join(nif, "x_0000.nii.gz"))
+    assert main(["predict", "-i", nif, "-o", str(tmp_path / "bad"), "--output-format", "dicom-seg", *common]) == 1
+    case = json.load(open(tmp_path / "bad" / "run_report.json"))["cases"][0]
+    assert "needs a DICOM series input" in case["error"] and not os.path.exists(tmp_path / "bad" / "x.seg.dcm")

@@ -37,8 +37,10 @@ class Case:
 
     @property
     def ending(self) -> str:
-        """The image ending of the case's files (".nii.gz", ".nrrd", ...): its mask is written in that format."""
-        return formats.ending(self.files[0].rsplit("/", 1)[-1]) or ".nii.gz"
+        """The image ending of the case's files (".nii.gz", ".nrrd", ...): its mask is written in that format
+        (a DICOM series: ".dcm", its mask as NIfTI or a DICOM Segmentation, see trtseg.pipeline.mask_ending)."""
+        name = self.files[0].rsplit("/", 1)[-1]
+        return ".dcm" if name.lower().endswith(".dcm") else formats.ending(name) or ".nii.gz"
 
 
 def safe_case_id(name: str) -> str:

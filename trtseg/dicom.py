@@ -171,3 +171,54 @@ def nifti_header(shape_zyx, img):
     header.set_sform(affine, code=1)
     header.set_xyzt_units("mm")
     return header
+
+
+def source_order(datasets: list, origin_lps) -> list:
+    """The slice datasets in the mask's z order: along their normal, starting at the volume's origin (the first
+    slice SimpleITK's series reader puts at z = 0)."""
+    if len(datasets) == 1:
+        return datasets
+    o = np.array([float(v) for v in datasets[0].ImageOrientationPatient])
+    normal = np.cross(o[:3], o[3:])
+    ordered = sorted(datasets, key=lambda d: float(np.array([float(v) for v in d.ImagePositionPatient]) @ normal))
+    first = np.array([float(v) for v in ordered[0].ImagePositionPatient])
+    last = np.array([float(v) for v in ordered[-1].ImagePositionPatient])
+    origin = np.asarray(origin_lps, float)
+    return ordered if np.linalg.norm(first - origin) <= np.linalg.norm(last - origin) else ordered[::-1]
+
+
+def segmentation_bytes(mask_zyx: np.ndarray, source_urls: list[str], origin_lps, labels: dict, model_name: str,
+                       fingerprint: str, version: str) -> bytes:
+    """A DICOM Segmentation (highdicom) of a (z, y, x) label mask over its source series: one segment per
+    foreground label of dataset.json, named after it, labelled by an automatic algorithm ("trtseg", its version
+    and the model fingerprint), referencing every source instance. Empty frames are left out, as highdicom does."""
+    import io
+
+    pydicom()  # pydicom importable first (see pydicom()), then highdicom
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    with tempfile.TemporaryDirectory(prefix="trtseg_seg_") as tmp:
+        datasets = [pydicom().dcmread(p) for p in _local_files(source_urls, tmp)]
+    datasets = source_order(datasets, origin_lps)
+    names = {int(v): k for k, v in labels.items() if isinstance(v, int) and int(v) > 0}
+    values = sorted(set(names) | {int(v) for v in np.unique(mask_zyx) if v > 0})
+    numbers = np.zeros(int(max(values, default=0)) + 1, dtype=np.uint16)
+    numbers[values] = np.arange(1, len(values) + 1)  # highdicom wants segment numbers 1, 2, ...
+    algorithm = hd.AlgorithmIdentificationSequence(name="trtseg", version=f"{version} {fingerprint}"[:64],
+                                                   family=codes.cid7162.ArtificialIntelligence)
+    segments = [hd.seg.SegmentDescription(
+        segment_number=i + 1, segment_label=names.get(v, f"label {v}")[:64],
+        segmented_property_category=codes.SCT.Tissue, segmented_property_type=codes.SCT.Tissue,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm)
+        for i, v in enumerate(values)]
+    seg = hd.seg.Segmentation(
+        source_images=datasets, pixel_array=numbers[mask_zyx] if values else mask_zyx.astype(np.uint16),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=segments,
+        series_instance_uid=generate_uid(), series_number=9001, sop_instance_uid=generate_uid(), instance_number=1,
+        manufacturer="trtseg", manufacturer_model_name=model_name[:64] or "trtseg", software_versions=version,
+        device_serial_number=fingerprint[:16] or "0", series_description="trtseg segmentation")
+    buf = io.BytesIO()
+    seg.save_as(buf)
+    return buf.getvalue()

@@ -166,6 +166,9 @@ class OutputOptions:
                                      "postprocessing.json (a v1 model folder's own applies by default)")
     disable_postprocessing: bool = opt(False, "--disable-postprocessing", "no postprocessing, not even a v1 model "
                                        "folder's postprocessing.json (nnU-Net v1's flag)", action="store_true")
+    output_format: str = opt("nifti", "--output-format", "for DICOM series: the mask as NIfTI (CASE.nii.gz), as a "
+                             "DICOM Segmentation (CASE.seg.dcm) referencing the series, or both",
+                             choices=["nifti", "dicom-seg", "both"])
 
 
 def add_options(parser: argparse.ArgumentParser | Any, cls: type, only: tuple[str, ...] | None = None,

@@ -93,8 +93,11 @@ def with_postprocessing(models: "ModelSet | NnUNetModel", settings: Settings, st
     return models
 
 
-def mask_url(output_url: str, case_id: str, ending: str = ".nii.gz") -> str:
-    """OUTPUT/CASE with the input's image ending: the mask is written in the input's format, as nnU-Net does."""
+def mask_url(output_url: str, case_id: str, ending: str = ".nii.gz", output_format: str = "nifti") -> str:
+    """OUTPUT/CASE with the input's image ending: the mask is written in the input's format, as nnU-Net does; a
+    DICOM series' mask is CASE.nii.gz, or CASE.seg.dcm with --output-format dicom-seg."""
+    if ending == ".dcm":
+        ending = ".seg.dcm" if output_format == "dicom-seg" else ".nii.gz"
     return storage.join(output_url, case_id + ending)
 
 
@@ -142,7 +145,7 @@ def select_cases(cases: list[Case], output_url: str, model, settings: Settings, 
     for c in cases:
         if input_identity == "hash" and not c.problem:
             c = dataclasses.replace(c, identity=ledger.content_identity(c.files, storage_options))
-        out = mask_url(output_url, c.case_id, c.ending)
+        out = mask_url(output_url, c.case_id, c.ending, settings.output.output_format)
         mine = entries.get(c.case_id, [])
         run, why = ledger.decide(out.rsplit("/", 1)[-1], settings_key, ledger.key(c.identity), mine, masks)
         if overwrite and not run:
@@ -224,7 +227,8 @@ def write_case(meta: dict, model, settings: Settings, output_url: str, storage_o
     probabilities stay as the network gave them, as nnU-Net saves them.
 
     Returns {"output", "seconds", "postprocessing"} or {"error", "seconds"}."""
-    out_url = mask_url(output_url, meta["case_id"], meta["ending"])
+    fmt = settings.output.output_format
+    out_url = mask_url(output_url, meta["case_id"], meta["ending"], fmt)
     t = time.perf_counter()
     seconds: dict[str, float] = {}
     pp_report = None
@@ -245,7 +249,11 @@ def write_case(meta: dict, model, settings: Settings, output_url: str, storage_o
                                 {"spacing": [float(s) for s in meta["spacing_zyx"][::-1]],
                                  "shape_zyx": list(meta["shape_zyx"])}, storage_options)
         mine = stamp(model, settings)
-        write_mask(out_url, mask, meta["header"], storage_options, settings.output.compress_level, mine)
+        if fmt != "nifti":  # the Segmentation first: a NIfTI mask (the ledger's) never exists without it
+            write_segmentation(meta, mask, model, storage.join(output_url, meta["case_id"] + ".seg.dcm"), mine,
+                               storage_options)
+        if fmt != "dicom-seg":
+            write_mask(out_url, mask, meta["header"], storage_options, settings.output.compress_level, mine)
         # the ledger entry only once the mask is committed: a run killed before leaves none
         ledger.record(output_url, ledger.Entry(meta["case_id"], ledger.key(mine), ledger.key(meta.get("identity", "")),
                                                ledger.mask_key(out_url, storage_options)),
@@ -255,6 +263,21 @@ def write_case(meta: dict, model, settings: Settings, output_url: str, storage_o
         return {"error": storage.redact(f"{meta['files'][0]}: {one_line(e)}"),
                 "seconds": {**seconds, "write": time.perf_counter() - t}}
     return {"output": out_url, "seconds": {**seconds, "write": time.perf_counter() - t}, "postprocessing": pp_report}
+
+
+def write_segmentation(meta: dict, mask, model, url: str, made_by: str, storage_options=None) -> None:
+    """CASE.seg.dcm: the mask as a DICOM Segmentation of its source series (trtseg/dicom.py), written atomically."""
+    from trtseg import __version__, dicom
+
+    if meta.get("ending") != ".dcm":
+        raise TrtsegError("--output-format dicom-seg/both needs a DICOM series input, not "
+                          f"{meta['ending']} files (use --output-format nifti)")
+    affine = meta["header"].get_best_affine()
+    origin_lps = (-float(affine[0, 3]), -float(affine[1, 3]), float(affine[2, 3]))
+    data = dicom.segmentation_bytes(mask, meta["files"], origin_lps, model.labels.labels,
+                                    str(getattr(model, "configuration_name", "")), model.fingerprint,
+                                    f"trtseg {__version__}")
+    storage.write_bytes_atomic(url, data, storage_options)
 
 
 @dataclass

@@ -102,7 +102,8 @@ def qc_folder(input_url: str, output_url: str, reference_url: str | None = None,
     results = []
     for case in list_cases(input_url, storage_options=storage_options):
         entry = by_id.get(case.case_id, {})
-        mask_url = storage.join(output_url, f"{case.case_id}{case.ending}")
+        ending = ".nii.gz" if case.ending == ".dcm" else case.ending  # a DICOM series' NIfTI mask
+        mask_url = storage.join(output_url, f"{case.case_id}{ending}")
         qc = CaseQC(case.case_id, entry.get("status", "ok"), seconds=entry.get("seconds") or {},
                     error=entry.get("error"))
         if not storage.exists(mask_url, storage_options):
