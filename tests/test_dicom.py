@@ -147,6 +147,12 @@ def test_dicom_seg_out_references_the_series_and_reads_back(small_model, tmp_pat
     for i, v in enumerate(present):
         expected[nifti == v] = i + 1
     assert np.array_equal(labels, expected)
+    # the Ray job writes the same Segmentation (its write task runs the same write_case)
+    assert main(["predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "ray"), "--output-format", "both",
+                 *common[:-1], "--cpu-actors", "1"]) == 0
+    ray_seg = hd.seg.segread(str(tmp_path / "ray" / "ct1.seg.dcm"))
+    assert np.array_equal(ray_seg.get_pixels_by_source_instance(uids, combine_segments=True, skip_overlap_checks=True),
+                          expected)
     # dicom-seg alone: the Segmentation is the mask the ledger records; a rerun skips it
     for _ in range(2):
         assert main(["predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "seg"), "--output-format",
