@@ -148,3 +148,36 @@ def test_ray_job_gpu_actors_give_the_single_process_masks(small_model, tmp_path)
         assert abs(parts["stream_dry"] + parts["after_entry"] - a["engine_gap_seconds"]["case"]) < 0.01, a
     comp = json.load(open(tmp_path / "compiled" / "run_report.json"))
     assert comp["actors"][0]["engine"]["compiled"] and comp["actors"][0]["warmup_seconds"] > 0
+
+
+def test_the_default_on_cuda_is_the_checked_fast_path_and_a_second_process_loads_it(tmp_path):
+    """No flags on CUDA: compile, channels-last, fp16 weights and every rewrite that applies, checked against fp32
+    once (trtseg/accel/fast_path.py); a second process takes the verdict and the compiled code from the cache."""
+    import json
+    import subprocess
+    import sys
+
+    from trtseg import synthetic as syn
+    from trtseg.accel.engines import create_engines
+    folder = syn.make_model_folder(str(tmp_path / "m"), folds=(0,), patch_size=(32, 64, 64), spacing=(1.0, 1.0, 1.0),
+                                   features=(32, 64, 128))
+    model = load_model_folder(folder, ["0"])
+    spec = EngineSpec(cache=str(tmp_path / "cache"))
+    engine = create_engines(model, spec, "cuda")[0]
+    chosen = engine.fast_path
+    assert chosen["check"]["verdict"] == "passed" and chosen["check"]["from"] == "checked", chosen
+    assert set(chosen["chosen"]) == {"compile", "channels-last", "fp16-weights", "fold-convolutions",
+                                     "merge-upsampling", "fuse-norms"}, chosen
+    described = engine.describe()
+    assert described["compiled"] and described["fused_norms"] > 0 and described["merged_upsamplings"] > 0
+    engine.warm_up((2, 1, 32, 64, 64))
+    assert engine.compile_cache.status == "saved"
+    code = ("import json, sys; from trtseg.model_folder import load_model_folder; from trtseg.options import "
+            "EngineSpec; from trtseg.accel.engines import create_engines; m = load_model_folder(sys.argv[1], ['0']); "
+            "e = create_engines(m, EngineSpec(cache=sys.argv[2]), 'cuda')[0]; e.warm_up((2, 1, 32, 64, 64)); "
+            "print(json.dumps({'fast': e.fast_path, 'cache': e.describe()['compile_cache']}))")
+    r = subprocess.run([sys.executable, "-c", code, folder, str(tmp_path / "cache")], capture_output=True, text=True,
+                       env={**__import__("os").environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor2")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    second = json.loads(r.stdout.strip().splitlines()[-1])
+    assert second["fast"]["check"]["from"] == "cache" and second["cache"]["status"] == "loaded", second

@@ -26,6 +26,8 @@ REWRITES = {
                   "and the head with Triton kernels, the same function with fewer passes over the largest tensors "
                   "(PyTorch CUDA engine; needs --fp16-weights and --channels-last)",
 }
+# what the fast path (trtseg/accel/fast_path.py) may turn on by itself on CUDA; each has a --no-X flag that keeps it off
+FAST_PARTS = ("compile", "channels-last", "fp16-weights", *REWRITES)
 # short spellings of EngineSpec.parse's tokens, kept so that recorded benchmark commands still run
 _ALIASES = {"cl": "channels-last", "half": "fp16-weights", "graphs": "cuda-graphs", "max": "max-autotune",
             "fold": "fold-convolutions", "merge": "merge-upsampling", "fuse": "fuse-norms"}
@@ -67,6 +69,9 @@ class EngineSpec:
     batch_size: tiles per engine call (a TensorRT profile's and a compiled graph's batch)
     compile: torch.compile mode ("default" or "max-autotune"); None: eager
     rewrites: the network rewrites to apply (keys of REWRITES)
+    fast: let trtseg.accel.fast_path choose the engine's options (CUDA: compile, layouts and the rewrites that apply,
+        checked once against fp32; CPU: ONNX Runtime or PyTorch, measured); False: exactly what the other fields say
+    off: parts of the fast path (FAST_PARTS) it must leave off (the --no-X flags)
     cache: URL of exported ONNX graphs and built engines (default $TRTSEG_CACHE or ~/.cache/trtseg)
     """
 
@@ -86,14 +91,21 @@ class EngineSpec:
     fp16_weights: bool = opt(False, "--fp16-weights", "with fp16: an fp16 network with fp32 normalization layers "
                              "instead of autocast (PyTorch CUDA engine)", action="store_true")
     rewrites: frozenset = opt(frozenset(), "", "network rewrites", rewrites=REWRITES)
+    fast: bool = opt(True, "--no-fast", "no automatic engine choice: no compile, layouts or rewrites unless their "
+                     "flags ask for them, and ONNX Runtime on the CPU (trtseg/accel/fast_path.py)",
+                     action="store_false")
+    off: frozenset = opt(frozenset(), "", "parts of the fast path to leave off", parts_off=FAST_PARTS)
     cache: str | None = opt(None, "--engine-cache", "URL for exported ONNX and built engines (default "
                             "~/.cache/trtseg)")
 
     def __post_init__(self):
         object.__setattr__(self, "rewrites", frozenset(self.rewrites))
+        object.__setattr__(self, "off", frozenset(self.off))
         unknown = self.rewrites - set(REWRITES)
         if unknown:
             raise ValueError(f"unknown network rewrite(s) {sorted(unknown)}; known: {sorted(REWRITES)}")
+        if self.off - set(FAST_PARTS):
+            raise ValueError(f"unknown fast-path part(s) {sorted(self.off - set(FAST_PARTS))}; known: {FAST_PARTS}")
 
     def with_(self, **changes) -> "EngineSpec":
         return dataclasses.replace(self, **changes)
@@ -115,7 +127,8 @@ class EngineSpec:
 
         Tokens: a precision (fp32, fp16, bf16), compile or max-autotune, and the flag names of the boolean
         options and rewrites without their dashes in front (cuda-graphs, channels-last, fp16-weights,
-        fold-convolutions, ...), or their short spellings (graphs, cl, half, fold, merge, fuse, max)."""
+        fold-convolutions, ...), or their short spellings (graphs, cl, half, fold, merge, fuse, max); no-fast, and
+        no-PART for a part of the fast path to leave off (no-compile, no-fuse-norms, ...)."""
         base = base or cls()
         kind, sep, rest = text.partition(":")
         if not sep:
@@ -123,7 +136,7 @@ class EngineSpec:
         if kind not in ENGINE_KINDS:
             raise ValueError(f"{text!r}: engine kind must be one of {ENGINE_KINDS}")
         changes: dict[str, Any] = {"kind": kind}
-        rewrites = set(base.rewrites)
+        rewrites, off = set(base.rewrites), set(base.off)
         flags = {f.metadata["flag"].lstrip("-"): f.name for f in dataclasses.fields(cls)
                  if f.metadata.get("action") == "store_true"}
         for token in filter(None, rest.split("+")):
@@ -136,9 +149,13 @@ class EngineSpec:
                 changes[flags[token]] = True
             elif token in REWRITES:
                 rewrites.add(token)
+            elif token == "no-fast":
+                changes["fast"] = False
+            elif token.startswith("no-") and _ALIASES.get(token[3:], token[3:]) in FAST_PARTS:
+                off.add(_ALIASES.get(token[3:], token[3:]))
             else:
                 raise ValueError(f"{text!r}: unknown engine option {token!r}")
-        return dataclasses.replace(base, rewrites=frozenset(rewrites), **changes)
+        return dataclasses.replace(base, rewrites=frozenset(rewrites), off=frozenset(off), **changes)
 
     def text(self) -> str:
         """The spec in ``parse``'s syntax (options that differ from the defaults)."""
@@ -148,6 +165,7 @@ class EngineSpec:
         tokens += [f.metadata["flag"].lstrip("-") for f in dataclasses.fields(self)
                    if f.metadata.get("action") == "store_true" and getattr(self, f.name)]
         tokens += sorted(self.rewrites)
+        tokens += ([] if self.fast else ["no-fast"]) + [f"no-{p}" for p in FAST_PARTS if p in self.off]
         return self.kind + (":" + "+".join(tokens) if tokens else "")
 
 
@@ -187,6 +205,11 @@ def add_options(parser: argparse.ArgumentParser | Any, cls: type, only: tuple[st
             for name, text in meta.pop("rewrites").items():
                 parser.add_argument(f"--{name}", action="store_true", default=name in default, help=text)
             continue
+        if "parts_off" in meta:
+            for name in meta.pop("parts_off"):
+                parser.add_argument(f"--no-{name}", action="store_true", default=name in default,
+                                    help=f"the fast path leaves --{name} off")
+            continue
         parser.add_argument(flag, *aliases, dest=f.name, default=default, help=help_, **meta)
 
 
@@ -198,6 +221,9 @@ def from_args(cls: type, args: argparse.Namespace):
             values["folds"] = tuple(str(v) for v in args.folds)
         elif "rewrites" in f.metadata:
             values[f.name] = frozenset(n for n in f.metadata["rewrites"] if getattr(args, n.replace("-", "_"), False))
+        elif "parts_off" in f.metadata:
+            values[f.name] = frozenset(n for n in f.metadata["parts_off"]
+                                       if getattr(args, "no_" + n.replace("-", "_"), False))
         elif hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)
     return cls(**values)
@@ -207,7 +233,12 @@ def option_flags(cls: type) -> set[str]:
     """Every flag ``add_options`` gives ``cls``: what a test compares across parsers."""
     flags = set()
     for f in dataclasses.fields(cls):
-        flags |= {f"--{n}" for n in f.metadata["rewrites"]} if "rewrites" in f.metadata else {f.metadata["flag"]}
+        if "rewrites" in f.metadata:
+            flags |= {f"--{n}" for n in f.metadata["rewrites"]}
+        elif "parts_off" in f.metadata:
+            flags |= {f"--no-{n}" for n in f.metadata["parts_off"]}
+        else:
+            flags.add(f.metadata["flag"])
     return flags
 
 
@@ -231,6 +262,7 @@ class Settings:
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["engine"]["rewrites"] = sorted(self.engine.rewrites)
+        d["engine"]["off"] = sorted(self.engine.off)
         return d
 
 

@@ -27,6 +27,7 @@ class Engine(abc.ABC):
     device: torch.device = torch.device("cpu")
     max_batch: int | None = None
     oom_batch_limit: int | None = None
+    fast_path: dict | None = None  # what trtseg.accel.fast_path chose for it (None: --no-fast)
 
     @abc.abstractmethod
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
@@ -53,6 +54,11 @@ class Engine(abc.ABC):
 
     def describe(self) -> dict:
         return {"engine": self.name, "device": str(self.device)}
+
+    def report(self) -> dict:
+        """``describe()`` and, where the fast path chose the engine's options, what it chose and why: the run
+        report's "engine"."""
+        return {**self.describe(), **({"fast_path": self.fast_path} if self.fast_path else {})}
 
 
 def pad_batch(batch: torch.Tensor, size: int) -> torch.Tensor:

@@ -56,45 +56,58 @@ def create_engines(model, spec: "EngineSpec", device: torch.device | str | None 
     device: overrides ``spec.device`` (a Ray worker's own GPU); precision None means fp16 on CUDA (nnU-Net's
     autocast) and fp32 on the CPU. GPU-only options on a CPU device are refused, never dropped silently.
     ``spec.batch_size`` is the largest tile batch a TensorRT optimization profile covers; compiled PyTorch engines
-    pad shorter batches to it (see ``TorchEngine``).
+    pad shorter batches to it (see ``TorchEngine``). With ``spec.fast`` (the default), trtseg.accel.fast_path
+    first chooses the options for this model and device (checked once against fp32); every engine's ``fast_path``
+    says what it chose.
     """
+    from trtseg.accel import fast_path
+
     device = torch.device(device) if device is not None else spec.resolved_device()
     kind = resolve_engine_kind(spec.kind, device)
     check_device_options(spec, device, kind)
-    precision = spec.resolved_precision(device)
     cache_url = spec.cache or default_cache()
-    batch = max(spec.batch_size, 1)
-    engines: list[Engine] = []
-    for fold in model.folds:
-        if kind == "torch":
-            cache = None
-            if spec.compile:
-                from trtseg.accel.compile_cache import CompileCacheEntry, key_fields
-                shape = (batch, model.num_input_channels, *model.patch_size)
-                cache = CompileCacheEntry(cache_url, key_fields(model.fingerprint, fold, spec.text(), shape, device))
-            engines.append(torch_engine(model.build_network(fold), spec, device, compile_cache=cache))
-        elif kind == "onnxruntime":
-            from trtseg.accel.onnxruntime_engine import OnnxRuntimeEngine
 
-            onnx_precision = "fp16" if precision == "fp16" else "fp32"
-            engines.append(OnnxRuntimeEngine(onnx_for_fold(model, fold, cache_url, onnx_precision), device,
-                                             model.labels.num_heads))
-        elif kind in ("tensorrt", "pycuda"):
-            from trtseg.accel.tensorrt_build import BuildSpec, EngineCache
+    def build(s: EngineSpec, k: str, fold: str) -> Engine:
+        return build_engine(model, fold, s, k, device, cache_url)
 
-            onnx_precision = "fp16" if precision in ("fp16", "bf16") else "fp32"
-            onnx_url = onnx_for_fold(model, fold, cache_url, onnx_precision)
-            build = BuildSpec(min_batch=1, opt_batch=batch, max_batch=batch)
-            engine_bytes = EngineCache(cache_url).get_or_build(onnx_url, build, onnx_precision)
-            if kind == "tensorrt":
-                from trtseg.accel.tensorrt_runtime import TensorRTEngine
-
-                engines.append(TensorRTEngine(engine_bytes, device, spec.cuda_graphs))
-            else:
-                from trtseg.accel.pycuda_runtime import PyCudaEngine
-
-                engines.append(PyCudaEngine(engine_bytes))
+    choice = fast_path.choose(model, spec, device, kind, build, cache_url)
+    engines = [choice.engine if (i == 0 and choice.engine is not None) else
+               build(choice.spec, choice.kind or kind, fold) for i, fold in enumerate(model.folds)]
+    for e in engines:
+        e.fast_path = choice.to_json() if spec.fast else None
     return engines
+
+
+def build_engine(model, fold: str, spec: "EngineSpec", kind: str, device: torch.device, cache_url: str) -> Engine:
+    """The engine of one fold of ``model``: ``kind`` already resolved, ``spec`` taken as it is."""
+    precision = spec.resolved_precision(device)
+    batch = max(spec.batch_size, 1)
+    if kind == "torch":
+        cache = None
+        if spec.compile:
+            from trtseg.accel.compile_cache import CompileCacheEntry, key_fields
+            shape = (batch, model.num_input_channels, *model.patch_size)
+            cache = CompileCacheEntry(cache_url, key_fields(model.fingerprint, fold, spec.text(), shape, device))
+        return torch_engine(model.build_network(fold), spec, device, compile_cache=cache)
+    if kind == "onnxruntime":
+        from trtseg.accel.onnxruntime_engine import OnnxRuntimeEngine
+
+        onnx_precision = "fp16" if precision == "fp16" else "fp32"
+        return OnnxRuntimeEngine(onnx_for_fold(model, fold, cache_url, onnx_precision), device,
+                                 model.labels.num_heads)
+    from trtseg.accel.tensorrt_build import BuildSpec, EngineCache
+
+    onnx_precision = "fp16" if precision in ("fp16", "bf16") else "fp32"
+    onnx_url = onnx_for_fold(model, fold, cache_url, onnx_precision)
+    build = BuildSpec(min_batch=1, opt_batch=batch, max_batch=batch)
+    engine_bytes = EngineCache(cache_url).get_or_build(onnx_url, build, onnx_precision)
+    if kind == "tensorrt":
+        from trtseg.accel.tensorrt_runtime import TensorRTEngine
+
+        return TensorRTEngine(engine_bytes, device, spec.cuda_graphs)
+    from trtseg.accel.pycuda_runtime import PyCudaEngine
+
+    return PyCudaEngine(engine_bytes)
 
 
 def torch_engine(network: torch.nn.Module, spec: EngineSpec, device: torch.device | str | None = None,

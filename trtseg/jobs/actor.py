@@ -349,7 +349,7 @@ class InferenceActor:
         engine_seconds = t["engine_seconds"]
         return {"actor": self.name, "device": str(self.device),
                 "gpu": torch.cuda.get_device_name(self.device) if gpu else None,
-                "engine": self.engines[0].describe(), "busy_seconds": round(self.busy_seconds, 3),
+                "engine": self.engines[0].report(), "busy_seconds": round(self.busy_seconds, 3),
                 "engine_seconds": engine_seconds, "warmup_seconds": round(self.warmup_seconds, 3),
                 "engine_busy_since_first_tile": round(engine_seconds / (time.time() - self.first_tile_at), 4)
                 if self.first_tile_at else None, "first_tile_at": self.first_tile_at,

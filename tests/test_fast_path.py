@@ -1,0 +1,115 @@
+"""The default engine (trtseg/accel/fast_path.py): what applies is chosen and checked once against fp32, a path that
+changes the masks is refused, the verdict is kept in the engine cache (a corrupt or mismatched entry is checked
+again), the CPU picks ONNX Runtime or PyTorch by measuring both, flags turn parts off, the run report says what ran."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from trtseg.accel import fast_path
+from trtseg.accel.engines import create_engines
+from trtseg.accel.torch_engine import TorchEngine
+from trtseg.model_folder import load_model_folder
+from trtseg.options import FAST_PARTS, EngineSpec, add_options, from_args
+
+
+@pytest.fixture(scope="module")
+def model(small_model):
+    return load_model_folder(small_model, ["0"])
+
+
+def test_what_cannot_apply_is_left_off_with_the_reason(model):
+    cuda = torch.device("cuda")  # the rules only: nothing is built
+    parts, skipped = fast_path._applicable(model, EngineSpec(), cuda)
+    assert set(parts) | set(skipped) == set(FAST_PARTS)
+    fp32_parts, fp32_skipped = fast_path._applicable(model, EngineSpec(precision="fp32"), cuda)
+    assert "fp16-weights" not in fp32_parts and "precision fp32" in fp32_skipped["fp16-weights"]
+    assert "fuse-norms" not in fp32_parts
+    off, why = fast_path._applicable(model, EngineSpec(off={"compile", "channels-last"}), cuda)
+    assert "compile" not in off and why["compile"].startswith("turned off")
+    assert "fold-convolutions" not in off and "channels-last" in why["fold-convolutions"]
+
+
+def test_a_2d_network_gets_compile_and_fp16_weights_only(tmp_path):
+    from trtseg import synthetic as syn
+
+    folder = syn.make_model_folder(str(tmp_path / "m2d"), patch_size=(32, 40), spacing=(0.9, 0.9),
+                                   features=(4, 8, 16), configuration="2d", mirror_axes=(0, 1))
+    parts, skipped = fast_path._applicable(load_model_folder(folder, ["0"]), EngineSpec(), torch.device("cuda"))
+    assert parts == ["compile", "fp16-weights"]
+    assert all("2d network" in skipped[p] for p in ("channels-last", "fold-convolutions", "merge-upsampling"))
+
+
+def test_the_check_passes_a_rewrite_that_keeps_the_function_and_refuses_one_that_does_not(model):
+    network = model.build_network("0")
+    reference = TorchEngine(model.build_network("0"), "cpu")
+    merged = TorchEngine(network, "cpu", merge_upsampling=True)
+    assert merged.merged_upsamplings > 0
+    passed = fast_path._check(merged, reference, model, 2)
+    assert passed["verdict"] == "passed" and passed["agreement"] >= fast_path.MIN_AGREEMENT
+    broken = model.build_network("0")
+    with torch.no_grad():
+        for p in broken.parameters():  # a rewrite gone wrong: the same network with other weights
+            p.add_(torch.randn_like(p) * p.std().nan_to_num(0.1) * 2)
+    failed = fast_path._check(TorchEngine(broken, "cpu"), TorchEngine(model.build_network("0"), "cpu"), model, 2)
+    assert failed["verdict"] == "failed" and failed["agreement"] < fast_path.MIN_AGREEMENT
+
+
+def test_the_cpu_measures_both_engines_once_and_keeps_the_verdict(model, tmp_path):
+    spec = EngineSpec(device="cpu", cache=str(tmp_path / "cache"))
+    first = create_engines(model, spec)
+    choice = first[0].fast_path
+    assert choice["chosen"] in (["torch"], ["onnxruntime"]) and choice["check"]["from"] == "checked"
+    assert first[0].name == choice["chosen"][0]
+    assert set(choice["check"]["seconds"]) == {"torch", "onnxruntime"}
+    assert choice["check"]["agreement"] >= fast_path.MIN_AGREEMENT
+    again = create_engines(model, spec)[0]
+    assert again.fast_path["check"]["from"] == "cache" and again.name == first[0].name
+    assert create_engines(model, spec.with_(fast=False))[0].name == "onnxruntime"  # --no-fast: the old default
+    assert create_engines(model, spec.with_(fast=False))[0].fast_path is None
+
+
+def test_a_corrupt_or_mismatched_verdict_is_checked_again(model, tmp_path):
+    spec = EngineSpec(device="cpu", cache=str(tmp_path / "cache"))
+    create_engines(model, spec)
+    entry = next((tmp_path / "cache" / "fast_path").rglob("*.json"))
+    entry.write_bytes(b"\x00not json")
+    assert create_engines(model, spec)[0].fast_path["check"]["from"] == "checked"
+    data = json.loads(entry.read_text())
+    data["fields"]["torch"] = "0.0"
+    data["verdict"]["kind"] = "onnxruntime" if data["verdict"]["kind"] == "torch" else "torch"
+    entry.write_text(json.dumps(data))
+    got = create_engines(model, spec)[0].fast_path
+    assert got["check"]["from"] == "checked"  # made for another torch: not trusted
+
+
+def test_flags_turn_the_fast_path_off_whole_or_in_parts():
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    add_options(ap, EngineSpec)
+    spec = from_args(EngineSpec, ap.parse_args(["--no-compile", "--no-fuse-norms"]))
+    assert spec.fast and spec.off == {"compile", "fuse-norms"}
+    assert not from_args(EngineSpec, ap.parse_args(["--no-fast"])).fast
+    parsed = EngineSpec.parse("torch:fp16+no-compile+no-fuse")
+    assert parsed.off == {"compile", "fuse-norms"} and EngineSpec.parse(parsed.text()) == parsed
+    assert EngineSpec.parse("torch:no-fast").text() == "torch:no-fast"
+    with pytest.raises(ValueError, match="unknown fast-path part"):
+        EngineSpec(off={"warp-speed"})
+
+
+def test_the_run_report_says_what_the_fast_path_chose(small_model, tmp_path):
+    from tests.conftest import write_case
+    from trtseg.options import Settings, WindowOptions
+    from trtseg.predict import predict_folder
+
+    write_case(str(tmp_path / "in"), "a", (30, 28, 10), (1.0, 1.0, 2.5), seed=3)
+    settings = Settings(window=WindowOptions(use_mirroring=False, folds=("0",)),
+                        engine=EngineSpec(device="cpu", cache=str(tmp_path / "cache")))
+    report = predict_folder(str(tmp_path / "in"), str(tmp_path / "out"), small_model, ["0"], settings=settings,
+                            progress_bar=False)
+    assert report["summary"]["ok"] == 1
+    chosen = report["engine"]["fast_path"]
+    assert report["engine"]["engine"] == chosen["chosen"][0] and "faster" in chosen["check"]["why"]
