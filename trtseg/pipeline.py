@@ -163,6 +163,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def read_image(case: Case, models: ModelSet, settings: Settings,
+               storage_options: storage.StorageOptions | None = None) -> CaseImage:
+    """The case's image on the host, within --memory-budget-gb (what ``prepare_case`` and a read-ahead read)."""
+    budget = int(settings.memory_budget_gb * 2 ** 30) if settings.memory_budget_gb else None
+    return read_case(list(case.files), models.models[0].num_image_channels, storage_options, budget)
+
+
 def prepare_case(case: Case, models: ModelSet, settings: Settings, device: torch.device,
                  storage_options: storage.StorageOptions | None = None, to_host: bool = True, index: int = 0,
                  prev: "np.ndarray | torch.Tensor | None" = None, image: CaseImage | None = None
@@ -189,8 +196,7 @@ def prepare_case(case: Case, models: ModelSet, settings: Settings, device: torch
             raise TrtsegError(f"{case.files[0]}: {case.problem}")
         if image is None:
             t = time.perf_counter()
-            budget = int(settings.memory_budget_gb * 2 ** 30) if settings.memory_budget_gb else None
-            image = read_case(list(case.files), model.num_image_channels, storage_options, budget)
+            image = read_image(case, models, settings, storage_options)
             seconds["read"] = time.perf_counter() - t
         meta.update(header=image.header, shape_zyx=image.shape_zyx, spacing_zyx=image.spacing_zyx)
         if not np.any(image.data):

@@ -57,9 +57,10 @@ class JobConfig:
                             "the case id, so that N independent jobs into one output cover each case once")
     allow_empty: bool = opt(False, "--allow-empty", "an input with no case trtseg can read is a run of 0 cases, "
                             "not an error", action="store_true")
-    ray_from_cases: int = opt(6, "--ray-from-cases", "with no Ray cluster to join and at most one GPU, a run of fewer "
-                              "cases than this runs in one process, without starting Ray (faster for a handful of "
-                              "cases; 0: always Ray)", type=int)
+    ray_from_cases: int | None = opt(None, "--ray-from-cases", "with no Ray cluster to join and at most one GPU, "
+                                     "runs in one process, without starting Ray, unless the run has at least this "
+                                     "many cases (default: any number: one engine on one GPU gains nothing from Ray; "
+                                     "0: always Ray)", type=int)
     actor_restarts: int = 2
     task_retries: int = 3
     case_retries: int = 2  # a case whose summed tiles an actor lost (restart) is redone at most this often

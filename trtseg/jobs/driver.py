@@ -157,12 +157,13 @@ def run_job(cfg: JobConfig) -> dict:
         return dry_run_listing(todo, results)
     if _in_one_process(cfg, len(todo)):
         from trtseg.predict import run_in_process
-        _event("running in this process, without Ray: fewer cases than --ray-from-cases on at most one GPU",
-               cases=len(todo), ray_from_cases=cfg.ray_from_cases)
+        why = ("no cluster to join and at most one GPU" if cfg.ray_from_cases is None else
+               f"fewer than {cfg.ray_from_cases} cases, no cluster to join, at most one GPU") + \
+            " (--ray-from-cases N: Ray from N cases)"
+        _event(f"running in this process, without Ray: {why}", cases=len(todo))
         return run_in_process(model, cfg.model or (cfg.model_card or {}).get("card"), cfg.settings, cases, todo,
                               results, cfg.output, None, cfg.progress, t_start,
-                              {"mode": "single-process", "chosen": f"fewer than {cfg.ray_from_cases} cases, no "
-                               "cluster, at most one GPU (--ray-from-cases)", "shard": cfg.shard})
+                              {"mode": "single-process", "chosen": why, "shard": cfg.shard})
 
     cpu_mode = bool(cfg.cpu_actors) or cfg.settings.engine.device == "cpu"
     t_ray = time.perf_counter()
@@ -442,12 +443,15 @@ class Scheduler:
 
 
 def _in_one_process(cfg: JobConfig, n_cases: int) -> bool:
-    """Whether one process beats starting Ray: few cases, no cluster to join, no CPU actors asked for, at most
-    one GPU (Ray's start-up and actor start cost more than a handful of cases take)."""
+    """Whether one process beats starting Ray: no cluster to join, no CPU actors asked for, at most one GPU, and
+    fewer cases than --ray-from-cases if it is given. One engine on one GPU gains nothing from Ray that the single
+    process's read-ahead does not give (trtseg.predict.read_ahead), and Ray's start-up, actor start and
+    object-store copies cost seconds (benchmarks/predict_vs_nnunet.py measures both)."""
     import ray
     import torch
 
-    if cfg.ray_from_cases <= 0 or n_cases >= cfg.ray_from_cases or cfg.cpu_actors:
+    if cfg.cpu_actors or (cfg.ray_from_cases is not None and (cfg.ray_from_cases <= 0 or
+                                                              n_cases >= cfg.ray_from_cases)):
         return False
     if cfg.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
         return False

@@ -1,0 +1,172 @@
+"""`trtseg predict` as a user runs it, default flags, against `nnUNetv2_predict` on the same volumes and GPU:
+
+    python -m benchmarks.predict_vs_nnunet [--cases 1 16 64] [--nnunet-cases 2] [--shape 512 512 240] [--json F]
+        [--ray-from-cases N] [--skip-nnunet]
+
+Each step is one whole process, timed from its start to its exit: imports, model load, engine build or cache load,
+the fast path's check, warm-up, every case's read, inference, export and write.
+
+1. `trtseg predict -i ONE_CT` with an empty engine cache (cold: the fast path's fp32 check and torch.compile run);
+2. the same into another output folder, with the cache the first run left (warm: verdict and compiled code loaded);
+3. `trtseg predict` on each count of --cases, warm;
+4. `trtseg predict --no-fast --precision fp32` on the first CT: the reference the default's masks are compared with;
+5. `nnUNetv2_predict -d ... -c 3d_fullres -f 0` on the first --nnunet-cases CTs (its default workers).
+
+Every run is without mirroring (--disable-tta / --disable_tta), as nnU-Net's figures it is compared with. Model:
+nnU-Net's 3d_fullres CT topology (PlainConvUNet 32->320, 6 stages, 128^3 patch), seeded random weights; inputs:
+CT-like 512x512x240 volumes at 0.7 x 0.7 x 1.25 mm, four distinct ones copied to fill a count. Reported: each
+step's seconds, the run report's start-up and per-case seconds, what the fast path chose and where from, the
+compile cache's status, volumes per GPU-hour, and voxel agreement of the default's masks with fp32's and
+nnUNetv2's. Results are written after each step, so a run cut short keeps what it measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from benchmarks.case_latency import FULLRES_FEATURES
+from benchmarks.common import machine, save
+from trtseg import synthetic as syn
+
+
+def _write_volume(dest: str, shape_xyz, seed: int) -> None:
+    syn.save_nifti(dest, syn.ct_like_volume(shape_xyz, seed=seed), syn.affine_for((0.7, 0.7, 1.25)))
+
+
+def _inputs(work: str, counts: list[int], shape) -> dict[int, str]:
+    """A folder per count, of CTs ct000..; four distinct volumes, hard-linked (or copied) to fill each."""
+    top = os.path.join(work, "volumes")
+    os.makedirs(top)
+    srcs = [os.path.join(top, f"v{i}.nii.gz") for i in range(4)]
+    x, y, z = shape
+    with ProcessPoolExecutor(4) as pool:
+        list(pool.map(_write_volume, srcs, [(x, y, z - 8 * i) for i in range(4)], range(100, 104)))
+    folders = {}
+    for n in sorted(set(counts)):
+        folder = os.path.join(work, f"in{n}")
+        os.makedirs(folder)
+        for i in range(n):
+            dest = os.path.join(folder, f"ct{i:03d}_0000.nii.gz")
+            try:
+                os.link(srcs[i % 4], dest)
+            except OSError:
+                shutil.copyfile(srcs[i % 4], dest)
+        folders[n] = folder
+    return folders
+
+
+def _agreement(a_dir: str, b_dir: str, cases: list[str]) -> dict[str, float]:
+    out = {}
+    for c in cases:
+        a = np.asarray(nib.load(os.path.join(a_dir, c + ".nii.gz")).dataobj)
+        b = np.asarray(nib.load(os.path.join(b_dir, c + ".nii.gz")).dataobj)
+        out[c] = round(float((a == b).mean()), 6)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", type=int, nargs="+", default=[16, 64], help="warm runs over this many CTs")
+    ap.add_argument("--nnunet-cases", type=int, default=2)
+    ap.add_argument("--shape", nargs=3, type=int, default=[512, 512, 240])
+    ap.add_argument("--ray-from-cases", default=None, help="passed to trtseg predict (default: its own)")
+    ap.add_argument("--skip-nnunet", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="trtseg_predict_")
+    results = os.path.join(work, "results")
+    t = time.perf_counter()
+    model = syn.make_model_folder(os.path.join(results, "Dataset089_CT", "nnUNetTrainer__nnUNetPlans__3d_fullres"),
+                                  folds=(0,), patch_size=(128, 128, 128), spacing=(1.0, 0.78, 0.78),
+                                  features=FULLRES_FEATURES,
+                                  dataset_json=syn.dataset_dict(num_channels=1, num_labels=4))
+    inputs = _inputs(work, [1, args.nnunet_cases, *args.cases], args.shape)
+    out: dict = {"scenario": "predict_vs_nnunet", "machine": machine(), "shape_xyz": args.shape, "mirroring": False,
+                 "setup_seconds": round(time.perf_counter() - t, 1),
+                 "trtseg_command": "trtseg predict -i IN -o OUT -m MODEL --disable-tta --no-progress",
+                 "nnunetv2_command": "nnUNetv2_predict -i IN -o OUT -d 89 -c 3d_fullres -f 0 --disable_tta",
+                 "runs": {}}
+    env = {**os.environ, "TRTSEG_CACHE": os.path.join(work, "cache"), "nnUNet_results": results,
+           "nnUNet_raw": work, "nnUNet_preprocessed": work}
+    extra = ["--ray-from-cases", args.ray_from_cases] if args.ray_from_cases is not None else []
+
+    def trtseg(name: str, n: int, *flags: str) -> None:
+        dest = os.path.join(work, name)
+        cmd = [sys.executable, "-m", "trtseg.cli", "predict", "-i", inputs[n], "-o", dest, "-m", model,
+               "--disable-tta", "--no-progress", *extra, *flags]
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        seconds = round(time.perf_counter() - t0, 2)
+        entry: dict = {"cases": n, "seconds": seconds, "flags": list(flags), "exit": r.returncode}
+        if r.returncode == 0:
+            rep = json.load(open(os.path.join(dest, "run_report.json")))
+            summary, engine = rep["summary"], rep.get("engine") or {}
+            entry.update(
+                ok=summary.get("ok"), mode=rep["job"].get("mode"), startup_seconds=summary.get("startup_seconds"),
+                volumes_per_gpu_hour=round(3600 * n / seconds, 1),
+                case_seconds=[c.get("seconds") for c in rep["cases"]][:4],
+                engine={k: engine.get(k) for k in ("engine", "precision", "compiled", "channels_last", "fp16_weights",
+                                                   "folded_convolutions", "merged_upsamplings", "fused_norms",
+                                                   "compile_cache", "fast_path")})
+        else:
+            entry["error"] = (r.stdout + r.stderr)[-3000:]
+        out["runs"][name] = entry
+        _save(out, args.json)
+
+    trtseg("one_ct_cold_cache", 1)
+    trtseg("one_ct_warm_cache", 1)
+    for n in args.cases:
+        trtseg(f"cts{n}_warm_cache", n)
+    trtseg("one_ct_fp32_reference", 1, "--no-fast", "--precision", "fp32")
+    if all(out["runs"][k]["exit"] == 0 for k in ("one_ct_warm_cache", "one_ct_fp32_reference")):
+        out["agreement_default_vs_fp32"] = _agreement(os.path.join(work, "one_ct_warm_cache"),
+                                                      os.path.join(work, "one_ct_fp32_reference"), ["ct000"])
+    if not args.skip_nnunet:
+        nn_out = os.path.join(work, "nnunet")
+        cmd = [sys.executable, "-c", "import sys; from nnunetv2.inference.predict_from_raw_data import "
+               "predict_entry_point; sys.argv[0] = 'nnUNetv2_predict'; predict_entry_point()",
+               "-i", inputs[args.nnunet_cases], "-o", nn_out, "-d", "89", "-c", "3d_fullres", "-f", "0",
+               "--disable_tta", *([] if torch.cuda.is_available() else ["-device", "cpu"])]
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        out["nnunetv2"] = {"cases": args.nnunet_cases, "seconds": round(time.perf_counter() - t0, 2),
+                           "exit": r.returncode}
+        if r.returncode:
+            out["nnunetv2"]["error"] = (r.stdout + r.stderr)[-3000:]
+        else:
+            cases = [f"ct{i:03d}" for i in range(args.nnunet_cases)]
+            n_dir = os.path.join(work, f"cts{args.nnunet_cases}_warm_cache")
+            if args.nnunet_cases in args.cases or args.nnunet_cases == 1:
+                n_dir = n_dir if args.nnunet_cases != 1 else os.path.join(work, "one_ct_warm_cache")
+                out["agreement_default_vs_nnunetv2"] = _agreement(n_dir, nn_out, cases)
+            else:  # the count nnU-Net ran is not a trtseg step of its own: run it, warm
+                trtseg(f"cts{args.nnunet_cases}_warm_cache", args.nnunet_cases)
+                out["agreement_default_vs_nnunetv2"] = _agreement(n_dir, nn_out, cases)
+            out["speedup_same_cases"] = round(out["nnunetv2"]["seconds"] /
+                                              out["runs"][f"cts{args.nnunet_cases}_warm_cache"]["seconds"], 1) \
+                if f"cts{args.nnunet_cases}_warm_cache" in out["runs"] else None
+    _save(out, args.json)
+
+
+def _save(out: dict, path: str | None) -> None:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(out, f, indent=2)
+    else:
+        save(out, None)
+
+
+if __name__ == "__main__":
+    main()
