@@ -43,18 +43,32 @@ def test_a_2d_network_gets_compile_and_fp16_weights_only(tmp_path):
 
 
 def test_the_check_passes_a_rewrite_that_keeps_the_function_and_refuses_one_that_does_not(model):
-    network = model.build_network("0")
-    reference = TorchEngine(model.build_network("0"), "cpu")
-    merged = TorchEngine(network, "cpu", merge_upsampling=True)
+    def fp32(net=None):
+        return TorchEngine(net if net is not None else model.build_network("0"), "cpu")
+
+    def perturbed(scale: float):  # a rewrite gone wrong: the same network with other weights
+        net = model.build_network("0")
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * p.std().nan_to_num(0.1) * scale)
+        return net
+
+    merged = TorchEngine(model.build_network("0"), "cpu", merge_upsampling=True)
     assert merged.merged_upsamplings > 0
-    passed = fast_path._check(merged, reference, model, 2)
+    passed = fast_path._check(merged, fp32(), fp32(), model, 2)
     assert passed["verdict"] == "passed" and passed["agreement"] >= fast_path.MIN_AGREEMENT
-    broken = model.build_network("0")
-    with torch.no_grad():
-        for p in broken.parameters():  # a rewrite gone wrong: the same network with other weights
-            p.add_(torch.randn_like(p) * p.std().nan_to_num(0.1) * 2)
-    failed = fast_path._check(TorchEngine(broken, "cpu"), TorchEngine(model.build_network("0"), "cpu"), model, 2)
+    assert passed["fallback_agreement"] == 1.0
+    failed = fast_path._check(fp32(perturbed(2)), fp32(), fp32(), model, 2)
     assert failed["verdict"] == "failed" and failed["agreement"] < fast_path.MIN_AGREEMENT
+    # below 99.9 % but closer to fp32 than the fallback is: refusing it would run something further off
+    slightly, far = fp32(perturbed(0.05)), fp32(perturbed(2))
+    floor = fast_path._check(slightly, fp32(), far, model, 2)
+    assert floor["agreement"] < fast_path.MIN_AGREEMENT, "the perturbation must move some voxels for this test"
+    assert floor["fallback_agreement"] < floor["agreement"]
+    assert floor["verdict"] == "passed" and "fp16 autocast" in floor["rule"]
+    worse = fast_path._check(far, fp32(), fp32(perturbed(0.05)), model, 2)
+    assert worse["verdict"] == "failed"
 
 
 def test_the_cpu_measures_both_engines_once_and_keeps_the_verdict(model, tmp_path):

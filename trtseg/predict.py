@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,6 +33,18 @@ from trtseg.tile import model_gaussian
 from trtseg.window import WindowPlan, plan_window
 
 CaseResult = CaseReport  # the name earlier releases used
+
+
+@dataclass
+class Predicted:
+    """A case predicted but not yet written: ``mask`` (z, y, x) and ``probabilities`` (labels, z, y, x) are host
+    arrays in the image's own geometry (None for an empty image, which ``write_case`` fills)."""
+
+    case: Case
+    meta: dict
+    mask: "np.ndarray | None"
+    probabilities: "np.ndarray | None"
+    tiles: int
 
 
 class Predictor:
@@ -84,6 +98,14 @@ class Predictor:
                      read_seconds: float = 0.0) -> CaseReport:
         """Reads (unless ``image``, read ahead in ``read_seconds``, is given), predicts and writes one case. Bad
         input fails this case only: no output file is written."""
+        done = self.infer_case(case, storage_options, image, read_seconds)
+        return done if isinstance(done, CaseReport) else self.write(done, output_folder, storage_options)
+
+    def infer_case(self, case: Case, storage_options: storage.StorageOptions | None = None,
+                   image: CaseImage | None = None, read_seconds: float = 0.0) -> "Predicted | CaseReport":
+        """Everything of ``predict_case`` before the write: the mask (z, y, x) and probabilities on the host, or the
+        case's failed report. ``write`` finishes it, in this thread or another (``run_in_process`` writes one
+        case behind the GPU)."""
         meta, volume, image = prepare_case(case, self.models, self.settings, self.device, storage_options,
                                            to_host=False, image=image)
         if read_seconds:
@@ -116,12 +138,19 @@ class Predictor:
             except Exception as e:  # an engine or export failure fails this case, named, not the run
                 return CaseReport(case.case_id, "failed", error=storage.redact(f"{case.files[0]}: {one_line(e)}"),
                                   seconds=seconds)
-        written = write_case(meta, self.models, self.settings, output_folder, storage_options, mask, probabilities)
+        return Predicted(case, meta, mask, probabilities, tiles)
+
+    def write(self, done: "Predicted", output_folder: str,
+              storage_options: storage.StorageOptions | None = None) -> CaseReport:
+        """Writes what ``infer_case`` made (host arrays only: safe in another thread) and returns the report entry."""
+        case, meta, seconds = done.case, done.meta, done.meta["seconds"]
+        written = write_case(meta, self.models, self.settings, output_folder, storage_options, done.mask,
+                             done.probabilities)
         seconds.update(written["seconds"])
         if written.get("error"):
             return CaseReport(case.case_id, "failed", error=written["error"], seconds=seconds)
         return CaseReport(case.case_id, "ok", output=written["output"], seconds=seconds, reason=case.reason,
-                          tiles=tiles, postprocessing=written.get("postprocessing"))
+                          tiles=done.tiles, postprocessing=written.get("postprocessing"))
 
     def _run_pass(self, index: int, step: dict, volume: torch.Tensor, combiner: Combiner, seconds: dict) -> None:
         """One model's sliding window and export on the device, into the case's Combiner."""
@@ -198,14 +227,30 @@ def run_in_process(model: ModelSet, source, settings: Settings, cases: list[Case
     event("run started", mode=job["mode"], cases=len(todo), skipped=len(results), engine=settings.engine.text(),
           startup_seconds=startup)
     progress = Progress(len(todo), progress_bar)
-    for case, (image, read_seconds) in zip(todo, read_ahead(todo, model, settings, storage_options)):
-        r = predictor.predict_case(case, output_url, storage_options, image, read_seconds)
+
+    def finished(r: CaseReport, case: Case) -> None:
         results[case.case_id] = r
         if r.status == "ok":
             event("case done", case=case.case_id, seconds=r.to_json()["seconds"])
         else:
             event("case failed", case=case.case_id, error=r.error)
         progress.update(cases=1, tiles=r.tiles or 0)
+
+    # the write (gzip, storage) of one case runs in a thread while the GPU predicts the next: at most one case waits
+    # to be written, so host memory holds at most two masks
+    with ThreadPoolExecutor(1, thread_name_prefix="trtseg-write") as writer:
+        pending: tuple[Future, Case] | None = None
+        for case, (image, read_seconds) in zip(todo, read_ahead(todo, model, settings, storage_options)):
+            done = predictor.infer_case(case, storage_options, image, read_seconds)
+            if pending is not None:
+                finished(pending[0].result(), pending[1])
+                pending = None
+            if isinstance(done, CaseReport):
+                finished(done, case)
+            else:
+                pending = (writer.submit(predictor.write, done, output_url, storage_options), case)
+        if pending is not None:
+            finished(pending[0].result(), pending[1])
     progress.close()
     report = run_report(model, source, settings, predictor.engines[0].report() if predictor.engines else None,
                         cases, results, time.perf_counter() - t0, job={**job, "run_id": uuid.uuid4().hex[:6]},

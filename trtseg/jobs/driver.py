@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 # imported before Ray starts, not lazily: once the job runs, Ray may unpack the job's working directory again at
-# the same path for a node on the same host, and a module imported in that window is not found
-from trtseg.jobs.actor import CONCURRENCY_GROUPS, InferenceActor
+# the same path for a node on the same host, and a module imported in that window is not found (the actor module,
+# which imports Ray, is imported in run_job once the job is known to need Ray, still before Ray starts)
 from trtseg.jobs.config import JobConfig
 from trtseg.jobs.stages import prepare_task, write_task
 from trtseg import storage
@@ -135,8 +135,8 @@ def _chunks(starts: list, n: int) -> list[list]:
 
 
 def run_job(cfg: JobConfig) -> dict:
-    """Runs the job described by ``cfg``; returns the run report (also written to OUTPUT/run_report.json)."""
-    import ray
+    """Runs the job described by ``cfg``; returns the run report (also written to OUTPUT/run_report.json). Ray is
+    imported only once the job needs it: a run in one process spares its import (about a second)."""
 
     setup_logging(cfg.log_json)
     storage.set_default_options(cfg.storage_options)
@@ -164,6 +164,10 @@ def run_job(cfg: JobConfig) -> dict:
         return run_in_process(model, cfg.model or (cfg.model_card or {}).get("card"), cfg.settings, cases, todo,
                               results, cfg.output, None, cfg.progress, t_start,
                               {"mode": "single-process", "chosen": why, "shard": cfg.shard})
+
+    import ray
+
+    import trtseg.jobs.actor  # noqa: F401  before Ray starts: see the note on the imports at the top
 
     cpu_mode = bool(cfg.cpu_actors) or cfg.settings.engine.device == "cpu"
     t_ray = time.perf_counter()
@@ -221,6 +225,8 @@ class Scheduler:
         # held for the whole run: Ray re-sends it when it restarts an actor (a dropped ref would be freed)
         self.model_ref = ray.put(model)
         threads = max(1, (os.cpu_count() or 1) // self.n_actors) if self.cpu_mode else None
+        from trtseg.jobs.actor import CONCURRENCY_GROUPS, InferenceActor  # imported by run_job before Ray started
+
         actor_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(InferenceActor)
         # SPREAD: actors go to different nodes where they fit, so a multi-node cluster's GPUs (and the network links
         # and CPUs beside them) all work; actor_resources pins them to nodes with a custom resource (a GPU type)
@@ -447,13 +453,14 @@ def _in_one_process(cfg: JobConfig, n_cases: int) -> bool:
     fewer cases than --ray-from-cases if it is given. One engine on one GPU gains nothing from Ray that the single
     process's read-ahead does not give (trtseg.predict.read_ahead), and Ray's start-up, actor start and
     object-store copies cost seconds (benchmarks/predict_vs_nnunet.py measures both)."""
-    import ray
+    import sys
+
     import torch
 
     if cfg.cpu_actors or (cfg.ray_from_cases is not None and (cfg.ray_from_cases <= 0 or
                                                               n_cases >= cfg.ray_from_cases)):
         return False
-    if cfg.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+    if cfg.address or os.environ.get("RAY_ADDRESS") or ("ray" in sys.modules and sys.modules["ray"].is_initialized()):
         return False
     return torch.cuda.device_count() <= 1
 
