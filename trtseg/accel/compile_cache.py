@@ -88,6 +88,12 @@ class CompileCacheEntry:
         except Exception as e:
             return self._refuse(f"does not load ({type(e).__name__})")
         self.status = "loaded"
+        # with the compiled code loaded, nothing is left to compile: one compile thread spares starting (and, at the
+        # process's exit, stopping) Inductor's pool of compile workers, about 4 s of a one-CT process on an H100
+        # (benchmarks/results/h100_startup_profile.json: TORCHINDUCTOR_COMPILE_THREADS=1 against the default)
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = 1
         log.info("compile cache: loaded %s", self.bin_url)
         return True
 

@@ -83,6 +83,12 @@ class TorchEngine(Engine):
             torch.backends.cudnn.benchmark = True  # fixed tile shapes: let cuDNN pick the fastest kernels, as nnU-Net does
         self._fn: Callable[[torch.Tensor], torch.Tensor] = self.network
         self.compile_mode = (compile if isinstance(compile, str) else "default") if compile else None
+        # trtseg/accel/compile_cache.py: the compiled graphs of an earlier process on this GPU type, loaded before
+        # torch.compile is called (a loaded entry sets Inductor's compile threads to one before the wrapper would
+        # start its pool of compile workers); saved after warm_up when there were none
+        self.compile_cache = compile_cache if compile else None
+        if self.compile_cache is not None:
+            self.compile_cache.load()
         if compile:
             # static shapes: one graph per batch size (with static_batch, short batches are padded to the full one).
             # Left to detect dynamic shapes, torch.compile would recompile on a short batch with a symbolic batch
@@ -90,11 +96,6 @@ class TorchEngine(Engine):
             mode = _TORCH_COMPILE_MODES.get(self.compile_mode, self.compile_mode)  # type: ignore[arg-type]
             self._fn = torch.compile(self.network, mode=mode, dynamic=False)  # type: ignore[assignment]
         self.compiled = bool(compile)
-        # trtseg/accel/compile_cache.py: the compiled graphs of an earlier process on this GPU type, loaded before
-        # the first compiled call; saved after warm_up when there were none
-        self.compile_cache = compile_cache if compile else None
-        if self.compile_cache is not None:
-            self.compile_cache.load()
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.cuda_graphs = cuda_graphs
