@@ -24,4 +24,13 @@ fi
 "$venv/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$venv/torch-constraint.txt"
 "${pip[@]}" install -q -c "$venv/torch-constraint.txt" -e ".[${extras}]"
 case ",$extras," in *,test,*) bash "$(dirname "$0")/typestubs.sh" "$venv" ;; esac  # for mypy in the tests
+# dciodvfy (Debian's dicom3tools) validates the DICOM Segmentations tests/test_dicom.py writes; without it (no
+# apt-get, or not root) that check is skipped with a warning
+case ",$extras," in *,test,*)
+  if ! command -v dciodvfy >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools ||
+      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools; }; } >/dev/null 2>&1 ||
+      echo "dicom3tools could not be installed: the tests will not validate DICOM output with dciodvfy"
+  fi ;;
+esac
 "$venv/bin/python" -c "import torch, trtseg; print('trtseg installed with torch', torch.__version__)"

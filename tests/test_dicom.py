@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import warnings
 
 import nibabel as nib
 import numpy as np
@@ -13,7 +15,6 @@ import pytest
 from trtseg import synthetic as syn
 from trtseg.cli import main
 
-from dicom_series import write_series
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -24,7 +25,7 @@ def _ct(shape_xyz, seed):
 
 def _oblique(folder, seed=3, **kw):
     a = np.deg2rad(14)
-    return write_series(folder, _ct((48, 44, 14), seed), (2.6, 0.9, 0.8), row_dir=(np.cos(a), np.sin(a), 0.0),
+    return syn.save_dicom_series(folder, _ct((48, 44, 14), seed), (2.6, 0.9, 0.8), row_dir=(np.cos(a), np.sin(a), 0.0),
                         col_dir=(-np.sin(a), np.cos(a), 0.0), origin=(-20.0, 10.0, 5.0), slope=0.5, **kw)
 
 
@@ -135,6 +136,15 @@ def test_dicom_seg_out_references_the_series_and_reads_back(small_model, tmp_pat
     assert [(s.SegmentNumber, s.SegmentLabel) for s in seg.SegmentSequence] == \
         [(i + 1, names[v]) for i, v in enumerate(sorted(names))]
     assert seg.SegmentSequence[0].SegmentAlgorithmName == "trtseg"
+    if shutil.which("dciodvfy"):  # dicom3tools' validator (scripts/install.sh installs it where apt-get can)
+        source_report = subprocess.run(["dciodvfy", paths[0]], capture_output=True, text=True).stderr
+        assert "Error" not in source_report, source_report  # the test's own series is a valid CT series ...
+        report = subprocess.run(["dciodvfy", seg_file], capture_output=True, text=True)
+        assert report.returncode == 0 and "Segmentation" in report.stderr, report.stderr
+        assert not [line for line in report.stderr.splitlines() if line.startswith(("Error", "Warning"))], \
+            report.stderr  # ... and so is the Segmentation
+    else:
+        warnings.warn("dciodvfy (dicom3tools) is not installed: the Segmentation was not validated by it")
     sources = {pd.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in paths}
     referenced = {r.ReferencedSOPInstanceUID for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     assert referenced == set(sources)
@@ -166,3 +176,158 @@ def test_dicom_seg_out_references_the_series_and_reads_back(small_model, tmp_pat
     assert main(["predict", "-i", nif, "-o", str(tmp_path / "bad"), "--output-format", "dicom-seg", *common]) == 1
     case = json.load(open(tmp_path / "bad" / "run_report.json"))["cases"][0]
     assert "needs a DICOM series input" in case["error"] and not os.path.exists(tmp_path / "bad" / "x.seg.dcm")
+
+
+def _sitk_nifti(source: str, dest: str) -> None:
+    """SimpleITK's conversion of a series folder (or one multi-frame file) to NIfTI: the route users take today."""
+    import SimpleITK as sitk
+
+    if os.path.isdir(source):
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(source))
+        img = reader.Execute()
+    else:
+        img = sitk.ReadImage(source)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    sitk.WriteImage(img, dest)
+
+
+def _same_mask(a: str, b: str) -> None:
+    x, y = nib.load(a), nib.load(b)
+    assert np.array_equal(np.asarray(x.dataobj), np.asarray(y.dataobj)), (a, b)
+    np.testing.assert_allclose(x.affine, y.affine, atol=1e-4)
+
+
+def _stack_real_slice(src: str, folder: str, n: int, seed: int = 0, roll: bool = True) -> list[str]:
+    """A series of ``n`` slices made from one real DICOM file of pydicom's test data: every header attribute as
+    the scanner wrote it, new SOP instance UIDs, positions stepped along the slice normal by SliceThickness (or
+    2 mm), and (``roll``, uncompressed files only) the slice's pixels rolled per slice so that the volume is not
+    constant along z. Compressed files keep their pixel data and transfer syntax."""
+    from trtseg.dicom import pydicom
+
+    pd = pydicom()
+    ds = pd.dcmread(src)
+    os.makedirs(folder, exist_ok=True)
+    o = np.array([float(v) for v in ds.ImageOrientationPatient])
+    normal = np.cross(o[:3], o[3:])
+    p0 = np.array([float(v) for v in ds.ImagePositionPatient])
+    step = float(getattr(ds, "SliceThickness", 0) or 2.0)
+    series = pd.uid.generate_uid()
+    order = np.random.default_rng(seed).permutation(n)
+    paths = []
+    for k, z in enumerate(order):
+        s = pd.dcmread(src)
+        s.SeriesInstanceUID = series
+        s.SOPInstanceUID = s.file_meta.MediaStorageSOPInstanceUID = pd.uid.generate_uid()
+        s.InstanceNumber = int(z) + 1
+        s.ImagePositionPatient = [f"{v:.4f}" for v in p0 + normal * step * z]
+        if roll:
+            s.PixelData = np.roll(s.pixel_array, 3 * int(z), axis=1).tobytes()
+        paths.append(os.path.join(folder, f"S{k:03d}.dcm"))
+        s.save_as(paths[-1], enforce_file_format=True)
+    return paths
+
+
+def test_real_dicom_files_from_pydicom_in_every_common_transfer_syntax(small_model, tmp_path):
+    """pydicom's own test files (they ship in its wheel): its real CT slice (CT_small.dcm) stacked into a series
+    gives the masks of its SimpleITK NIfTI conversion; its real MR slice uncompressed, RLE, JPEG 2000 lossless and
+    JPEG-LS lossless decodes to one volume, so all four give one mask."""
+    from pydicom.data import get_testdata_file
+
+    root = tmp_path / "in"
+    _stack_real_slice(get_testdata_file("CT_small.dcm"), str(root / "ct"), 6)
+    mr = {"mr_plain": "MR_small.dcm", "mr_rle": "MR_small_RLE.dcm", "mr_j2k": "MR_small_jp2klossless.dcm",
+          "mr_jls": "MR_small_jpeg_ls_lossless.dcm"}
+    for case, name in mr.items():
+        _stack_real_slice(get_testdata_file(name), str(root / case), 5, seed=1, roll=False)
+    _sitk_nifti(str(root / "ct"), str(tmp_path / "nifti" / "ct_0000.nii.gz"))
+    common = ["-m", small_model, "-f", "0", "--disable-tta", "--no-progress", "--single-process"]
+    assert main(["predict", "-i", str(root), "-o", str(tmp_path / "out"), *common]) == 0
+    assert main(["predict", "-i", str(tmp_path / "nifti"), "-o", str(tmp_path / "ref"), *common]) == 0
+    _same_mask(str(tmp_path / "out" / "ct.nii.gz"), str(tmp_path / "ref" / "ct.nii.gz"))
+    plain = tmp_path / "out" / "mr_plain.nii.gz"
+    assert len(np.unique(np.asarray(nib.load(str(plain)).dataobj))) >= 2
+    for case in ("mr_rle", "mr_j2k", "mr_jls"):
+        _same_mask(str(tmp_path / "out" / f"{case}.nii.gz"), str(plain))
+
+
+def test_a_study_folder_takes_the_series_a_rule_picks(small_model, tmp_path):
+    """A study folder with two CT series and a structured report: refused without a rule, naming the options; a
+    SeriesDescription or SeriesInstanceUID rule picks one series, whose mask equals that series' own folder's;
+    a rule that picks none or two fails the case in one line that lists the series found."""
+    from trtseg.dicom import pydicom
+
+    pd = pydicom()
+    study = tmp_path / "in" / "study1"
+    thin_uid = pd.uid.generate_uid()
+    _oblique(str(study), seed=3, series_uid=thin_uid, description="Abdomen 1.0 B30f", prefix="A")
+    _oblique(str(study), seed=4, description="Topogram 0.6 T20s", prefix="B")
+    _oblique(str(tmp_path / "alone" / "study1"), seed=3, description="Abdomen 1.0 B30f")
+    sr = pd.Dataset()
+    sr.file_meta = pd.dataset.FileMetaDataset()
+    sr.file_meta.TransferSyntaxUID = pd.uid.ExplicitVRLittleEndian
+    sr.file_meta.MediaStorageSOPClassUID = sr.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.22"
+    sr.file_meta.MediaStorageSOPInstanceUID = sr.SOPInstanceUID = pd.uid.generate_uid()
+    sr.Modality, sr.SeriesInstanceUID = "SR", pd.uid.generate_uid()
+    sr.save_as(str(study / "SR0001.dcm"), enforce_file_format=True)
+    common = ["-m", small_model, "-f", "0", "--disable-tta", "--no-progress", "--single-process"]
+    assert main(["predict", "-i", str(tmp_path / "alone"), "-o", str(tmp_path / "ref"), *common]) == 0
+
+    def run(out: str, *rule: str) -> dict:
+        code = main(["predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / out), *common, *rule])
+        case = json.load(open(tmp_path / out / "run_report.json"))["cases"][0]
+        assert code == (1 if case["status"] == "failed" else 0)
+        return case
+
+    case = run("none")
+    assert case["status"] == "failed" and "3 SeriesInstanceUIDs" in case["error"] and "--series-uid" in case["error"]
+    for out, rule in (("desc", ["--series-description", r"abdomen 1\.0"]), ("uid", ["--series-uid", thin_uid])):
+        assert run(out, *rule)["status"] == "ok", rule
+        _same_mask(str(tmp_path / out / "study1.nii.gz"), str(tmp_path / "ref" / "study1.nii.gz"))
+    two = run("two", "--series-modality", "CT")
+    assert two["status"] == "failed" and "2 series match --series-modality CT" in two["error"], two["error"]
+    assert "'Topogram 0.6 T20s'" in two["error"] and "\n" not in two["error"]
+    none = run("mr", "--series-modality", "MR")
+    assert none["status"] == "failed" and "no series matches --series-modality MR" in none["error"]
+    assert str(study) in none["error"] and not os.path.exists(tmp_path / "mr" / "study1.nii.gz")
+    # the rule is part of what made the mask: another rule redoes the case, the same one skips it
+    assert run("desc", "--series-description", r"abdomen 1\.0")["status"] == "skipped"
+    assert run("desc", "--series-uid", thin_uid)["reason"] == "settings changed"
+
+
+def test_an_enhanced_multi_frame_ct_is_read_as_simpleitk_reads_it(small_model, tmp_path):
+    """A Legacy Converted Enhanced CT object (highdicom's conversion of a series into one multi-frame file): its
+    mask equals that of SimpleITK's NIfTI conversion of the file, and its voxels sit where the single-frame
+    series' do in patient space. A multi-frame object whose frames are out of order is refused: GDCM would stack
+    them as stored."""
+    import highdicom as hd
+
+    from trtseg.dicom import pydicom
+
+    pd = pydicom()
+    paths = _oblique(str(tmp_path / "series" / "ct1"))
+    frames = [pd.dcmread(p) for p in paths]
+    mf = hd.legacy.LegacyConvertedEnhancedCTImage(frames, series_instance_uid=hd.UID(), series_number=2,
+                                                  sop_instance_uid=hd.UID(), instance_number=1)
+    os.makedirs(tmp_path / "in" / "ct1")
+    mf.save_as(str(tmp_path / "in" / "ct1" / "MF0001.dcm"))
+    _sitk_nifti(str(tmp_path / "in" / "ct1" / "MF0001.dcm"), str(tmp_path / "nifti" / "ct1_0000.nii.gz"))
+    common = ["-m", small_model, "-f", "0", "--disable-tta", "--no-progress", "--single-process"]
+    for src, out in (("in", "mf"), ("nifti", "ref"), ("series", "single")):
+        assert main(["predict", "-i", str(tmp_path / src), "-o", str(tmp_path / out), *common]) == 0
+    _same_mask(str(tmp_path / "mf" / "ct1.nii.gz"), str(tmp_path / "ref" / "ct1.nii.gz"))
+    mf_img, single = nib.load(str(tmp_path / "mf" / "ct1.nii.gz")), nib.load(str(tmp_path / "single" / "ct1.nii.gz"))
+    nz = mf_img.shape[2]
+    corners = np.array([[0, 0, 0, 1], [5, 7, 0, 1], [3, 2, nz - 1, 1]], float)
+    flipped = corners.copy()
+    flipped[:, 2] = nz - 1 - corners[:, 2]  # the frames are stored along the other direction than the series
+    np.testing.assert_allclose(corners @ mf_img.affine.T, flipped @ single.affine.T, atol=1e-3)
+    # two frames' positions swapped: out of order in the file
+    ds = pd.dcmread(str(tmp_path / "in" / "ct1" / "MF0001.dcm"))
+    groups = ds.PerFrameFunctionalGroupsSequence
+    a, b = groups[2].PlanePositionSequence[0], groups[5].PlanePositionSequence[0]
+    a.ImagePositionPatient, b.ImagePositionPatient = list(b.ImagePositionPatient), list(a.ImagePositionPatient)
+    ds.save_as(str(tmp_path / "in" / "ct1" / "MF0001.dcm"))
+    assert main(["predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "bad"), *common]) == 1
+    case = json.load(open(tmp_path / "bad" / "run_report.json"))["cases"][0]
+    assert "frames are not in order" in case["error"] and str(tmp_path / "in" / "ct1") in case["error"]

@@ -5,9 +5,12 @@ geometry (spacing, origin, direction, the slice order along the normal) and inte
 intercept applied) are the NIfTI route's exactly, so trtseg's masks of a series equal those of the series converted
 to NIfTI with SimpleITK. GDCM decodes the common compressed transfer syntaxes (JPEG, JPEG-LS, JPEG 2000, RLE).
 
-Checks, before any pixel is decoded, on the headers alone (pydicom, stop_before_pixels): one series per folder,
-image objects only (no SR, PR, SEG, RTSTRUCT...), one orientation, no duplicated or missing slice, uniform slice
-spacing and no gantry tilt (slices stepping along their normal). Each refusal is one line naming the series.
+Checks, before any pixel is decoded, on the headers alone (pydicom, stop_before_pixels): one series per folder
+(or the one that --series-modality / --series-description / --series-uid pick in a study folder), image objects
+only (no SR, PR, SEG, RTSTRUCT...), one orientation, no duplicated or missing slice, uniform slice spacing and no
+gantry tilt (slices stepping along their normal). A multi-frame (enhanced) object's frames are checked the same
+way from its per-frame functional groups, and must stand in order in the file, since GDCM stacks them in that
+order. Each refusal is one line naming the series.
 
 The mask is written as NIfTI (CASE.nii.gz) with the series' geometry, as SimpleITK writes the converted volume.
 """
@@ -65,8 +68,48 @@ def _local_files(urls: list[str], tmp: str) -> list[str]:
     return out
 
 
-def check_series(paths: list[str], where: str) -> None:
-    """The header checks of the module docstring; raises CaseError naming the series (``where``)."""
+_RULE_FLAGS = {"series_modality": "--series-modality", "series_description": "--series-description",
+               "series_uid": "--series-uid"}
+
+
+def _series_matches(head, rules: dict[str, str]) -> bool:
+    if "series_modality" in rules and str(getattr(head, "Modality", "")).upper() != rules["series_modality"].upper():
+        return False
+    if "series_description" in rules and not re.search(rules["series_description"],
+                                                        str(getattr(head, "SeriesDescription", "")), re.IGNORECASE):
+        return False
+    return "series_uid" not in rules or str(getattr(head, "SeriesInstanceUID", "")) == rules["series_uid"].strip()
+
+
+def _describe(head, count: int) -> str:
+    return (f"{getattr(head, 'Modality', '?')} {str(getattr(head, 'SeriesDescription', '')) or '(no description)'!r} "
+            f"({count} file{'s' if count > 1 else ''}, ...{str(getattr(head, 'SeriesInstanceUID', ''))[-12:]})")
+
+
+def select_series(paths: list[str], heads: list, rules: dict[str, str], where: str) -> list[int]:
+    """The indices of the files of the one series that ``rules`` (InputOptions.given(): modality, a
+    SeriesDescription regular expression, a SeriesInstanceUID) pick among a study folder's series; every file's
+    when no rule is given (check_series then refuses a folder of several series). One-line CaseError naming the
+    folder and the series found when no series, or more than one, matches."""
+    if not rules:
+        return list(range(len(paths)))
+    groups: dict[str, list[int]] = {}
+    for i, h in enumerate(heads):
+        groups.setdefault(str(getattr(h, "SeriesInstanceUID", "")), []).append(i)
+    found = {uid: _describe(heads[idx[0]], len(idx)) for uid, idx in groups.items()}
+    chosen = [uid for uid, idx in groups.items() if _series_matches(heads[idx[0]], rules)]
+    rule = " ".join(f"{_RULE_FLAGS[k]} {v}" for k, v in rules.items())
+    if len(chosen) != 1:
+        what = "no series matches" if not chosen else f"{len(chosen)} series match"
+        listed = "; ".join(found[u] for u in (chosen or list(found))[:4])
+        raise CaseError(where, f"{what} {rule}: {listed}{'; ...' if len(chosen or found) > 4 else ''}"
+                               f"{'; narrow the rule (--series-uid picks one)' if chosen else ''}")
+    return groups[chosen[0]]
+
+
+def check_series(paths: list[str], where: str, rules: dict[str, str] | None = None) -> list[int]:
+    """The header checks of the module docstring, on the series that ``rules`` pick (select_series) among the
+    files; raises CaseError naming the series (``where``). Returns the indices of the files of that series."""
     pd = pydicom()
     heads = []
     for p in paths:
@@ -74,27 +117,39 @@ def check_series(paths: list[str], where: str) -> None:
             heads.append(pd.dcmread(p, stop_before_pixels=True))
         except Exception as e:
             raise CaseError(p, f"not a readable DICOM file ({type(e).__name__}: {str(e)[:120]})") from None
+    keep = select_series(paths, heads, rules or {}, where)
+    paths, heads = [paths[i] for i in keep], [heads[i] for i in keep]
+    _check_one_series(paths, heads, where)
+    return keep
+
+
+def _check_one_series(paths: list[str], heads: list, where: str) -> None:
+    """check_series' checks of one folder's (or one chosen series') files, in the order a user fixes them."""
+    uids = sorted({str(getattr(h, "SeriesInstanceUID", "")) for h in heads})
+    if len(uids) > 1:
+        raise CaseError(where, f"mixed series in one folder: {len(uids)} SeriesInstanceUIDs ({', '.join(u[-12:] for u in uids[:3])}"
+                               f"{', ...' if len(uids) > 3 else ''}); give each series its own folder, or pick one "
+                               "with --series-modality, --series-description or --series-uid")
     modalities = sorted({str(getattr(h, "Modality", "")) for h in heads} & NON_IMAGE_MODALITIES)
     if modalities or any("Rows" not in h for h in heads):
         raise CaseError(where, f"holds non-image DICOM objects ({', '.join(modalities) or 'no pixel data'}); a case "
                                "folder holds one image series")
-    uids = sorted({str(getattr(h, "SeriesInstanceUID", "")) for h in heads})
-    if len(uids) > 1:
-        raise CaseError(where, f"mixed series in one folder: {len(uids)} SeriesInstanceUIDs ({', '.join(u[-12:] for u in uids[:3])}"
-                               f"{', ...' if len(uids) > 3 else ''}); give each series its own folder")
-    if len(heads) == 1:
-        return  # one file: a single slice or a multi-frame (enhanced) object, whose frames GDCM orders
-    orients = {tuple(round(float(v), 4) for v in getattr(h, "ImageOrientationPatient", ())) for h in heads}
+    names, orients, pos, in_file_order = _slices(paths, heads)
+    if len(names) < 2:
+        return  # one slice, or a multi-frame object without per-frame positions: nothing to order or space
     if len(orients) != 1 or not next(iter(orients)):
         raise CaseError(where, "slices with different or missing ImageOrientationPatient")
-    o = np.array([float(v) for v in heads[0].ImageOrientationPatient])
+    o = np.array(next(iter(orients)), dtype=float)
     normal = np.cross(o[:3], o[3:])
     normal /= np.linalg.norm(normal)
-    pos = np.array([[float(v) for v in h.ImagePositionPatient] for h in heads])
     along = pos @ normal
-    order = np.argsort(along)
+    order = np.argsort(along, kind="stable")
+    if in_file_order and not (np.all(np.diff(along) > 0) or np.all(np.diff(along) < 0)) and \
+            len(np.unique(np.round(along, 3))) == len(along):
+        # GDCM stacks a multi-frame object's frames in the file's order, and takes the geometry from the first
+        raise CaseError(where, "multi-frame object whose frames are not in order along their normal")
     steps = np.diff(along[order])
-    names = [os.path.basename(paths[i]) for i in order]
+    names = [names[i] for i in order]
     dup = np.nonzero(steps < 1e-3)[0]
     if dup.size:
         i = int(dup[0])
@@ -115,13 +170,40 @@ def check_series(paths: list[str], where: str) -> None:
                                "to an untilted grid first")
 
 
-def read_series(urls: list[str], where: str):
-    """(voxels (z, y, x) as SimpleITK's series reader gives them, spacing (z, y, x), its NIfTI header)."""
+def _slices(paths: list[str], heads: list) -> tuple[list[str], set[tuple], np.ndarray, bool]:
+    """(names, the set of ImageOrientationPatient values rounded, positions (n, 3) LPS mm, whether the order is
+    the file's frame order) of the series' slices: one per file, or one per frame of a multi-frame (enhanced)
+    object, read from its shared and per-frame functional groups."""
+    def orient(group) -> tuple:
+        return tuple(round(float(v), 4) for v in group.PlaneOrientationSequence[0].ImageOrientationPatient)
+
+    if len(heads) == 1 and "PerFrameFunctionalGroupsSequence" in heads[0]:
+        h = heads[0]
+        shared = h.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in h else None
+        frames = list(h.PerFrameFunctionalGroupsSequence)
+        try:
+            orients = {orient(f) if "PlaneOrientationSequence" in f else orient(shared) for f in frames}
+            pos = np.array([[float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient] for f in frames])
+        except (AttributeError, IndexError, TypeError):
+            return [], set(), np.zeros((0, 3)), True
+        base = os.path.basename(paths[0])
+        return [f"{base} frame {i + 1}" for i in range(len(frames))], orients, pos, True
+    if len(heads) == 1:
+        return [], set(), np.zeros((0, 3)), False
+    orients = {tuple(round(float(v), 4) for v in getattr(h, "ImageOrientationPatient", ())) for h in heads}
+    pos = np.array([[float(v) for v in h.ImagePositionPatient] for h in heads])
+    return [os.path.basename(p) for p in paths], orients, pos, False
+
+
+def read_series(urls: list[str], where: str, rules: dict[str, str] | None = None):
+    """(voxels (z, y, x) as SimpleITK's series reader gives them, spacing (z, y, x), its NIfTI header, the URLs of
+    the series read: those ``rules`` pick in a study folder, see select_series)."""
     import SimpleITK as sitk
 
     with tempfile.TemporaryDirectory(prefix="trtseg_dicom_") as tmp:
         paths = _local_files(urls, tmp)
-        check_series(paths, where)
+        keep = check_series(paths, where, rules)
+        urls, paths = [urls[i] for i in keep], [paths[i] for i in keep]
         folder = os.path.dirname(paths[0])
         try:
             if len(paths) == 1:
@@ -129,7 +211,11 @@ def read_series(urls: list[str], where: str):
             else:
                 reader = sitk.ImageSeriesReader()
                 uids = reader.GetGDCMSeriesIDs(folder)
-                names = reader.GetGDCMSeriesFileNames(folder, uids[0]) if len(uids) == 1 else paths
+                names = reader.GetGDCMSeriesFileNames(folder, uids[0]) if len(uids) == 1 else []
+                # GDCM's slice order where it saw only this series; otherwise its order for this series' UID
+                if len(uids) > 1:
+                    uid = str(pydicom().dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
+                    names = reader.GetGDCMSeriesFileNames(folder, uid) if uid in uids else []
                 reader.SetFileNames([n for n in names if n in set(paths)] or paths)
                 img = reader.Execute()
         except RuntimeError as e:
@@ -143,7 +229,7 @@ def read_series(urls: list[str], where: str):
     if arr.dtype.kind == "f":
         arr = arr.astype(np.float32, copy=False)
     spacing = tuple(float(s) for s in img.GetSpacing())
-    return arr, (spacing[2], spacing[1], spacing[0]), nifti_header(arr.shape, img)
+    return arr, (spacing[2], spacing[1], spacing[0]), nifti_header(arr.shape, img), urls
 
 
 def _transfer_syntax(path: str) -> str:

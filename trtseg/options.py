@@ -189,6 +189,23 @@ class OutputOptions:
                              choices=["nifti", "dicom-seg", "both"])
 
 
+@dataclass(frozen=True)
+class InputOptions:
+    """Which series of a DICOM study folder is the case's image (trtseg/dicom.py). A case folder that holds several
+    series is refused unless these pick exactly one; each given rule must match."""
+
+    series_modality: str | None = opt(None, "--series-modality", "DICOM study folders: take the series of this "
+                                      "Modality (CT, MR, ...)")
+    series_description: str | None = opt(None, "--series-description", "DICOM study folders: take the series whose "
+                                         "SeriesDescription matches this regular expression (case-insensitive)")
+    series_uid: str | None = opt(None, "--series-uid", "DICOM study folders: take the series with this "
+                                 "SeriesInstanceUID")
+
+    def given(self) -> dict[str, str]:
+        """The rules given, by field name: empty when none is."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v}
+
+
 def add_options(parser: argparse.ArgumentParser | Any, cls: type, only: tuple[str, ...] | None = None,
                 defaults: Any = None) -> None:
     """Adds the flags of dataclass ``cls``'s fields to ``parser`` (every field, or those named in ``only``).
@@ -253,6 +270,7 @@ class Settings:
     window: WindowOptions = field(default_factory=WindowOptions)
     engine: EngineSpec = field(default_factory=EngineSpec)
     output: OutputOptions = field(default_factory=OutputOptions)
+    input: InputOptions = field(default_factory=InputOptions)
     memory_budget_gb: float | None = opt(None, "--memory-budget-gb", "fail a case (clearly, before inference) whose "
                                          "volume and logits need more device memory", type=float)
     prev_stage_predictions: str | None = opt(
@@ -267,13 +285,14 @@ class Settings:
 
 
 def add_settings(parser: argparse.ArgumentParser | Any) -> None:
-    """Every Settings flag: the window's, the engine's, the output's and the memory budget."""
-    for cls in (WindowOptions, EngineSpec, OutputOptions):
+    """Every Settings flag: the window's, the engine's, the output's, the input's and the memory budget."""
+    for cls in (WindowOptions, EngineSpec, OutputOptions, InputOptions):
         add_options(parser, cls)
     add_options(parser, Settings, only=("memory_budget_gb", "prev_stage_predictions"))
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(window=from_args(WindowOptions, args), engine=from_args(EngineSpec, args),
-                    output=from_args(OutputOptions, args), memory_budget_gb=args.memory_budget_gb,
+                    output=from_args(OutputOptions, args), input=from_args(InputOptions, args),
+                    memory_budget_gb=args.memory_budget_gb,
                     prev_stage_predictions=args.prev_stage_predictions)

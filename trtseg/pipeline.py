@@ -38,8 +38,10 @@ def stamp(model, settings: Settings) -> str:
     pp = model.postprocessing
     pp_tag = hashlib.sha256(json.dumps(pp.describe()["steps"]).encode()).hexdigest()[:8] if pp.steps else "none"
     acc = " acc=fp16" if w.accumulate == "fp16" else ""  # fp32, the default, leaves earlier stamps as they were
+    rules = settings.input.given()  # which series of a study folder: another rule may pick another series
+    series = f" series={json.dumps(rules, sort_keys=True)}" if rules else ""
     return (f"{model.fingerprint} folds={','.join(model.folds)} step={w.step_size} tta={int(w.use_mirroring)} "
-            f"pp={pp_tag}{acc}")
+            f"pp={pp_tag}{acc}{series}")
 
 
 def check_cascade(models: ModelSet, settings: Settings) -> None:
@@ -167,7 +169,8 @@ def read_image(case: Case, models: ModelSet, settings: Settings,
                storage_options: storage.StorageOptions | None = None) -> CaseImage:
     """The case's image on the host, within --memory-budget-gb (what ``prepare_case`` and a read-ahead read)."""
     budget = int(settings.memory_budget_gb * 2 ** 30) if settings.memory_budget_gb else None
-    return read_case(list(case.files), models.models[0].num_image_channels, storage_options, budget)
+    return read_case(list(case.files), models.models[0].num_image_channels, storage_options, budget,
+                     settings.input.given())
 
 
 def prepare_case(case: Case, models: ModelSet, settings: Settings, device: torch.device,
@@ -198,7 +201,9 @@ def prepare_case(case: Case, models: ModelSet, settings: Settings, device: torch
             t = time.perf_counter()
             image = read_image(case, models, settings, storage_options)
             seconds["read"] = time.perf_counter() - t
-        meta.update(header=image.header, shape_zyx=image.shape_zyx, spacing_zyx=image.spacing_zyx)
+        # the files read: a DICOM study folder's chosen series (--series-*), whose instances a Segmentation cites
+        meta.update(header=image.header, shape_zyx=image.shape_zyx, spacing_zyx=image.spacing_zyx,
+                    files=list(image.files))
         if not np.any(image.data):
             meta["empty"] = True
             return meta, None, image

@@ -182,20 +182,23 @@ def read_channel(url: str, storage_options: storage.StorageOptions | None = None
 
 
 def read_case(files: list[str], expected_channels: int | None = None,
-              storage_options: storage.StorageOptions | None = None, max_bytes: int | None = None) -> CaseImage:
+              storage_options: storage.StorageOptions | None = None, max_bytes: int | None = None,
+              series_rules: dict[str, str] | None = None) -> CaseImage:
     """Reads the channel files of one case and checks that they agree in shape and geometry.
 
     files: one URL per channel (nnU-Net's CASE_0000, CASE_0001, ...), or one 4-D file with channels last
     expected_channels: the model's input channel count, checked when given
     max_bytes: a volume whose header claims more float32 bytes is refused before it is decompressed
+    series_rules: which series of a DICOM study folder to read (InputOptions.given()); the image's ``files`` are
+        then that series' files
     """
     if files and files[0].lower().endswith(".dcm"):  # a DICOM series (trtseg/dicom.py): one channel
         from trtseg import dicom
         where = files[0].rsplit("/", 1)[0]
         if expected_channels not in (None, 1):
             raise CaseError(where, f"a DICOM series is one channel, the model expects {expected_channels}")
-        arr, spacing, header = dicom.read_series(list(files), where)
-        return CaseImage(data=np.ascontiguousarray(arr[None]), spacing_zyx=spacing, header=header, files=list(files))
+        arr, spacing, header, chosen = dicom.read_series(list(files), where, series_rules)
+        return CaseImage(data=np.ascontiguousarray(arr[None]), spacing_zyx=spacing, header=header, files=chosen)
     arrays, spacing0, header0, affine0 = [], None, None, None
     for url in files:
         data, spacing, header, affine = read_channel(url, storage_options, max_bytes)
