@@ -97,7 +97,7 @@ def main() -> None:
                  "trtseg_command": "trtseg predict -i IN -o OUT -m MODEL --disable-tta --no-progress",
                  "nnunetv2_command": "nnUNetv2_predict -i IN -o OUT -d 89 -c 3d_fullres -f 0 --disable_tta",
                  "runs": {}}
-    env = {**os.environ, "TRTSEG_CACHE": os.path.join(work, "cache"), "nnUNet_results": results,
+    env = {**os.environ, "TRTSEG_CACHE": os.environ.get("TRTSEG_CACHE") or os.path.join(work, "cache"), "nnUNet_results": results,
            "nnUNet_raw": work, "nnUNet_preprocessed": work}
     extra = ["--ray-from-cases", args.ray_from_cases] if args.ray_from_cases is not None else []
 
