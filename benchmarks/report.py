@@ -26,6 +26,10 @@ COMMANDS = {
     "models_vs_nnunet/ensemble": "python -m benchmarks.models_vs_nnunet --scenario ensemble",
     "skip_decision": "python -m benchmarks.skip_decision --cases 5000",
     "mask_gzip": "python -m benchmarks.mask_gzip",
+    "predict_vs_nnunet": "python -m benchmarks.predict_vs_nnunet --cases 16 64 --nnunet-cases 2",
+    "dicom_vs_nifti": "python -m benchmarks.dicom_vs_nifti",
+    "startup_profile": "python -m benchmarks.startup_profile",
+    "fast_path_parts": "python -m benchmarks.fast_path_parts",
 }
 
 # result files written by a command other than their scenario's plain one (the exact command, run on the H100 with
@@ -154,6 +158,14 @@ FILE_COMMANDS = {
     "h200_fused_conv_engine_ab.json": "python -m benchmarks.fused_conv --no-sweeps on the code as submitted: 'before' "
                                       "is ac802d8's configurations, 'after' the per-shape ones, 32-channel blocks "
                                       "only in both",
+    "h100_predict_one_compile_thread.json": "python -m benchmarks.predict_vs_nnunet --cases 16 64 --skip-nnunet, "
+                                            "after a loaded compile cache set one compile thread (on a machine "
+                                            "whose Inductor disk cache was warm: the 'cold' run is not cold)",
+    "h100_startup_profile.json": "python -m benchmarks.startup_profile, before a loaded compile cache set one "
+                                 "compile thread",
+    "h100_startup_profile_one_compile_thread.json": "python -m benchmarks.startup_profile, after a loaded compile "
+                                                    "cache set one compile thread (Inductor's disk cache warm from "
+                                                    "an earlier run on the machine: 'cold' is trtseg's cache only)",
     "h100_case_latency_fast_pinned.json": "python -m benchmarks.case_latency --device cuda --compile --channels-last "
                                           "--fp16-weights --compress-level 1, after host<->device copies went through "
                                           "pinned memory (another machine instance than h100_case_latency_fast.json)",
@@ -162,6 +174,8 @@ FILE_COMMANDS = {
 
 # BENCHMARKS.md's sections: what the product does, and the scenarios whose results show it
 SECTIONS = [
+    ("`trtseg predict` with default flags: whole processes", ("predict_vs_nnunet", "startup_profile",
+                                                                "dicom_vs_nifti", "fast_path_parts")),
     ("Whole commands against nnUNetv2", ("vs_nnunet", "models_vs_nnunet", "cpu_vs_nnunet")),
     ("One case end to end, in a warm process", ("case_latency",)),
     ("The Ray job", ("dataset_throughput", "scaling")),
@@ -255,6 +269,29 @@ def rows(r: dict) -> list[str]:
         out += [f"network kernels per batch, {k}: {v['total']} ms, by kind {v['by_kind']}"
                 for k, v in fold.get("network_kernel_ms_per_batch", {}).items()]
         return out
+    if s == "predict_vs_nnunet":
+        out = [f"{k}: {v['cases']} CT(s) {v['seconds']} s" + (f", {v['volumes_per_gpu_hour']} volumes per GPU-hour, "
+                                                               f"start-up {v.get('startup_seconds')}, compile cache "
+                                                               f"{(v['engine'].get('compile_cache') or {}).get('status')}"
+                                                               if v.get("exit") == 0 else f" (exit {v.get('exit')})")
+               for k, v in r["runs"].items()]
+        if "nnunetv2" in r:
+            out.append(f"nnUNetv2_predict on {r['nnunetv2']['cases']} CTs: {r['nnunetv2']['seconds']} s "
+                       f"(trtseg {r.get('speedup_same_cases')}x faster on the same CTs)")
+        out += [f"masks of the default against {k.split('_vs_')[1]}: {r[k]}"
+                for k in ("agreement_default_vs_fp32", "agreement_default_vs_nnunetv2") if k in r]
+        return out
+    if s == "startup_profile":
+        return [f"{k}: {v['seconds']} s process, run report {(v.get('report') or {}).get('wall_seconds')} s, start-up "
+                f"{(v.get('report') or {}).get('startup_seconds')}, {v.get('after_last_line')} s after the last "
+                f"log line" for k, v in r["runs"].items()]
+    if s == "dicom_vs_nifti":
+        return [f"{k}: {v['seconds']} s, stages {v.get('case_seconds')}" for k, v in r["runs"].items()] + [
+            f"inputs equal {r.get('inputs_equal')}, masks equal {r.get('masks_equal')} "
+            f"(agreement {r.get('agreement_dicom_vs_nifti')}), affines equal {r.get('affines_equal')}"]
+    if s == "fast_path_parts":
+        return [f"{k}: {v['patches_per_s']} patches/s, check patches vs fp32 {v['check_vs_fp32']}, real CT patches vs "
+                f"fp32 {v['real_vs_fp32']}" for k, v in r["configs"].items()]
     if s == "fused_conv":
         out = []
         for sw in r["sweeps"]:
