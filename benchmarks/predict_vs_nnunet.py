@@ -6,9 +6,11 @@
 Each step is one whole process, timed from its start to its exit: imports, model load, engine build or cache load,
 the fast path's check, warm-up, every case's read, inference, export and write.
 
-1. `trtseg predict -i ONE_CT` with an empty engine cache (cold: the fast path's fp32 check and torch.compile run);
-2. the same into another output folder, with the cache the first run left (warm: verdict and compiled code loaded);
-3. `trtseg predict` on each count of --cases, warm;
+1. `trtseg predict -i ONE_CT` with an empty engine cache (cold: the fast path's fp32 check runs; one case runs
+   eager, see --compile-from);
+2. the same into another output folder, with the cache the first run left (warm: the verdict loaded);
+3. `trtseg predict` on the first count of --cases with no compiled code in the cache yet (its check and compile
+   run), then on each count of --cases, warm (verdict and compiled code loaded);
 4. `trtseg predict --no-fast --precision fp32` on the first CT: the reference the default's masks are compared with;
 5. `nnUNetv2_predict -d ... -c 3d_fullres -f 0` on the first --nnunet-cases CTs (its default workers).
 
@@ -126,6 +128,7 @@ def main() -> None:
 
     trtseg("one_ct_cold_cache", 1)
     trtseg("one_ct_warm_cache", 1)
+    trtseg(f"cts{args.cases[0]}_first_compile", args.cases[0])
     for n in args.cases:
         trtseg(f"cts{n}_warm_cache", n)
     trtseg("one_ct_fp32_reference", 1, "--no-fast", "--precision", "fp32")

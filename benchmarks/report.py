@@ -158,6 +158,9 @@ FILE_COMMANDS = {
     "h200_fused_conv_engine_ab.json": "python -m benchmarks.fused_conv --no-sweeps on the code as submitted: 'before' "
                                       "is ac802d8's configurations, 'after' the per-shape ones, 32-channel blocks "
                                       "only in both",
+    "h100_predict_vs_nnunet_eager_few.json": "python -m benchmarks.predict_vs_nnunet --cases 16 64 --nnunet-cases 2, "
+                                             "after runs of fewer than 8 passes went eager (--compile-from); "
+                                             "another machine instance than h100_predict_vs_nnunet.json",
     "h100_predict_one_compile_thread.json": "python -m benchmarks.predict_vs_nnunet --cases 16 64 --skip-nnunet, "
                                             "after a loaded compile cache set one compile thread (on a machine "
                                             "whose Inductor disk cache was warm: the 'cold' run is not cold)",

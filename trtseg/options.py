@@ -72,6 +72,8 @@ class EngineSpec:
     fast: let trtseg.accel.fast_path choose the engine's options (CUDA: compile, layouts and the rewrites that apply,
         checked once against fp32; CPU: ONNX Runtime or PyTorch, measured); False: exactly what the other fields say
     off: parts of the fast path (FAST_PARTS) it must leave off (the --no-X flags)
+    compile_from: the passes over whole cases (cases x mirrorings) from which a run in one process lets the fast path
+        compile; fewer leave compile off (trtseg.predict.compile_for_run)
     cache: URL of exported ONNX graphs and built engines (default $TRTSEG_CACHE or ~/.cache/trtseg)
     """
 
@@ -95,6 +97,9 @@ class EngineSpec:
                      "flags ask for them, and ONNX Runtime on the CPU (trtseg/accel/fast_path.py)",
                      action="store_false")
     off: frozenset = opt(frozenset(), "", "parts of the fast path to leave off", parts_off=FAST_PARTS)
+    compile_from: int = opt(8, "--compile-from", "a run in one process compiles (the fast path's torch.compile) from "
+                            "this many network passes over whole cases (cases, times 8 with 3-D mirroring); fewer run "
+                            "eager, which starts seconds sooner (0: always compile)", type=int)
     cache: str | None = opt(None, "--engine-cache", "URL for exported ONNX and built engines (default "
                             "~/.cache/trtseg)")
 

@@ -7,6 +7,7 @@ functions spread over processes, so the same settings give the same masks, stamp
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -208,6 +209,26 @@ def predict_folder(input_url: str, output_url: str, model_folder: "str | list[st
                           t0, {"mode": "single-process", "shard": shard})
 
 
+def compile_for_run(model: ModelSet, settings: Settings, n_cases: int) -> tuple[Settings, str | None]:
+    """``settings`` with the fast path's torch.compile left off when the run makes fewer than
+    ``settings.engine.compile_from`` network passes over whole cases (cases, times 2 per mirrored axis), and why
+    (None when unchanged). Compiled code starts late: about 6 s to load it from the engine cache and 25-60 s to
+    compile it, against about 0.9 s it saves per 512x512x240 CT without mirroring (on an NVIDIA H100, whole
+    processes with default flags: benchmarks/results/h100_predict_vs_nnunet.json). So a handful of cases
+    finishes sooner eager, with the other parts of the fast path on. An explicit --compile is kept."""
+    spec = settings.engine
+    if not spec.fast or spec.compile or "compile" in spec.off or spec.compile_from <= 0 or \
+            spec.resolved_device().type != "cuda":
+        return settings, None
+    axes = (getattr(model.models[-1], "mirror_axes", None) or ()) if settings.window.use_mirroring else ()
+    passes = n_cases * 2 ** len(axes)
+    if passes >= spec.compile_from:
+        return settings, None
+    why = (f"{n_cases} case(s) x {2 ** len(axes)} mirroring(s) = {passes} passes, fewer than --compile-from "
+           f"{spec.compile_from}: eager, no torch.compile")
+    return dataclasses.replace(settings, engine=spec.with_(off=spec.off | {"compile"})), why
+
+
 def run_in_process(model: ModelSet, source, settings: Settings, cases: list[Case], todo: list[Case], results: dict,
                    output_url: str, storage_options, progress_bar: bool, t0: float, job: dict) -> dict:
     """Runs ``todo`` in this process (``results`` holds the skipped cases) and writes the run report; the start-up
@@ -215,6 +236,10 @@ def run_in_process(model: ModelSet, source, settings: Settings, cases: list[Case
     from trtseg.log import Progress, event
     from trtseg.pipeline import run_report, write_report
 
+    settings, eager = compile_for_run(model, settings, len(todo))
+    if eager:
+        event("fast path: " + eager)
+        job = {**job, "compile": eager}
     t_setup = time.perf_counter()
     predictor = Predictor(model, settings)
     warm = 0.0
