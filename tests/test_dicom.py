@@ -55,6 +55,9 @@ def test_a_series_gives_the_masks_of_its_simpleitk_nifti_conversion(small_model,
     assert main(["predict", "-i", str(tmp_path / "dicom"), "-o", str(tmp_path / "single"), "--single-process",
                  *common]) == 0
     assert json.load(open(tmp_path / "single" / "run_report.json"))["cases"][0]["status"] == "skipped"
+    # QC pictures of DICOM cases: the series and its NIfTI mask through one reader
+    assert main(["qc", "-i", str(tmp_path / "dicom"), "-o", str(tmp_path / "single")]) == 0
+    assert os.path.getsize(tmp_path / "single" / "qc" / "ct1.png") > 1000
     # -i may name the series folder itself: it is the case
     assert main(["predict", "-i", str(tmp_path / "dicom" / "ct1"), "-o", str(tmp_path / "one"), "--single-process",
                  *common]) == 0

@@ -33,6 +33,9 @@ def test_a_rerun_skips_nrrd_and_mhd_masks_by_their_stamp(small_model, tmp_path):
     assert main(args) == 0
     report = json.load(open(tmp_path / "out" / "run_report.json"))
     assert [c["status"] for c in report["cases"]] == ["skipped", "skipped"]
+    # QC pictures read NRRD/MetaImage images and masks with the same reader as NIfTI
+    assert main(["qc", "-i", inp, "-o", str(tmp_path / "out")]) == 0
+    assert all(os.path.getsize(tmp_path / "out" / "qc" / f"{c}.png") > 1000 for c in ("a", "b"))
 
 
 def test_a_folder_with_no_readable_case_names_what_it_found(small_model, tmp_path, capsys):

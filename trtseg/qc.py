@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import nibabel as nib
 import numpy as np
 
-from trtseg import codec, storage
+from trtseg import storage
 from trtseg.dataset import list_cases
 
 
@@ -35,14 +35,19 @@ class CaseQC:
     error: str | None = None
 
 
-def load_ras(url: str, storage_options: storage.StorageOptions | None = None) -> tuple[np.ndarray, tuple]:
-    """A NIfTI file's first volume as a float32 (x, y, z) array reoriented to RAS (voxel axes only, no
-    resampling), and its voxel sizes (x, y, z) in mm."""
-    raw = storage.read_bytes(url, storage_options)
-    img = nib.Nifti1Image.from_bytes(codec.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
-    img = nib.as_closest_canonical(img)
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    return (data[..., 0] if data.ndim == 4 else data), tuple(float(z) for z in img.header.get_zooms()[:3])
+def load_ras(files: list[str], storage_options: storage.StorageOptions | None = None) -> tuple[np.ndarray, tuple]:
+    """A case's first channel, or a mask, read as trtseg reads inputs (NIfTI, NRRD/MetaImage, a DICOM series), as a
+    float32 (x, y, z) array reoriented to RAS (voxel axes only, no resampling), and its voxel sizes (x, y, z) in mm.
+    Image and mask go through the same reader, so their pictures line up whatever the format."""
+    from trtseg.read import read_case
+
+    img = read_case(list(files), storage_options=storage_options)
+    header = img.header
+    affine = header.get_best_affine() if isinstance(header, nib.Nifti1Header) else \
+        np.diag([-1.0, -1.0, 1.0, 1.0]) @ header.affine()  # SimpleITK's LPS geometry turned to RAS
+    data = np.asarray(img.data[0], dtype=np.float32).transpose(2, 1, 0)  # (z, y, x) -> (x, y, z)
+    ras = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
+    return np.asarray(ras.dataobj, dtype=np.float32), tuple(float(z) for z in ras.header.get_zooms()[:3])
 
 
 def dice(mask: np.ndarray, reference: np.ndarray) -> float:
@@ -111,11 +116,11 @@ def qc_folder(input_url: str, output_url: str, reference_url: str | None = None,
             results.append(qc)
             continue
         try:
-            image, voxel_mm = load_ras(case.files[0], storage_options)
-            mask, _ = load_ras(mask_url, storage_options)
+            image, voxel_mm = load_ras(list(case.files), storage_options)
+            mask, _ = load_ras([mask_url], storage_options)
             ref_url = storage.join(reference_url, f"{case.case_id}.nii.gz") if reference_url else None
             has_ref = ref_url is not None and storage.exists(ref_url, storage_options)
-            reference = load_ras(ref_url, storage_options)[0] if has_ref else None  # type: ignore[arg-type]
+            reference = load_ras([ref_url], storage_options)[0] if has_ref else None  # type: ignore[list-item]
             if reference is not None:
                 qc.dice = round(dice(mask, reference), 4)
             title = case.case_id + (f"   Dice {qc.dice:.3f} vs reference (green)" if qc.dice is not None else "")
