@@ -334,3 +334,30 @@ def test_an_enhanced_multi_frame_ct_is_read_as_simpleitk_reads_it(small_model, t
     assert main(["predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "bad"), *common]) == 1
     case = json.load(open(tmp_path / "bad" / "run_report.json"))["cases"][0]
     assert "frames are not in order" in case["error"] and str(tmp_path / "in" / "ct1") in case["error"]
+
+
+def test_a_study_in_s3_gives_the_local_masks_and_segmentation(s3, small_model, tmp_path):
+    """Any fsspec storage: a study folder (two series) in moto's S3 on loopback, a rule picking one series, the
+    NIfTI mask and the Segmentation written to the bucket; the mask equals the local run's, and the Segmentation
+    cites only the chosen series' instances."""
+    import highdicom as hd
+
+    from trtseg.dicom import pydicom
+
+    opts, fs = s3
+    chosen = pydicom().uid.generate_uid()
+    paths = _oblique(str(tmp_path / "in" / "study2"), seed=3, series_uid=chosen, description="Venous", prefix="V")
+    _oblique(str(tmp_path / "in" / "study2"), seed=4, description="Arterial", prefix="A")
+    fs.put(str(tmp_path / "in") + "/", "trtseg-bucket/dicom-in/", recursive=True)
+    common = ["-m", small_model, "-f", "0", "--disable-tta", "--no-progress", "--single-process",
+              "--series-description", "venous", "--output-format", "both"]
+    assert main(["predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "local"), *common]) == 0
+    assert main(["predict", "-i", "s3://trtseg-bucket/dicom-in", "-o", "s3://trtseg-bucket/dicom-out",
+                 "--storage-options", json.dumps(opts), *common]) == 0
+    for name in ("study2.nii.gz", "study2.seg.dcm"):
+        fs.get(f"trtseg-bucket/dicom-out/{name}", str(tmp_path / name))
+    _same_mask(str(tmp_path / "study2.nii.gz"), str(tmp_path / "local" / "study2.nii.gz"))
+    seg = hd.seg.segread(str(tmp_path / "study2.seg.dcm"))
+    cited = {r.ReferencedSOPInstanceUID for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == chosen
+    assert cited == {pydicom().dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths}
