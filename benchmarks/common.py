@@ -9,6 +9,8 @@ import subprocess
 
 import torch
 
+from trtseg import synthetic as syn
+
 
 def machine() -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
@@ -37,3 +39,8 @@ def save(result: dict, path: str | None) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             f.write(text)
+
+
+def write_ct(path: str, shape_xyz=(512, 512, 240), seed: int = 100) -> None:
+    """The GPU benchmarks' input: a CT-like int16 volume of ``shape_xyz`` (x, y, z) at 0.7 x 0.7 x 1.25 mm."""
+    syn.save_nifti(path, syn.ct_like_volume(shape_xyz, seed=seed), syn.affine_for((0.7, 0.7, 1.25)))

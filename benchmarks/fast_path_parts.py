@@ -19,9 +19,8 @@ import time
 
 import torch
 
-from benchmarks.case_latency import FULLRES_FEATURES
-from benchmarks.common import machine, save
-from trtseg import synthetic as syn
+from benchmarks.case_latency import make_fullres_model
+from benchmarks.common import machine, save, write_ct
 from trtseg.accel import fast_path as fp
 from trtseg.accel.engines import build_engine
 from trtseg.accel.patches import sample_patches
@@ -41,12 +40,9 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="trtseg_parts_")
-    folder = syn.make_model_folder(os.path.join(work, "m"), folds=(0,), patch_size=(128, 128, 128),
-                                   spacing=(1.0, 0.78, 0.78), features=FULLRES_FEATURES,
-                                   dataset_json=syn.dataset_dict(num_channels=1, num_labels=4))
+    folder = make_fullres_model(os.path.join(work, "m"))
     os.makedirs(os.path.join(work, "in"))
-    syn.save_nifti(os.path.join(work, "in", "ct_0000.nii.gz"), syn.ct_like_volume((512, 512, 240), seed=100),
-                   syn.affine_for((0.7, 0.7, 1.25)))
+    write_ct(os.path.join(work, "in", "ct_0000.nii.gz"))
     model = load_model_folder(folder, ["0"])
     device = torch.device("cuda")
     cache = os.path.join(work, "cache")

@@ -37,13 +37,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from benchmarks.case_latency import FULLRES_FEATURES
-from benchmarks.common import machine, save
-from trtseg import synthetic as syn
-
-
-def _write_volume(dest: str, shape_xyz, seed: int) -> None:
-    syn.save_nifti(dest, syn.ct_like_volume(shape_xyz, seed=seed), syn.affine_for((0.7, 0.7, 1.25)))
+from benchmarks.case_latency import make_fullres_model
+from benchmarks.common import machine, save, write_ct
 
 
 def _inputs(work: str, counts: list[int], shape) -> dict[int, str]:
@@ -53,7 +48,7 @@ def _inputs(work: str, counts: list[int], shape) -> dict[int, str]:
     srcs = [os.path.join(top, f"v{i}.nii.gz") for i in range(4)]
     x, y, z = shape
     with ProcessPoolExecutor(4) as pool:
-        list(pool.map(_write_volume, srcs, [(x, y, z - 8 * i) for i in range(4)], range(100, 104)))
+        list(pool.map(write_ct, srcs, [(x, y, z - 8 * i) for i in range(4)], range(100, 104)))
     folders = {}
     for n in sorted(set(counts)):
         folder = os.path.join(work, f"in{n}")
@@ -89,10 +84,7 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="trtseg_predict_")
     results = os.path.join(work, "results")
     t = time.perf_counter()
-    model = syn.make_model_folder(os.path.join(results, "Dataset089_CT", "nnUNetTrainer__nnUNetPlans__3d_fullres"),
-                                  folds=(0,), patch_size=(128, 128, 128), spacing=(1.0, 0.78, 0.78),
-                                  features=FULLRES_FEATURES,
-                                  dataset_json=syn.dataset_dict(num_channels=1, num_labels=4))
+    model = make_fullres_model(os.path.join(results, "Dataset089_CT", "nnUNetTrainer__nnUNetPlans__3d_fullres"))
     inputs = _inputs(work, [1, args.nnunet_cases, *args.cases], args.shape)
     out: dict = {"scenario": "predict_vs_nnunet", "machine": machine(), "shape_xyz": args.shape, "mirroring": False,
                  "setup_seconds": round(time.perf_counter() - t, 1),

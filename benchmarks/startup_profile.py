@@ -19,9 +19,8 @@ import sys
 import tempfile
 import time
 
-from benchmarks.case_latency import FULLRES_FEATURES
-from benchmarks.common import machine, save
-from trtseg import synthetic as syn
+from benchmarks.case_latency import make_fullres_model
+from benchmarks.common import machine, save, write_ct
 
 
 def _timed(cmd: list[str], env: dict) -> dict:
@@ -41,12 +40,9 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="trtseg_startup_")
-    model = syn.make_model_folder(os.path.join(work, "m"), folds=(0,), patch_size=(128, 128, 128),
-                                  spacing=(1.0, 0.78, 0.78), features=FULLRES_FEATURES,
-                                  dataset_json=syn.dataset_dict(num_channels=1, num_labels=4))
+    model = make_fullres_model(os.path.join(work, "m"))
     os.makedirs(os.path.join(work, "in"))
-    syn.save_nifti(os.path.join(work, "in", "ct000_0000.nii.gz"), syn.ct_like_volume(args.shape, seed=100),
-                   syn.affine_for((0.7, 0.7, 1.25)))
+    write_ct(os.path.join(work, "in", "ct000_0000.nii.gz"), args.shape)
     env = {**os.environ, "TRTSEG_CACHE": os.environ.get("TRTSEG_CACHE") or os.path.join(work, "cache")}
     out: dict = {"scenario": "startup_profile", "machine": machine(), "shape_xyz": args.shape, "runs": {}}
     out["imports"] = _timed([sys.executable, "-c", "import trtseg.cli"], env)
