@@ -7,7 +7,7 @@ Each step is one whole process, timed from its start to its exit: imports, model
 the fast path's check, warm-up, every case's read, inference, export and write.
 
 1. `trtseg predict -i ONE_CT` with an empty engine cache (cold: the fast path's fp32 check runs; one case runs
-   eager, see --compile-from);
+   without compile and fused norms, see --compile-from);
 2. the same into another output folder, with the cache the first run left (warm: the verdict loaded);
 3. `trtseg predict` on the first count of --cases with no compiled code in the cache yet (its check and compile
    run), then on each count of --cases, warm (verdict and compiled code loaded);

@@ -159,11 +159,15 @@ FILE_COMMANDS = {
                                       "is ac802d8's configurations, 'after' the per-shape ones, 32-channel blocks "
                                       "only in both",
     "h100_predict_vs_nnunet_eager_few.json": "python -m benchmarks.predict_vs_nnunet --cases 16 64 --nnunet-cases 2, "
-                                             "after runs of fewer than 8 passes went eager (--compile-from); "
+                                             "after runs of fewer than 8 passes went without compile (--compile-from); "
                                              "another machine instance than h100_predict_vs_nnunet.json",
     "h100_predict_one_compile_thread.json": "python -m benchmarks.predict_vs_nnunet --cases 16 64 --skip-nnunet, "
                                             "after a loaded compile cache set one compile thread (on a machine "
                                             "whose Inductor disk cache was warm: the 'cold' run is not cold)",
+    "h100_startup_profile_eager.json": "python -m benchmarks.startup_profile, when fewer than 8 passes ran without "
+                                       "compile but with the fused norms (another machine instance)",
+    "h100_startup_profile_eager_no_fuse.json": "python -m benchmarks.startup_profile --flags=--no-fuse-norms, the "
+                                               "same machine instance as h100_startup_profile_eager.json",
     "h100_startup_profile.json": "python -m benchmarks.startup_profile, before a loaded compile cache set one "
                                  "compile thread",
     "h100_startup_profile_one_compile_thread.json": "python -m benchmarks.startup_profile, after a loaded compile "

@@ -1,6 +1,6 @@
 """Where a one-CT `trtseg predict` process's wall time goes, from its start to its exit:
 
-    python -m benchmarks.startup_profile [--shape 512 512 240] [--json F]
+    python -m benchmarks.startup_profile [--shape 512 512 240] [--flags=--no-fuse-norms] [--json F]
 
 Each run is a whole process (default flags, no mirroring, as benchmarks/predict_vs_nnunet.py): its log lines are
 stamped as they arrive, relative to the process's start, so that the time before the first line (interpreter and
@@ -38,19 +38,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", nargs=3, type=int, default=[512, 512, 240])
     ap.add_argument("--json", default=None)
+    ap.add_argument("--flags", default="", help="more trtseg predict flags, one string (e.g. '--no-fuse-norms')")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="trtseg_startup_")
     model = make_fullres_model(os.path.join(work, "m"))
     os.makedirs(os.path.join(work, "in"))
     write_ct(os.path.join(work, "in", "ct000_0000.nii.gz"), args.shape)
     env = {**os.environ, "TRTSEG_CACHE": os.environ.get("TRTSEG_CACHE") or os.path.join(work, "cache")}
-    out: dict = {"scenario": "startup_profile", "machine": machine(), "shape_xyz": args.shape, "runs": {}}
+    out: dict = {"scenario": "startup_profile", "machine": machine(), "shape_xyz": args.shape, "flags": args.flags,
+                 "runs": {}}
     out["imports"] = _timed([sys.executable, "-c", "import trtseg.cli"], env)
     for name, extra_env in (("cold", {}), ("warm", {}), ("warm_compile_threads_1",
                                                          {"TORCHINDUCTOR_COMPILE_THREADS": "1"})):
         dest = os.path.join(work, name)
         run = _timed([sys.executable, "-m", "trtseg.cli", "predict", "-i", os.path.join(work, "in"), "-o", dest,
-                      "-m", model, "--disable-tta", "--no-progress"], {**env, **extra_env})
+                      "-m", model, "--disable-tta", "--no-progress", *args.flags.split()], {**env, **extra_env})
         if run["exit"] == 0:
             rep = json.load(open(os.path.join(dest, "run_report.json")))
             run["report"] = {"startup_seconds": rep["summary"].get("startup_seconds"),

@@ -129,25 +129,30 @@ def test_the_run_report_says_what_the_fast_path_chose(small_model, tmp_path):
     assert report["engine"]["engine"] == chosen["chosen"][0] and "faster" in chosen["check"]["why"]
 
 
-def test_a_handful_of_cases_runs_eager_and_a_batch_compiles(model):
-    """compile_for_run: the fast path's torch.compile is left off (with the reason, for the run report) below
-    --compile-from passes over whole cases, counting each mirroring as a pass; an explicit --compile, --compile-from
-    0, --no-fast and the CPU keep the settings as they are."""
+def test_a_handful_of_cases_runs_without_the_parts_slow_to_start(model):
+    """small_run_settings: the fast path's torch.compile and fused-norm kernels are left off (with the reason, for
+    the run report) below --compile-from passes over whole cases, counting each mirroring as a pass; the other
+    parts stay the fast path's to choose. An explicit --compile, --compile-from 0, --no-fast and the CPU keep the
+    settings as they are."""
     from trtseg.ensemble import ModelSet
     from trtseg.options import Settings, WindowOptions
-    from trtseg.predict import compile_for_run
+    from trtseg.predict import SLOW_TO_START, small_run_settings
 
     models = ModelSet.of(model)
     cuda = EngineSpec(device="cuda")
     no_tta = WindowOptions(use_mirroring=False)
-    one, why = compile_for_run(models, Settings(window=no_tta, engine=cuda), 1)
-    assert "compile" in one.engine.off and "1 case(s) x 1 mirroring(s) = 1 passes" in why
-    assert one.engine.fast and not (one.engine.off - {"compile"})  # the other parts stay the fast path's to choose
-    assert compile_for_run(models, Settings(window=no_tta, engine=cuda), 8) == (Settings(window=no_tta, engine=cuda), None)
+    one, why = small_run_settings(models, Settings(window=no_tta, engine=cuda), 1)
+    assert one.engine.off == set(SLOW_TO_START) and one.engine.fast
+    assert "1 case(s) x 1 mirroring(s) = 1 passes" in why and "no compile or fuse-norms" in why
+    partly = Settings(window=no_tta, engine=cuda.with_(off=frozenset({"fuse-norms"})))
+    assert small_run_settings(models, partly, 1)[0].engine.off == set(SLOW_TO_START)
+    assert "no compile," in small_run_settings(models, partly, 1)[1] + ","
+    assert small_run_settings(models, Settings(window=no_tta, engine=cuda), 8) == \
+        (Settings(window=no_tta, engine=cuda), None)
     axes = len(model.mirror_axes)
     mirrored = Settings(engine=cuda)  # mirroring on: 2**axes passes a case
-    assert compile_for_run(models, mirrored, max(1, 8 // 2 ** axes))[1] is None
+    assert small_run_settings(models, mirrored, max(1, 8 // 2 ** axes))[1] is None
     for spec in (cuda.with_(compile="default"), cuda.with_(compile_from=0), cuda.with_(fast=False),
                  EngineSpec(device="cpu")):
         s = Settings(window=no_tta, engine=spec)
-        assert compile_for_run(models, s, 1) == (s, None), spec
+        assert small_run_settings(models, s, 1) == (s, None), spec

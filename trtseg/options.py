@@ -73,7 +73,7 @@ class EngineSpec:
         checked once against fp32; CPU: ONNX Runtime or PyTorch, measured); False: exactly what the other fields say
     off: parts of the fast path (FAST_PARTS) it must leave off (the --no-X flags)
     compile_from: the passes over whole cases (cases x mirrorings) from which a run in one process lets the fast path
-        compile; fewer leave compile off (trtseg.predict.compile_for_run)
+        compile and fuse the norms; fewer leave both off (trtseg.predict.small_run_settings)
     cache: URL of exported ONNX graphs and built engines (default $TRTSEG_CACHE or ~/.cache/trtseg)
     """
 
@@ -97,9 +97,10 @@ class EngineSpec:
                      "flags ask for them, and ONNX Runtime on the CPU (trtseg/accel/fast_path.py)",
                      action="store_false")
     off: frozenset = opt(frozenset(), "", "parts of the fast path to leave off", parts_off=FAST_PARTS)
-    compile_from: int = opt(8, "--compile-from", "a run in one process compiles (the fast path's torch.compile) from "
-                            "this many network passes over whole cases (cases, times 8 with 3-D mirroring); fewer run "
-                            "eager, which starts seconds sooner (0: always compile)", type=int)
+    compile_from: int = opt(8, "--compile-from", "a run in one process compiles (the fast path's torch.compile and "
+                            "fused-norm kernels) from this many network passes over whole cases (cases, times 8 with "
+                            "3-D mirroring); fewer run without them, which starts seconds sooner (0: always)",
+                            type=int)
     cache: str | None = opt(None, "--engine-cache", "URL for exported ONNX and built engines (default "
                             "~/.cache/trtseg)")
 

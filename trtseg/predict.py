@@ -209,24 +209,30 @@ def predict_folder(input_url: str, output_url: str, model_folder: "str | list[st
                           t0, {"mode": "single-process", "shard": shard})
 
 
-def compile_for_run(model: ModelSet, settings: Settings, n_cases: int) -> tuple[Settings, str | None]:
-    """``settings`` with the fast path's torch.compile left off when the run makes fewer than
+#: the fast path's parts whose start-up a small run does not earn back: compiled code (about 6 s to load from the
+#: engine cache, 25-60 s to compile) and the fused norms' Triton kernels (about 4 s to load in each process)
+SLOW_TO_START = ("compile", "fuse-norms")
+
+
+def small_run_settings(model: ModelSet, settings: Settings, n_cases: int) -> tuple[Settings, str | None]:
+    """``settings`` with the fast path's SLOW_TO_START parts left off when the run makes fewer than
     ``settings.engine.compile_from`` network passes over whole cases (cases, times 2 per mirrored axis), and why
-    (None when unchanged). Compiled code starts late: about 6 s to load it from the engine cache and 25-60 s to
-    compile it, against about 0.9 s it saves per 512x512x240 CT without mirroring (on an NVIDIA H100, whole
-    processes with default flags: benchmarks/results/h100_predict_vs_nnunet.json). So a handful of cases
-    finishes sooner eager, with the other parts of the fast path on. An explicit --compile is kept."""
+    (None when unchanged). Together they save about 0.9 s per 512x512x240 CT without mirroring, against seconds of
+    start-up: on an NVIDIA H100, one CT without mirroring took 15.9 s compiled, 14.5 s eager with the fused norms
+    and 10.7 s eager without them, each a whole process with a warm engine cache (python -m
+    benchmarks.predict_vs_nnunet; python -m benchmarks.startup_profile [--flags=--no-fuse-norms]). An explicit
+    --compile is kept."""
     spec = settings.engine
-    if not spec.fast or spec.compile or "compile" in spec.off or spec.compile_from <= 0 or \
-            spec.resolved_device().type != "cuda":
+    if not spec.fast or spec.compile or spec.compile_from <= 0 or spec.resolved_device().type != "cuda":
         return settings, None
+    left = [p for p in SLOW_TO_START if p not in spec.off]
     axes = (getattr(model.models[-1], "mirror_axes", None) or ()) if settings.window.use_mirroring else ()
     passes = n_cases * 2 ** len(axes)
-    if passes >= spec.compile_from:
+    if not left or passes >= spec.compile_from:
         return settings, None
     why = (f"{n_cases} case(s) x {2 ** len(axes)} mirroring(s) = {passes} passes, fewer than --compile-from "
-           f"{spec.compile_from}: eager, no torch.compile")
-    return dataclasses.replace(settings, engine=spec.with_(off=spec.off | {"compile"})), why
+           f"{spec.compile_from}: no {' or '.join(left)}, which start slower than they save")
+    return dataclasses.replace(settings, engine=spec.with_(off=spec.off | set(left))), why
 
 
 def run_in_process(model: ModelSet, source, settings: Settings, cases: list[Case], todo: list[Case], results: dict,
@@ -236,10 +242,10 @@ def run_in_process(model: ModelSet, source, settings: Settings, cases: list[Case
     from trtseg.log import Progress, event
     from trtseg.pipeline import run_report, write_report
 
-    settings, eager = compile_for_run(model, settings, len(todo))
-    if eager:
-        event("fast path: " + eager)
-        job = {**job, "compile": eager}
+    settings, small = small_run_settings(model, settings, len(todo))
+    if small:
+        event("fast path: " + small)
+        job = {**job, "small_run": small}
     t_setup = time.perf_counter()
     predictor = Predictor(model, settings)
     warm = 0.0
