@@ -52,3 +52,27 @@ def test_written_mask_reads_back_with_the_input_geometry(tmp_path):
     np.testing.assert_allclose(back.affine, AFFINE)
     assert int(back.header["qform_code"]) == 1 and int(back.header["sform_code"]) == 2
 
+
+
+def test_the_first_case_is_read_before_the_caller_iterates(monkeypatch):
+    """predict.read_ahead starts reading the first case when it is called, so that the read overlaps the engines'
+    start-up; then it yields each case's image in order, a failed read as None."""
+    import threading
+
+    from trtseg import pipeline, predict
+    from trtseg.dataset import Case
+    from trtseg.options import Settings
+
+    started = threading.Event()
+
+    def fake_read(case, models, settings, storage_options=None):
+        started.set()
+        if case.case_id == "bad":
+            raise OSError("unreadable")
+        return f"image of {case.case_id}"
+
+    monkeypatch.setattr(pipeline, "read_image", fake_read)
+    reads = predict.read_ahead([Case("a", ("a.nii.gz",)), Case("bad", ("b.nii.gz",)), Case("c", ("c.nii.gz",))],
+                               None, Settings())
+    assert started.wait(10), "nothing was read before the caller iterated"
+    assert [image for image, _ in reads] == ["image of a", None, "image of c"]

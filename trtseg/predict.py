@@ -246,6 +246,7 @@ def run_in_process(model: ModelSet, source, settings: Settings, cases: list[Case
     if small:
         event("fast path: " + small)
         job = {**job, "small_run": small}
+    reads = read_ahead(todo, model, settings, storage_options)  # the first case is read while the engines start
     t_setup = time.perf_counter()
     predictor = Predictor(model, settings)
     warm = 0.0
@@ -271,7 +272,7 @@ def run_in_process(model: ModelSet, source, settings: Settings, cases: list[Case
     # to be written, so host memory holds at most two masks
     with ThreadPoolExecutor(1, thread_name_prefix="trtseg-write") as writer:
         pending: tuple[Future, Case] | None = None
-        for case, (image, read_seconds) in zip(todo, read_ahead(todo, model, settings, storage_options)):
+        for case, (image, read_seconds) in zip(todo, reads):
             done = predictor.infer_case(case, storage_options, image, read_seconds)
             if pending is not None:
                 finished(pending[0].result(), pending[1])
@@ -291,9 +292,11 @@ def run_in_process(model: ModelSet, source, settings: Settings, cases: list[Case
 
 
 def read_ahead(cases: list[Case], models: ModelSet, settings: Settings, storage_options=None):
-    """(image or None, seconds) of each case in order, the next one read in a thread while the caller predicts this
-    one: decompressing a 512x512x240 CT takes about half a second of CPU that the GPU would otherwise wait for.
-    A case whose read fails yields None, and ``prepare_case`` reads it again to report its error."""
+    """An iterator of (image or None, seconds) of each case in order, the next one read in a thread while the
+    caller predicts this one: decompressing a 512x512x240 CT takes about half a second of CPU that the GPU would
+    otherwise wait for. The first read starts at the call, so it overlaps what the caller does before it iterates
+    (building and warming up the engines). A case whose read fails yields None, and ``prepare_case`` reads it again
+    to report its error."""
     from concurrent.futures import ThreadPoolExecutor
 
     from trtseg.pipeline import read_image
@@ -307,14 +310,22 @@ def read_ahead(cases: list[Case], models: ModelSet, settings: Settings, storage_
         except Exception:
             return None, 0.0
 
-    with ThreadPoolExecutor(1, thread_name_prefix="trtseg-read") as pool:
-        pending = pool.submit(read, cases[0]) if cases else None
-        for i in range(len(cases)):
-            assert pending is not None
-            result = pending.result()
-            pending = pool.submit(read, cases[i + 1]) if i + 1 < len(cases) else None
-            yield result
-            result = None  # the image is the caller's now: not held here while the next one is read
+    pool = ThreadPoolExecutor(1, thread_name_prefix="trtseg-read")
+    first = pool.submit(read, cases[0]) if cases else None
+
+    def results():
+        pending = first
+        try:
+            for i in range(len(cases)):
+                assert pending is not None
+                result = pending.result()
+                pending = pool.submit(read, cases[i + 1]) if i + 1 < len(cases) else None
+                yield result
+                result = None  # the image is the caller's now: not held here while the next one is read
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    return results()
 
 
 def dry_run_listing(todo: list[Case], skipped: dict, log=print) -> dict:
