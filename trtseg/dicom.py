@@ -203,7 +203,12 @@ def read_series(urls: list[str], where: str, rules: dict[str, str] | None = None
     with tempfile.TemporaryDirectory(prefix="trtseg_dicom_") as tmp:
         paths = _local_files(urls, tmp)
         keep = check_series(paths, where, rules)
-        urls, paths = [urls[i] for i in keep], [paths[i] for i in keep]
+        if len(keep) < len(paths):  # a study folder: GDCM orders the chosen series in a folder of its own
+            os.makedirs(os.path.join(tmp, "series"))
+            chosen = [os.path.join(tmp, "series", f"{k:06d}.dcm") for k in range(len(keep))]
+            for i, link in zip(keep, chosen):
+                os.symlink(os.path.abspath(paths[i]), link)
+            urls, paths = [urls[i] for i in keep], chosen
         folder = os.path.dirname(paths[0])
         try:
             if len(paths) == 1:
@@ -211,11 +216,7 @@ def read_series(urls: list[str], where: str, rules: dict[str, str] | None = None
             else:
                 reader = sitk.ImageSeriesReader()
                 uids = reader.GetGDCMSeriesIDs(folder)
-                names = reader.GetGDCMSeriesFileNames(folder, uids[0]) if len(uids) == 1 else []
-                # GDCM's slice order where it saw only this series; otherwise its order for this series' UID
-                if len(uids) > 1:
-                    uid = str(pydicom().dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
-                    names = reader.GetGDCMSeriesFileNames(folder, uid) if uid in uids else []
+                names = reader.GetGDCMSeriesFileNames(folder, uids[0]) if len(uids) == 1 else paths
                 reader.SetFileNames([n for n in names if n in set(paths)] or paths)
                 img = reader.Execute()
         except RuntimeError as e:
