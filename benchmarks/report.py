@@ -30,6 +30,7 @@ COMMANDS = {
     "dicom_vs_nifti": "python -m benchmarks.dicom_vs_nifti",
     "startup_profile": "python -m benchmarks.startup_profile",
     "fast_path_parts": "python -m benchmarks.fast_path_parts",
+    "postprocess_cc": "python -m benchmarks.postprocess_cc",
 }
 
 # result files written by a command other than their scenario's plain one (the exact command, run on the H100 with
@@ -189,7 +190,8 @@ SECTIONS = [
     ("The network: engine throughput, profiles and kernels", ("engine_throughput", "engine_profile",
                                                               "conv_alternatives", "fused_conv")),
     ("Masks of the fast paths against fp32 and the CPU", ("precision_masks", "gpu_parity")),
-    ("Reading, writing and deciding reruns", ("gzip_read", "mask_gzip", "skip_decision")),
+    ("Reading, writing, postprocessing and deciding reruns", ("gzip_read", "mask_gzip", "postprocess_cc",
+                                                              "skip_decision")),
 ]
 
 
@@ -296,6 +298,9 @@ def rows(r: dict) -> list[str]:
         return [f"{k}: {v['seconds']} s, stages {v.get('case_seconds')}" for k, v in r["runs"].items()] + [
             f"inputs equal {r.get('inputs_equal')}, masks equal {r.get('masks_equal')} "
             f"(agreement {r.get('agreement_dicom_vs_nifti')}), affines equal {r.get('affines_equal')}"]
+    if s == "postprocess_cc":
+        return [f"{lib}: " + ", ".join(f"{k} {v['seconds']} s" for k, v in x.items())
+                for lib, x in r["libraries"].items()] + [f"masks equal: {r['masks_equal']}"]
     if s == "fast_path_parts":
         return [f"{k}: {v['patches_per_s']} patches/s, check patches vs fp32 {v['check_vs_fp32']}, real CT patches vs "
                 f"fp32 {v['real_vs_fp32']}" for k, v in r["configs"].items()]

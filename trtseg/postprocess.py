@@ -8,8 +8,10 @@ postprocessing.pkl and v1's postprocessing.json, with one component core.
   removed (face connectivity: 6 neighbours, scipy.ndimage.label's default), unless ``min_valid_object_size`` keeps
   components at least that large (in mm^3, the voxel volume from the input's spacing).
 
-Components are labelled with scipy.ndimage.label, a well-kept C implementation; on a 512x512x240 mask it takes
-about a second per labelled union, small beside the network.
+Components are labelled with connected-components-3d (cc3d), and with scipy.ndimage.label where cc3d does not
+import; both give the same components and masks. On a 512x512x240 CT-like mask with 53,211 components (26
+neighbours) on 2 CPU cores, cc3d labels in 0.57 s against scipy's 1.20 s, and three postprocessing.pkl steps take
+2.19 s against 4.70 s (python -m benchmarks.postprocess_cc, benchmarks/results/cpu2core_postprocess_cc.json).
 """
 from __future__ import annotations
 
@@ -25,8 +27,20 @@ import numpy as np
 from trtseg import storage
 from trtseg.errors import TrtsegError
 
-def _label(mask: np.ndarray, full_connectivity: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(component ids of ``mask``, voxel count per id with index 0 the background)."""
+def _label(mask: np.ndarray, full_connectivity: bool, library: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(component ids of ``mask`` (2-D or 3-D bool), voxel count per id with index 0 the background).
+
+    library: "cc3d" or "scipy"; None takes cc3d where it imports (see the module docstring)."""
+    if library in (None, "cc3d"):
+        try:
+            import cc3d
+        except ImportError:
+            if library == "cc3d":
+                raise
+        else:
+            neighbours = {2: (8, 4), 3: (26, 6)}[mask.ndim][0 if full_connectivity else 1]
+            ids = cc3d.connected_components(np.ascontiguousarray(mask), connectivity=neighbours)
+            return ids, np.bincount(ids.ravel())
     from scipy import ndimage
 
     structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim if full_connectivity else 1)
@@ -45,13 +59,15 @@ def largest_components(mask: np.ndarray, full_connectivity: bool, keep_min_size:
     keep = volumes == volumes.max()
     if keep_min_size is not None:
         keep |= volumes >= keep_min_size
+    if keep.sum() == 1:  # one component kept (the usual case): a comparison, ten times a lookup table's speed
+        return ids == int(np.argmax(keep)) + 1
     return np.concatenate([[False], keep])[ids]
 
 
 def _member(mask_zyx: np.ndarray, labels) -> np.ndarray:
     """Voxels whose label is ``labels`` (an int) or one of them (a region: a tuple or list of ints)."""
-    if isinstance(labels, (tuple, list)):
-        return np.isin(mask_zyx, np.asarray(labels, dtype=mask_zyx.dtype))
+    if isinstance(labels, (tuple, list)):  # a few labels: comparisons, faster than np.isin's sort
+        return np.logical_or.reduce([mask_zyx == v for v in labels]) if labels else np.zeros(mask_zyx.shape, bool)
     return mask_zyx == labels
 
 
