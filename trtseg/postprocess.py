@@ -39,7 +39,8 @@ def _label(mask: np.ndarray, full_connectivity: bool, library: str | None = None
                 raise
         else:
             neighbours = {2: (8, 4), 3: (26, 6)}[mask.ndim][0 if full_connectivity else 1]
-            ids = cc3d.connected_components(np.ascontiguousarray(mask), connectivity=neighbours)
+            ids = cc3d.connected_components(np.ascontiguousarray(mask),
+                                            connectivity=neighbours)  # type: ignore[call-overload]
             return ids, np.bincount(ids.ravel())
     from scipy import ndimage
 
