@@ -1,0 +1,116 @@
+"""The 8-bit core (trtseg/accel/quant8.py) on the CPU: exact quantize/dequantize round trips, per-channel weight
+scales, the three calibration methods, the reference network against the fp32 one through the accuracy gate (a
+deliberately bad calibration refused), and the calibration's cache key."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from trtseg.accel import quant8
+from trtseg.accel.precision import accuracy_report, gate
+from trtseg.accel.torch_engine import TorchEngine
+from trtseg.cli import cpu_mask_predictor
+from trtseg.dataset import list_cases
+from trtseg.model_folder import load_model_folder
+
+from conftest import write_case
+
+
+def test_every_fp8_value_and_every_int8_value_round_trips_exactly():
+    codes = torch.arange(256, dtype=torch.int16).to(torch.uint8).view(torch.float8_e4m3fn)
+    finite = codes[~torch.isnan(codes.float())]
+    for scale in (1.0, 0.0123, 37.5):
+        values = finite.float() * scale
+        again = quant8.quantize(quant8.dequantize(finite, scale), scale, "fp8")
+        assert torch.equal(again.view(torch.uint8), finite.view(torch.uint8)), scale
+        assert torch.equal(quant8.dequantize(quant8.quantize(values, scale, "fp8"), scale), values)
+    ints = torch.arange(-127, 128, dtype=torch.int8)
+    assert torch.equal(quant8.quantize(quant8.dequantize(ints, 0.25), 0.25, "int8"), ints)
+    # saturation at the largest finite value, never inf or NaN; int8 rounds half to even
+    assert quant8.quantize(torch.tensor([1e6, -1e6]), 1.0, "fp8").float().tolist() == [448.0, -448.0]
+    assert quant8.quantize(torch.tensor([1e6, -1e6, 2.5, 3.5, -2.5]), 1.0, "int8").tolist() == [127, -127, 2, 4, -2]
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_weight_scales_map_each_output_channels_largest_weight_to_the_formats_largest_value(fmt):
+    conv, up = torch.nn.Conv3d(3, 5, 3), torch.nn.ConvTranspose3d(4, 6, 2, stride=2)
+    for layer in (conv, up):
+        axis = quant8.weight_axis(layer)
+        s = quant8.weight_scales(layer.weight, fmt, axis)
+        q = quant8.quantize(layer.weight, s, fmt).float()
+        dims = [d for d in range(q.dim()) if d != axis]
+        assert torch.equal(q.abs().amax(dim=dims), torch.full((layer.weight.shape[axis],), quant8.FORMATS[fmt][1]))
+    zero = torch.zeros(2, 1, 3, 3, 3)
+    assert torch.equal(quant8.dequantize(quant8.quantize(zero, quant8.weight_scales(zero, fmt), fmt),
+                                         quant8.weight_scales(zero, fmt)), zero)
+
+
+class _Net(torch.nn.Module):
+    """Two convolutions and a head: the head is not quantized."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv3d(1, 4, 3, padding=1)
+        self.b = torch.nn.Conv3d(4, 4, 3, padding=1)
+        self.seg_layers = torch.nn.ModuleList([torch.nn.Conv3d(4, 3, 1)])
+
+    def forward(self, x):
+        return self.seg_layers[0](torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_the_calibration_methods_clip_outliers_as_they_should():
+    torch.manual_seed(0)
+    net = _Net()
+    x = torch.distributions.Laplace(0.0, 1.0).sample((2, 1, 32, 32, 32))  # 65,536 values: 99.99 % leaves out 6
+    x[0, 0, 0, 0, 0] = 80.0  # one outlier
+    assert set(quant8.quantizable_layers(net)) == {"a", "b"}
+    got = {m: quant8.calibrate(net, x, "int8", m) for m in quant8.METHODS}
+    assert got["minmax"]["a"] == pytest.approx(80.0 / 127)
+    # the 99.99th percentile and the entropy threshold ignore the one outlier; both stay above the bulk
+    bulk = float(np.percentile(x.abs().numpy(), 99.0))
+    for m in ("percentile", "entropy"):
+        assert bulk / 127 < got[m]["a"] < 0.5 * got["minmax"]["a"], (m, got[m]["a"])
+    assert quant8.calibrate(net, x, "int8", "entropy") == got["entropy"]  # deterministic
+    with pytest.raises(ValueError, match="calibration method"):
+        quant8.calibrate(net, x, "int8", "mse")
+
+
+def test_the_reference_network_passes_the_gate_and_a_bad_calibration_is_refused(small_model, tmp_path):
+    """The model's fold 0 in fp8 and int8, calibrated on real patches, against fp32 through whole cases: the
+    accuracy gate accepts it; the same network with input scales 1000 times too small (every activation saturated)
+    loses Dice and is refused at the same --max-dice-drop."""
+    from trtseg.accel.patches import sample_patches
+
+    cases_dir = str(tmp_path / "cal")
+    write_case(cases_dir, "c1", (40, 36, 14), (1.0, 1.0, 2.6), seed=5, zero_border=2)
+    write_case(cases_dir, "c2", (44, 40, 12), (0.9, 0.9, 3.0), seed=6)
+    model = load_model_folder(small_model, ["0"])
+    net = model.build_network("0").eval()
+    patches = torch.from_numpy(sample_patches(model, cases_dir, 4, seed=1))
+    cases = list_cases(cases_dir, model.num_image_channels)
+    predict = cpu_mask_predictor(model)
+    fp32 = [TorchEngine(net, "cpu")]
+    for fmt in ("fp8", "int8"):
+        scales = quant8.calibrate(net, patches, fmt, "percentile")
+        good = accuracy_report(model, fp32, [TorchEngine(quant8.quantize_network(net, scales, fmt), "cpu")], cases,
+                               predict)
+        bad_scales = {n: s / 1000 for n, s in scales.items()}
+        bad = accuracy_report(model, fp32, [TorchEngine(quant8.quantize_network(net, bad_scales, fmt), "cpu")],
+                              cases, predict)
+        assert good["min_voxel_agreement"] > 0.97, (fmt, good)
+        ok, why = gate(good, 0.05)
+        assert ok, (fmt, why)
+        refused, why = gate(bad, 0.05)
+        assert not refused and "more than --max-dice-drop 0.05" in why, (fmt, bad)
+
+
+def test_the_calibration_key_covers_what_the_scales_depend_on():
+    base = dict(model_fingerprint="abc", fold="0", fmt="fp8", method="entropy", calibration_identity="size:1:mtime:2",
+                patch_shape=(128, 128, 128))
+    key, fields = quant8.calibration_key(**base)
+    assert fields["format"] == "fp8" and fields["patch"] == [128, 128, 128]
+    for change in (dict(model_fingerprint="abd"), dict(fold="1"), dict(fmt="int8"), dict(method="minmax"),
+                   dict(calibration_identity="size:1:mtime:3"), dict(patch_shape=(96, 128, 128))):
+        assert quant8.calibration_key(**{**base, **change})[0] != key, change
+    assert quant8.calibration_key(**base)[0] == key
