@@ -16,6 +16,7 @@ The mask is written as NIfTI (CASE.nii.gz) with the series' geometry, as SimpleI
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -26,6 +27,7 @@ import numpy as np
 
 from trtseg import storage
 from trtseg.errors import CaseError
+from trtseg.options import InputOptions
 
 #: objects that are not images a network can segment
 NON_IMAGE_MODALITIES = {"SR", "PR", "KO", "SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "REG", "DOC"}
@@ -68,8 +70,8 @@ def _local_files(urls: list[str], tmp: str) -> list[str]:
     return out
 
 
-_RULE_FLAGS = {"series_modality": "--series-modality", "series_description": "--series-description",
-               "series_uid": "--series-uid"}
+#: InputOptions' field -> its flag, from the one declaration (trtseg/options.py)
+_RULE_FLAGS = {f.name: f.metadata["flag"] for f in dataclasses.fields(InputOptions)}
 
 
 def _series_matches(head, rules: dict[str, str]) -> bool:
@@ -129,7 +131,8 @@ def _check_one_series(paths: list[str], heads: list, where: str) -> None:
     if len(uids) > 1:
         raise CaseError(where, f"mixed series in one folder: {len(uids)} SeriesInstanceUIDs ({', '.join(u[-12:] for u in uids[:3])}"
                                f"{', ...' if len(uids) > 3 else ''}); give each series its own folder, or pick one "
-                               "with --series-modality, --series-description or --series-uid")
+                               f"with {', '.join(list(_RULE_FLAGS.values())[:-1])} or "
+                               f"{list(_RULE_FLAGS.values())[-1]}")
     modalities = sorted({str(getattr(h, "Modality", "")) for h in heads} & NON_IMAGE_MODALITIES)
     if modalities or any("Rows" not in h for h in heads):
         raise CaseError(where, f"holds non-image DICOM objects ({', '.join(modalities) or 'no pixel data'}); a case "

@@ -297,8 +297,6 @@ def read_ahead(cases: list[Case], models: ModelSet, settings: Settings, storage_
     otherwise wait for. The first read starts at the call, so it overlaps what the caller does before it iterates
     (building and warming up the engines). A case whose read fails yields None, and ``prepare_case`` reads it again
     to report its error."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from trtseg.pipeline import read_image
 
     def read(case: Case):
