@@ -71,6 +71,15 @@ def test_the_check_passes_a_rewrite_that_keeps_the_function_and_refuses_one_that
     assert worse["verdict"] == "failed"
 
 
+def test_as_close_as_autocast_allows_rounding_noise_but_not_more():
+    judge = fast_path.judge
+    assert judge(0.9991, 0.95)[0] == "passed"  # the 99.9 % gate alone
+    # measured on an NVIDIA H100: eager rewrites 99.8541 %, fp16 autocast 99.8557 % (1.1 % more voxels moved)
+    assert judge(0.998541, 0.998557) == ("passed", judge(0.998557, 0.998557)[1])
+    assert judge(0.9984, 0.998557)[0] == "failed"  # 11 % more voxels moved than autocast
+    assert judge(0.99, 0.995)[0] == "failed"
+
+
 def test_the_cpu_measures_both_engines_once_and_keeps_the_verdict(model, tmp_path):
     spec = EngineSpec(device="cpu", cache=str(tmp_path / "cache"))
     first = create_engines(model, spec)
