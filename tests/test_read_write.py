@@ -1,6 +1,8 @@
 """Reading and writing NIfTI: the fast paths (integer cast, Fortran-ordered write) give exactly nibabel's values."""
 from __future__ import annotations
 
+import time
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -76,3 +78,12 @@ def test_the_first_case_is_read_before_the_caller_iterates(monkeypatch):
                                None, Settings())
     assert started.wait(10), "nothing was read before the caller iterated"
     assert [image for image, _ in reads] == ["image of a", None, "image of c"]
+    reads.close()
+
+    # the engines failed to build after the first read started: closing without iterating stops the reader thread
+    unread = predict.read_ahead([Case("a", ("a.nii.gz",)), Case("c", ("c.nii.gz",))], None, Settings())
+    unread.close()
+    deadline = time.monotonic() + 10
+    while any(t.name.startswith("trtseg-read") for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name.startswith("trtseg-read") for t in threading.enumerate()), "the reader thread was left"

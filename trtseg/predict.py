@@ -247,42 +247,45 @@ def run_in_process(model: ModelSet, source, settings: Settings, cases: list[Case
         event("fast path: " + small)
         job = {**job, "small_run": small}
     reads = read_ahead(todo, model, settings, storage_options)  # the first case is read while the engines start
-    t_setup = time.perf_counter()
-    predictor = Predictor(model, settings)
-    warm = 0.0
-    if predictor.device.type == "cuda":  # compile and autotune before the first case, not inside it
-        batch = max(settings.engine.batch_size, 1)
-        for m, engines in zip(predictor.models.models, predictor.engines_per_pass):
-            warm += sum(e.warm_up((batch, m.num_input_channels, *m.patch_size)) for e in engines)
-    startup = {"before_engines": round(t_setup - t0, 3), "engines": round(time.perf_counter() - t_setup - warm, 3),
-               "warm_up": round(warm, 3)}
-    event("run started", mode=job["mode"], cases=len(todo), skipped=len(results), engine=settings.engine.text(),
-          startup_seconds=startup)
-    progress = Progress(len(todo), progress_bar)
+    try:
+        t_setup = time.perf_counter()
+        predictor = Predictor(model, settings)
+        warm = 0.0
+        if predictor.device.type == "cuda":  # compile and autotune before the first case, not inside it
+            batch = max(settings.engine.batch_size, 1)
+            for m, engines in zip(predictor.models.models, predictor.engines_per_pass):
+                warm += sum(e.warm_up((batch, m.num_input_channels, *m.patch_size)) for e in engines)
+        startup = {"before_engines": round(t_setup - t0, 3), "engines": round(time.perf_counter() - t_setup - warm, 3),
+                   "warm_up": round(warm, 3)}
+        event("run started", mode=job["mode"], cases=len(todo), skipped=len(results), engine=settings.engine.text(),
+              startup_seconds=startup)
+        progress = Progress(len(todo), progress_bar)
 
-    def finished(r: CaseReport, case: Case) -> None:
-        results[case.case_id] = r
-        if r.status == "ok":
-            event("case done", case=case.case_id, seconds=r.to_json()["seconds"])
-        else:
-            event("case failed", case=case.case_id, error=r.error)
-        progress.update(cases=1, tiles=r.tiles or 0)
+        def finished(r: CaseReport, case: Case) -> None:
+            results[case.case_id] = r
+            if r.status == "ok":
+                event("case done", case=case.case_id, seconds=r.to_json()["seconds"])
+            else:
+                event("case failed", case=case.case_id, error=r.error)
+            progress.update(cases=1, tiles=r.tiles or 0)
 
-    # the write (gzip, storage) of one case runs in a thread while the GPU predicts the next: at most one case waits
-    # to be written, so host memory holds at most two masks
-    with ThreadPoolExecutor(1, thread_name_prefix="trtseg-write") as writer:
-        pending: tuple[Future, Case] | None = None
-        for case, (image, read_seconds) in zip(todo, reads):
-            done = predictor.infer_case(case, storage_options, image, read_seconds)
+        # the write (gzip, storage) of one case runs in a thread while the GPU predicts the next: at most one case waits
+        # to be written, so host memory holds at most two masks
+        with ThreadPoolExecutor(1, thread_name_prefix="trtseg-write") as writer:
+            pending: tuple[Future, Case] | None = None
+            for case, (image, read_seconds) in zip(todo, reads):
+                done = predictor.infer_case(case, storage_options, image, read_seconds)
+                if pending is not None:
+                    finished(pending[0].result(), pending[1])
+                    pending = None
+                if isinstance(done, CaseReport):
+                    finished(done, case)
+                else:
+                    pending = (writer.submit(predictor.write, done, output_url, storage_options), case)
             if pending is not None:
                 finished(pending[0].result(), pending[1])
-                pending = None
-            if isinstance(done, CaseReport):
-                finished(done, case)
-            else:
-                pending = (writer.submit(predictor.write, done, output_url, storage_options), case)
-        if pending is not None:
-            finished(pending[0].result(), pending[1])
+    finally:  # the reader thread stops even when the engines fail to build
+        reads.close()
     progress.close()
     report = run_report(model, source, settings, predictor.engines[0].report() if predictor.engines else None,
                         cases, results, time.perf_counter() - t0, job={**job, "run_id": uuid.uuid4().hex[:6]},
@@ -313,17 +316,29 @@ def read_ahead(cases: list[Case], models: ModelSet, settings: Settings, storage_
 
     def results():
         pending = first
-        try:
-            for i in range(len(cases)):
-                assert pending is not None
-                result = pending.result()
-                pending = pool.submit(read, cases[i + 1]) if i + 1 < len(cases) else None
-                yield result
-                result = None  # the image is the caller's now: not held here while the next one is read
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        for i in range(len(cases)):
+            assert pending is not None
+            result = pending.result()
+            pending = pool.submit(read, cases[i + 1]) if i + 1 < len(cases) else None
+            yield result
+            result = None  # the image is the caller's now: not held here while the next one is read
 
-    return results()
+    return ReadAhead(results(), pool)
+
+
+class ReadAhead:
+    """read_ahead's iterator; ``close`` stops its reader thread, whether or not the caller ever iterated (the
+    engines' build can fail after the first read has started)."""
+
+    def __init__(self, results, pool: ThreadPoolExecutor):
+        self._results, self._pool = results, pool
+
+    def __iter__(self):
+        return self._results
+
+    def close(self) -> None:
+        self._results.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def dry_run_listing(todo: list[Case], skipped: dict, log=print) -> dict:
