@@ -2,9 +2,12 @@
 one GPU:
 
     python -m benchmarks.models_vs_nnunet --scenario cascade|ensemble [--cases 2] [--shape 512 512 240] [--json F]
+        [--skip-accumulate-fp16] [--skip-stages]
 
 - cascade: nnUNetv2's two commands, `nnUNetv2_predict -c 3d_lowres`, then `-c 3d_cascade_fullres
   -prev_stage_predictions LOWRES_OUT`, against one `trtseg predict -m LOWRES CASCADE` (both stages in one job).
+  Then each stage on its own, against nnU-Net's output of that stage: `trtseg predict -m LOWRES`, and `trtseg
+  predict -m CASCADE --prev-stage-predictions LOWRES_OUT` given nnU-Net's own low-res masks.
 - ensemble: nnUNetv2's four, `nnUNetv2_predict -c 3d_fullres --save_probabilities`, the same for 3d_lowres,
   `nnUNetv2_ensemble` and `nnUNetv2_apply_postprocessing` (a postprocessing.pkl keeping the largest foreground
   component and the largest component of label 1), against one `trtseg predict -m FULLRES LOWRES --postprocessing
@@ -93,6 +96,9 @@ def main() -> None:
     ap.add_argument("--shape", nargs=3, type=int, default=[512, 512, 240])
     ap.add_argument("--json", default=None)
     ap.add_argument("--skip-accumulate-fp16", action="store_true", help="no second trtseg run with --accumulate fp16")
+    ap.add_argument("--skip-stages", action="store_true",
+                    help="cascade: no runs of each stage on its own (the low-res stage; the cascade stage given "
+                         "nnU-Net's low-res masks)")
     args = ap.parse_args()
     _PROGRESS["path"] = args.json
     work = tempfile.mkdtemp(prefix="trtseg_models_")
@@ -146,6 +152,16 @@ def main() -> None:
             "nnUNetv2_apply_postprocessing": _timed(
                 [*app, "-i", m, "-o", os.path.join(work, "nn"), "-pp_pkl_file", pp, "-plans_json",
                  os.path.join(a, "plans.json"), "-dataset_json", os.path.join(a, "dataset.json")], env)}
+    if args.scenario == "cascade" and not args.skip_stages:
+        # where the one-job cascade's disagreement comes from: the low-res stage alone, and the cascade stage given
+        # nnU-Net's own low-res masks (-prev_stage_predictions), each against nnU-Net's output of the same stage
+        low_ts = os.path.join(work, "ts_low")
+        out["trtseg_lowres_alone_seconds"] = _timed([*ts, "-o", low_ts, "-m", models["3d_lowres"]], env)
+        out["voxel_agreement_lowres_stage_vs_nnunet"] = _agreement(work, "nn_low", "ts_low", args.cases)
+        out["trtseg_given_nnunet_lowres_seconds"] = _timed(
+            [*ts, "-o", os.path.join(work, "ts_given"), "-m", models["3d_cascade_fullres"],
+             "--prev-stage-predictions", os.path.join(work, "nn_low")], env)
+        out["voxel_agreement_cascade_given_nnunet_lowres"] = _agreement(work, "nn", "ts_given", args.cases)
     if args.scenario == "ensemble":
         out["postprocessing_changed_voxels"] = 1.0 - min(_agreement(work, "nn_mean", "nn", args.cases).values())
         report = json.load(open(os.path.join(work, "ts", "run_report.json")))

@@ -1,7 +1,7 @@
 """`trtseg predict` as a user runs it, default flags, against `nnUNetv2_predict` on the same volumes and GPU:
 
-    python -m benchmarks.predict_vs_nnunet [--cases 1 16 64] [--nnunet-cases 2] [--shape 512 512 240] [--json F]
-        [--ray-from-cases N] [--skip-nnunet]
+    python -m benchmarks.predict_vs_nnunet [--cases 16 64] [--nnunet-cases 1 16] [--mirrored-cases 1]
+        [--nnunet-timeout S] [--no-one-ct] [--shape 512 512 240] [--json F] [--ray-from-cases N] [--skip-nnunet]
 
 Each step is one whole process, timed from its start to its exit: imports, model load, engine build or cache load,
 the fast path's check, warm-up, every case's read, inference, export and write.
@@ -10,11 +10,15 @@ the fast path's check, warm-up, every case's read, inference, export and write.
    without compile and fused norms, see --compile-from);
 2. the same into another output folder, with the cache the first run left (warm: the verdict loaded);
 3. `trtseg predict` on the first count of --cases with no compiled code in the cache yet (its check and compile
-   run), then on each count of --cases, warm (verdict and compiled code loaded);
+   run), then on each count of --cases, warm (verdict and compiled code loaded); --cases may be empty;
 4. `trtseg predict --no-fast --precision fp32` on the first CT: the reference the default's masks are compared with;
-5. `nnUNetv2_predict -d ... -c 3d_fullres -f 0` on the first --nnunet-cases CTs (its default workers).
+5. with --mirrored-cases M: `trtseg predict` and `nnUNetv2_predict` on M CTs with mirroring, both sides' default
+   (trtseg twice when no step before compiled: first compiling, then warm);
+6. `nnUNetv2_predict -d ... -c 3d_fullres -f 0` on each count of --nnunet-cases (its default workers), beside
+   the warm trtseg run of the same count (run for it if no earlier step had that count).
 
-Every run is without mirroring (--disable-tta / --disable_tta), as nnU-Net's figures it is compared with. Model:
+Every other run is without mirroring (--disable-tta / --disable_tta). With two counts on a side, the seconds one
+more case adds in one process (the steady state) are the difference of the two runs over the difference of counts. Model:
 nnU-Net's 3d_fullres CT topology (PlainConvUNet 32->320, 6 stages, 128^3 patch), seeded random weights; inputs:
 CT-like 512x512x240 volumes at 0.7 x 0.7 x 1.25 mm, four distinct ones copied to fill a count. Reported: each
 step's seconds, the run report's start-up and per-case seconds, what the fast path chose and where from, the
@@ -27,6 +31,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -74,8 +79,13 @@ def _agreement(a_dir: str, b_dir: str, cases: list[str]) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", type=int, nargs="+", default=[16, 64], help="warm runs over this many CTs")
-    ap.add_argument("--nnunet-cases", type=int, default=2)
+    ap.add_argument("--cases", type=int, nargs="*", default=[16, 64], help="warm runs over this many CTs")
+    ap.add_argument("--nnunet-cases", type=int, nargs="*", default=[2], help="nnUNetv2_predict runs over these counts")
+    ap.add_argument("--mirrored-cases", type=int, default=0,
+                    help="also run this many CTs with mirroring (nnU-Net's default), on both sides")
+    ap.add_argument("--nnunet-timeout", type=float, default=None,
+                    help="cut an nnUNetv2 run off after this many seconds (recorded as a lower bound)")
+    ap.add_argument("--no-one-ct", action="store_true", help="skip the one-CT cold, warm and fp32 steps")
     ap.add_argument("--shape", nargs=3, type=int, default=[512, 512, 240])
     ap.add_argument("--ray-from-cases", default=None, help="passed to trtseg predict (default: its own)")
     ap.add_argument("--skip-nnunet", action="store_true")
@@ -85,30 +95,33 @@ def main() -> None:
     results = os.path.join(work, "results")
     t = time.perf_counter()
     model = make_fullres_model(os.path.join(results, "Dataset089_CT", "nnUNetTrainer__nnUNetPlans__3d_fullres"))
-    inputs = _inputs(work, [1, args.nnunet_cases, *args.cases], args.shape)
-    out: dict = {"scenario": "predict_vs_nnunet", "machine": machine(), "shape_xyz": args.shape, "mirroring": False,
+    nn_counts = [] if args.skip_nnunet else list(args.nnunet_cases)
+    inputs = _inputs(work, [1, *nn_counts, *args.cases, *([args.mirrored_cases] if args.mirrored_cases else [])],
+                     args.shape)
+    out: dict = {"scenario": "predict_vs_nnunet", "machine": machine(), "shape_xyz": args.shape,
+                 "mirroring": "off unless a run's name says mirroring",
                  "setup_seconds": round(time.perf_counter() - t, 1),
                  "trtseg_command": "trtseg predict -i IN -o OUT -m MODEL --disable-tta --no-progress",
                  "nnunetv2_command": "nnUNetv2_predict -i IN -o OUT -d 89 -c 3d_fullres -f 0 --disable_tta",
-                 "runs": {}}
-    env = {**os.environ, "TRTSEG_CACHE": os.environ.get("TRTSEG_CACHE") or os.path.join(work, "cache"), "nnUNet_results": results,
-           "nnUNet_raw": work, "nnUNet_preprocessed": work}
+                 "runs": {}, "nnunetv2_runs": {}}
+    env = {**os.environ, "TRTSEG_CACHE": os.environ.get("TRTSEG_CACHE") or os.path.join(work, "cache"),
+           "nnUNet_results": results, "nnUNet_raw": work, "nnUNet_preprocessed": work}
     extra = ["--ray-from-cases", args.ray_from_cases] if args.ray_from_cases is not None else []
 
-    def trtseg(name: str, n: int, *flags: str) -> None:
+    def trtseg(name: str, n: int, *flags: str, tta: bool = False) -> None:
         dest = os.path.join(work, name)
         cmd = [sys.executable, "-m", "trtseg.cli", "predict", "-i", inputs[n], "-o", dest, "-m", model,
-               "--disable-tta", "--no-progress", *extra, *flags]
+               *([] if tta else ["--disable-tta"]), "--no-progress", *extra, *flags]
         t0 = time.perf_counter()
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
         seconds = round(time.perf_counter() - t0, 2)
-        entry: dict = {"cases": n, "seconds": seconds, "flags": list(flags), "exit": r.returncode}
+        entry: dict = {"cases": n, "seconds": seconds, "flags": list(flags), "mirroring": tta, "exit": r.returncode}
         if r.returncode == 0:
             rep = json.load(open(os.path.join(dest, "run_report.json")))
             summary, engine = rep["summary"], rep.get("engine") or {}
             entry.update(
-                ok=summary.get("ok"), mode=rep["job"].get("mode"), startup_seconds=summary.get("startup_seconds"),
-                volumes_per_gpu_hour=round(3600 * n / seconds, 1),
+                ok=summary.get("ok"), mode=rep["job"].get("mode"), small_run=rep["job"].get("small_run"),
+                startup_seconds=summary.get("startup_seconds"), volumes_per_gpu_hour=round(3600 * n / seconds, 1),
                 case_seconds=[c.get("seconds") for c in rep["cases"]][:4],
                 engine={k: engine.get(k) for k in ("engine", "precision", "compiled", "channels_last", "fp16_weights",
                                                    "folded_convolutions", "merged_upsamplings", "fused_norms",
@@ -118,39 +131,73 @@ def main() -> None:
         out["runs"][name] = entry
         _save(out, args.json)
 
-    trtseg("one_ct_cold_cache", 1)
-    trtseg("one_ct_warm_cache", 1)
-    trtseg(f"cts{args.cases[0]}_first_compile", args.cases[0])
-    for n in args.cases:
-        trtseg(f"cts{n}_warm_cache", n)
-    trtseg("one_ct_fp32_reference", 1, "--no-fast", "--precision", "fp32")
-    if all(out["runs"][k]["exit"] == 0 for k in ("one_ct_warm_cache", "one_ct_fp32_reference")):
-        out["agreement_default_vs_fp32"] = _agreement(os.path.join(work, "one_ct_warm_cache"),
-                                                      os.path.join(work, "one_ct_fp32_reference"), ["ct000"])
-    if not args.skip_nnunet:
-        nn_out = os.path.join(work, "nnunet")
+    def nnunet(name: str, n: int, trtseg_run: str, tta: bool = False) -> None:
+        dest = os.path.join(work, "nn_" + name)
         cmd = [sys.executable, "-c", "import sys; from nnunetv2.inference.predict_from_raw_data import "
                "predict_entry_point; sys.argv[0] = 'nnUNetv2_predict'; predict_entry_point()",
-               "-i", inputs[args.nnunet_cases], "-o", nn_out, "-d", "89", "-c", "3d_fullres", "-f", "0",
-               "--disable_tta", *([] if torch.cuda.is_available() else ["-device", "cpu"])]
+               "-i", inputs[n], "-o", dest, "-d", "89", "-c", "3d_fullres", "-f", "0",
+               *([] if tta else ["--disable_tta"]), *([] if torch.cuda.is_available() else ["-device", "cpu"])]
         t0 = time.perf_counter()
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        out["nnunetv2"] = {"cases": args.nnunet_cases, "seconds": round(time.perf_counter() - t0, 2),
-                           "exit": r.returncode}
-        if r.returncode:
-            out["nnunetv2"]["error"] = (r.stdout + r.stderr)[-3000:]
-        else:
-            cases = [f"ct{i:03d}" for i in range(args.nnunet_cases)]
-            n_dir = os.path.join(work, f"cts{args.nnunet_cases}_warm_cache")
-            if args.nnunet_cases in args.cases or args.nnunet_cases == 1:
-                n_dir = n_dir if args.nnunet_cases != 1 else os.path.join(work, "one_ct_warm_cache")
-                out["agreement_default_vs_nnunetv2"] = _agreement(n_dir, nn_out, cases)
-            else:  # the count nnU-Net ran is not a trtseg step of its own: run it, warm
-                trtseg(f"cts{args.nnunet_cases}_warm_cache", args.nnunet_cases)
-                out["agreement_default_vs_nnunetv2"] = _agreement(n_dir, nn_out, cases)
-            out["speedup_same_cases"] = round(out["nnunetv2"]["seconds"] /
-                                              out["runs"][f"cts{args.nnunet_cases}_warm_cache"]["seconds"], 1) \
-                if f"cts{args.nnunet_cases}_warm_cache" in out["runs"] else None
+        # its own process group: a run cut off takes its preprocessing and export workers with it
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            text, _ = proc.communicate(timeout=args.nnunet_timeout)
+            entry: dict = {"cases": n, "mirroring": tta, "seconds": round(time.perf_counter() - t0, 2),
+                           "exit": proc.returncode}
+            if proc.returncode:
+                entry["error"] = text[-3000:]
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            done = [f for f in os.listdir(dest) if f.endswith(".nii.gz")] if os.path.isdir(dest) else []
+            entry = {"cases": n, "mirroring": tta, "seconds_at_least": round(time.perf_counter() - t0, 2),
+                     "cut_off": f"--nnunet-timeout {args.nnunet_timeout}: {len(done)} of {n} masks written"}
+        ours = out["runs"].get(trtseg_run, {})
+        if entry.get("exit") == 0 and ours.get("exit") == 0:
+            cases = [f"ct{i:03d}" for i in range(min(n, 4))]
+            entry["agreement_trtseg_vs_nnunetv2"] = _agreement(os.path.join(work, trtseg_run), dest, cases)
+            entry["trtseg_run"], entry["speedup"] = trtseg_run, round(entry["seconds"] / ours["seconds"], 1)
+        elif "seconds_at_least" in entry and ours.get("exit") == 0:
+            entry["trtseg_run"] = trtseg_run
+            entry["speedup_at_least"] = round(entry["seconds_at_least"] / ours["seconds"], 1)
+        out["nnunetv2_runs"][name] = entry
+        _save(out, args.json)
+
+    if not args.no_one_ct:
+        trtseg("one_ct_cold_cache", 1)
+        trtseg("one_ct_warm_cache", 1)
+    if args.cases:
+        trtseg(f"cts{args.cases[0]}_first_compile", args.cases[0])
+    for n in args.cases:
+        trtseg(f"cts{n}_warm_cache", n)
+    if args.mirrored_cases:
+        if not args.cases:  # no compiled code cached yet: this run compiles, the next one loads it
+            trtseg(f"cts{args.mirrored_cases}_mirroring_first_compile", args.mirrored_cases, tta=True)
+        trtseg(f"cts{args.mirrored_cases}_mirroring_warm_cache", args.mirrored_cases, tta=True)
+    if not args.no_one_ct:
+        trtseg("one_ct_fp32_reference", 1, "--no-fast", "--precision", "fp32")
+        if all(out["runs"][k]["exit"] == 0 for k in ("one_ct_warm_cache", "one_ct_fp32_reference")):
+            out["agreement_default_vs_fp32"] = _agreement(os.path.join(work, "one_ct_warm_cache"),
+                                                          os.path.join(work, "one_ct_fp32_reference"), ["ct000"])
+    if args.mirrored_cases and not args.skip_nnunet:
+        m = args.mirrored_cases
+        nnunet(f"cts{m}_mirroring", m, f"cts{m}_mirroring_warm_cache", tta=True)
+    for n in nn_counts:
+        mine = "one_ct_warm_cache" if n == 1 and not args.no_one_ct else f"cts{n}_warm_cache"
+        if mine not in out["runs"]:  # the count nnU-Net runs is not a trtseg step of its own: run it, warm
+            trtseg(mine, n)
+        nnunet(f"cts{n}", n, mine)
+    warm = sorted((r["cases"], r["seconds"]) for k, r in out["runs"].items()
+                  if k.endswith("_warm_cache") and not r["mirroring"] and r["exit"] == 0)
+    if len(warm) >= 2:  # the cost of one more case in a warm process: the steady state, start-up excluded
+        (n0, s0), (n1, s1) = warm[0], warm[-1]
+        out["trtseg_seconds_per_case_steady"] = round((s1 - s0) / (n1 - n0), 3)
+    nn = sorted((r["cases"], r["seconds"]) for r in out["nnunetv2_runs"].values()
+                if not r["mirroring"] and r.get("exit") == 0)
+    if len(nn) >= 2:
+        (n0, s0), (n1, s1) = nn[0], nn[-1]
+        out["nnunetv2_seconds_per_case_steady"] = round((s1 - s0) / (n1 - n0), 3)
     _save(out, args.json)
 
 

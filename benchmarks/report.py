@@ -221,6 +221,9 @@ def rows(r: dict) -> list[str]:
                f"masks vs nnUNetv2: {r['voxel_agreement_vs_nnunet']}"]
         if "voxel_agreement_vs_nnunet_accumulate_fp16" in r:
             out.append(f"with --accumulate fp16: {r['voxel_agreement_vs_nnunet_accumulate_fp16']}")
+        if "voxel_agreement_lowres_stage_vs_nnunet" in r:
+            out.append(f"each stage on its own: the low-res stage {r['voxel_agreement_lowres_stage_vs_nnunet']}; the "
+                       f"cascade stage given nnU-Net's low-res masks {r['voxel_agreement_cascade_given_nnunet_lowres']}")
         if r.get("note"):
             out.append(r["note"])
         return out
@@ -284,9 +287,16 @@ def rows(r: dict) -> list[str]:
                                                                f"{(v['engine'].get('compile_cache') or {}).get('status')}"
                                                                if v.get("exit") == 0 else f" (exit {v.get('exit')})")
                for k, v in r["runs"].items()]
-        if "nnunetv2" in r:
+        if "nnunetv2" in r:  # results written before nnUNetv2 ran on several counts
             out.append(f"nnUNetv2_predict on {r['nnunetv2']['cases']} CTs: {r['nnunetv2']['seconds']} s "
                        f"(trtseg {r.get('speedup_same_cases')}x faster on the same CTs)")
+        for k, v in r.get("nnunetv2_runs", {}).items():
+            took = f"{v['seconds']} s" if "seconds" in v else f">= {v.get('seconds_at_least')} s ({v.get('cut_off')})"
+            faster = v.get("speedup") or (f">= {v['speedup_at_least']}" if "speedup_at_least" in v else None)
+            out.append(f"nnUNetv2_predict {k} (mirroring {v.get('mirroring')}): {took}; trtseg's {v.get('trtseg_run')} "
+                       f"{faster}x faster, masks agree {v.get('agreement_trtseg_vs_nnunetv2')}")
+        out += [f"{k}: {r[k]} s" for k in ("trtseg_seconds_per_case_steady", "nnunetv2_seconds_per_case_steady")
+                if k in r]
         out += [f"masks of the default against {k.split('_vs_')[1]}: {r[k]}"
                 for k in ("agreement_default_vs_fp32", "agreement_default_vs_nnunetv2") if k in r]
         return out
