@@ -209,16 +209,20 @@ def predict_folder(input_url: str, output_url: str, model_folder: "str | list[st
                           t0, {"mode": "single-process", "shard": shard})
 
 
-#: the fast path's parts whose start-up a small run does not earn back: compiled code (about 6 s to load from the
-#: engine cache, 25-60 s to compile) and the fused norms' Triton kernels (about 4 s to load in each process)
-SLOW_TO_START = ("compile", "fuse-norms")
+#: the fast path's parts a small run leaves off: two whose start-up it does not earn back, compiled code (about 6 s
+#: to load from the engine cache, 25-60 s to compile) and the fused norms' Triton kernels (about 4 s to load in each
+#: process); and channels-last (with fold-convolutions, which needs it), which pays only beside those two: eager,
+#: PyTorch's own InstanceNorm on channels-last 3-D tensors made the network slower than fp16 autocast, 3.97 s
+#: against 2.21 s of inference for one 512x512x240 CT on an NVIDIA H100
+#: (benchmarks/results/h100_predict_vs_nnunet_one_ct.json, h100_startup_profile_eager_no_fuse.json)
+SLOW_TO_START = ("compile", "fuse-norms", "channels-last")
 
 
 def small_run_settings(model: ModelSet, settings: Settings, n_cases: int) -> tuple[Settings, str | None]:
     """``settings`` with the fast path's SLOW_TO_START parts left off when the run makes fewer than
     ``settings.engine.compile_from`` network passes over whole cases (cases, times 2 per mirrored axis), and why
     (None when unchanged). Together they save about 0.9 s per 512x512x240 CT without mirroring, against seconds of
-    start-up: on an NVIDIA H100, one CT without mirroring took 15.9 s compiled, 14.5 s eager with the fused norms
+    start-up (see SLOW_TO_START): on an NVIDIA H100, one CT without mirroring took 15.9 s compiled, 14.5 s eager with the fused norms
     and 10.7 s eager without them, each a whole process with a warm engine cache (python -m
     benchmarks.predict_vs_nnunet; python -m benchmarks.startup_profile [--flags=--no-fuse-norms]). An explicit
     --compile is kept."""
@@ -231,7 +235,7 @@ def small_run_settings(model: ModelSet, settings: Settings, n_cases: int) -> tup
     if not left or passes >= spec.compile_from:
         return settings, None
     why = (f"{n_cases} case(s) x {2 ** len(axes)} mirroring(s) = {passes} passes, fewer than --compile-from "
-           f"{spec.compile_from}: no {' or '.join(left)}, which start slower than they save")
+           f"{spec.compile_from}: no {' or '.join(left)}, which cost more than they save on so few passes")
     return dataclasses.replace(settings, engine=spec.with_(off=spec.off | set(left))), why
 
 
