@@ -152,12 +152,18 @@ def main() -> None:
             "nnUNetv2_apply_postprocessing": _timed(
                 [*app, "-i", m, "-o", os.path.join(work, "nn"), "-pp_pkl_file", pp, "-plans_json",
                  os.path.join(a, "plans.json"), "-dataset_json", os.path.join(a, "dataset.json")], env)}
+    nn_total = sum(out["nnunetv2_seconds"].values())
+    out["nnunetv2_total_seconds"] = round(nn_total, 2)
+    out["speedup"] = round(nn_total / out["trtseg_seconds"], 1)
+    out["voxel_agreement_vs_nnunet"] = _agreement(work, "nn", "ts", args.cases)
+    save(out, args.json)  # the main figures, before the optional runs below (a run cut short keeps them)
     if args.scenario == "cascade" and not args.skip_stages:
         # where the one-job cascade's disagreement comes from: the low-res stage alone, and the cascade stage given
         # nnU-Net's own low-res masks (-prev_stage_predictions), each against nnU-Net's output of the same stage
         low_ts = os.path.join(work, "ts_low")
         out["trtseg_lowres_alone_seconds"] = _timed([*ts, "-o", low_ts, "-m", models["3d_lowres"]], env)
         out["voxel_agreement_lowres_stage_vs_nnunet"] = _agreement(work, "nn_low", "ts_low", args.cases)
+        save(out, args.json)
         out["trtseg_given_nnunet_lowres_seconds"] = _timed(
             [*ts, "-o", os.path.join(work, "ts_given"), "-m", models["3d_cascade_fullres"],
              "--prev-stage-predictions", os.path.join(work, "nn_low")], env)
@@ -172,10 +178,6 @@ def main() -> None:
         out["trtseg_accumulate_fp16_seconds"] = _timed([*ts, "-o", os.path.join(work, "ts16"), "--accumulate",
                                                         "fp16", *ts_args], env)
         out["voxel_agreement_vs_nnunet_accumulate_fp16"] = _agreement(work, "nn", "ts16", args.cases)
-    nn_total = sum(out["nnunetv2_seconds"].values())
-    out["nnunetv2_total_seconds"] = round(nn_total, 2)
-    out["speedup"] = round(nn_total / out["trtseg_seconds"], 1)
-    out["voxel_agreement_vs_nnunet"] = _agreement(work, "nn", "ts", args.cases)
     save(out, args.json)
 
 
