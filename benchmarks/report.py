@@ -174,6 +174,12 @@ FILE_COMMANDS = {
     "h100_startup_profile_one_compile_thread.json": "python -m benchmarks.startup_profile, after a loaded compile "
                                                     "cache set one compile thread (Inductor's disk cache warm from "
                                                     "an earlier run on the machine: 'cold' is trtseg's cache only)",
+    "h100_predict_vs_nnunet_one_ct.json": "python -m benchmarks.predict_vs_nnunet --cases --nnunet-cases 1 "
+                                          "--mirrored-cases 1 --nnunet-timeout 120, when small runs kept "
+                                          "channels-last (eager, without the fused norms: slower than autocast)",
+    "h100_models_vs_nnunet_cascade_stages.json": "timeout 225 python -m benchmarks.models_vs_nnunet --scenario "
+                                                 "cascade --cases 1 --skip-accumulate-fp16 (cut off before its "
+                                                 "agreements were written; its steps' seconds only)",
     "h100_case_latency_fast_pinned.json": "python -m benchmarks.case_latency --device cuda --compile --channels-last "
                                           "--fp16-weights --compress-level 1, after host<->device copies went through "
                                           "pinned memory (another machine instance than h100_case_latency_fast.json)",
