@@ -228,8 +228,9 @@ def rows(r: dict) -> list[str]:
         if "voxel_agreement_vs_nnunet_accumulate_fp16" in r:
             out.append(f"with --accumulate fp16: {r['voxel_agreement_vs_nnunet_accumulate_fp16']}")
         if "voxel_agreement_lowres_stage_vs_nnunet" in r:
+            given = r.get("voxel_agreement_cascade_given_nnunet_lowres")
             out.append(f"each stage on its own: the low-res stage {r['voxel_agreement_lowres_stage_vs_nnunet']}; the "
-                       f"cascade stage given nnU-Net's low-res masks {r['voxel_agreement_cascade_given_nnunet_lowres']}")
+                       f"cascade stage given nnU-Net's low-res masks {given}")
         if r.get("note"):
             out.append(r["note"])
         return out

@@ -140,9 +140,10 @@ def test_the_run_report_says_what_the_fast_path_chose(small_model, tmp_path):
 
 def test_a_handful_of_cases_runs_without_the_parts_slow_to_start(model):
     """small_run_settings: the fast path's torch.compile, fused-norm kernels and channels-last (slower eager without
-    the fused norms; fold-convolutions goes with it) are left off (with the reason, for the run report) below --compile-from passes over whole cases, counting each mirroring as a pass; the other
-    parts stay the fast path's to choose. An explicit --compile, --compile-from 0, --no-fast and the CPU keep the
-    settings as they are."""
+    the fused norms; fold-convolutions goes with it) are left off (with the reason, for the run report) below
+    --compile-from passes over whole cases, counting each mirroring as a pass; the other parts stay the fast
+    path's to choose. An explicit --compile, --compile-from 0, --no-fast and the CPU keep the settings as they
+    are."""
     from trtseg.ensemble import ModelSet
     from trtseg.options import Settings, WindowOptions
     from trtseg.predict import SLOW_TO_START, small_run_settings

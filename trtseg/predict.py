@@ -222,8 +222,8 @@ def small_run_settings(model: ModelSet, settings: Settings, n_cases: int) -> tup
     """``settings`` with the fast path's SLOW_TO_START parts left off when the run makes fewer than
     ``settings.engine.compile_from`` network passes over whole cases (cases, times 2 per mirrored axis), and why
     (None when unchanged). Together they save about 0.9 s per 512x512x240 CT without mirroring, against seconds of
-    start-up (see SLOW_TO_START): on an NVIDIA H100, one CT without mirroring took 15.9 s compiled, 14.5 s eager with the fused norms
-    and 10.7 s eager without them, each a whole process with a warm engine cache (python -m
+    start-up (see SLOW_TO_START): on an NVIDIA H100, one CT without mirroring took 15.9 s compiled, 14.5 s eager
+    with the fused norms and 10.7 s eager without them, each a whole process with a warm engine cache (python -m
     benchmarks.predict_vs_nnunet; python -m benchmarks.startup_profile [--flags=--no-fuse-norms]). An explicit
     --compile is kept."""
     spec = settings.engine
