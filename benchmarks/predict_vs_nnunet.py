@@ -19,10 +19,10 @@ the fast path's check, warm-up, every case's read, inference, export and write.
 
 Every other run is without mirroring (--disable-tta / --disable_tta). With two counts on a side, the seconds one
 more case adds in one process (the steady state) are the difference of the two runs over the difference of
-counts. Model: nnU-Net's 3d_fullres CT topology (PlainConvUNet 32->320, 6 stages, 128^3 patch), seeded random weights; inputs:
-CT-like 512x512x240 volumes at 0.7 x 0.7 x 1.25 mm, four distinct ones copied to fill a count. Reported: each
-step's seconds, the run report's start-up and per-case seconds, what the fast path chose and where from, the
-compile cache's status, volumes per GPU-hour, and voxel agreement of the default's masks with fp32's and
+counts. Model: nnU-Net's 3d_fullres CT topology (PlainConvUNet 32->320, 6 stages, 128^3 patch), seeded random
+weights; inputs: CT-like 512x512x240 volumes at 0.7 x 0.7 x 1.25 mm, four distinct ones copied to fill a count.
+Reported: each step's seconds, the run report's start-up and per-case seconds, what the fast path chose and where
+from, the compile cache's status, volumes per GPU-hour, and voxel agreement of the default's masks with fp32's and
 nnUNetv2's. Results are written after each step, so a run cut short keeps what it measured.
 """
 from __future__ import annotations
@@ -188,17 +188,24 @@ def main() -> None:
         if mine not in out["runs"]:  # the count nnU-Net runs is not a trtseg step of its own: run it, warm
             trtseg(mine, n)
         nnunet(f"cts{n}", n, mine)
-    warm = sorted((r["cases"], r["seconds"]) for k, r in out["runs"].items()
-                  if k.endswith("_warm_cache") and not r["mirroring"] and r["exit"] == 0)
-    if len(warm) >= 2:  # the cost of one more case in a warm process: the steady state, start-up excluded
-        (n0, s0), (n1, s1) = warm[0], warm[-1]
-        out["trtseg_seconds_per_case_steady"] = round((s1 - s0) / (n1 - n0), 3)
-    nn = sorted((r["cases"], r["seconds"]) for r in out["nnunetv2_runs"].values()
-                if not r["mirroring"] and r.get("exit") == 0)
-    if len(nn) >= 2:
-        (n0, s0), (n1, s1) = nn[0], nn[-1]
-        out["nnunetv2_seconds_per_case_steady"] = round((s1 - s0) / (n1 - n0), 3)
+    # the cost of one more case in a running process, start-up excluded: each side's runs without mirroring
+    trtseg_steady = _steady([r for k, r in out["runs"].items() if k.endswith("_warm_cache")])
+    nnunet_steady = _steady(list(out["nnunetv2_runs"].values()))
+    if trtseg_steady is not None:
+        out["trtseg_seconds_per_case_steady"] = trtseg_steady
+    if nnunet_steady is not None:
+        out["nnunetv2_seconds_per_case_steady"] = nnunet_steady
     _save(out, args.json)
+
+
+def _steady(runs: list[dict]) -> float | None:
+    """Seconds one more case adds: the difference of the largest and smallest count's whole-process seconds over the
+    difference of counts, among ``runs`` without mirroring that finished; None with fewer than two counts."""
+    done = sorted((r["cases"], r["seconds"]) for r in runs if not r["mirroring"] and r.get("exit") == 0)
+    if len(done) < 2 or done[0][0] == done[-1][0]:
+        return None
+    (n0, s0), (n1, s1) = done[0], done[-1]
+    return round((s1 - s0) / (n1 - n0), 3)
 
 
 def _save(out: dict, path: str | None) -> None:
