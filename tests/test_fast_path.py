@@ -138,7 +138,7 @@ def test_the_run_report_says_what_the_fast_path_chose(small_model, tmp_path):
     assert report["engine"]["engine"] == chosen["chosen"][0] and "faster" in chosen["check"]["why"]
 
 
-def test_a_handful_of_cases_runs_without_the_parts_slow_to_start(model):
+def test_a_handful_of_cases_runs_without_the_parts_that_do_not_pay_off(model):
     """small_run_settings: the fast path's torch.compile, fused-norm kernels and channels-last (slower eager without
     the fused norms; fold-convolutions goes with it) are left off (with the reason, for the run report) below
     --compile-from passes over whole cases, counting each mirroring as a pass; the other parts stay the fast
@@ -146,16 +146,16 @@ def test_a_handful_of_cases_runs_without_the_parts_slow_to_start(model):
     are."""
     from trtseg.ensemble import ModelSet
     from trtseg.options import Settings, WindowOptions
-    from trtseg.predict import SLOW_TO_START, small_run_settings
+    from trtseg.predict import SMALL_RUN_OFF, small_run_settings
 
     models = ModelSet.of(model)
     cuda = EngineSpec(device="cuda")
     no_tta = WindowOptions(use_mirroring=False)
     one, why = small_run_settings(models, Settings(window=no_tta, engine=cuda), 1)
-    assert one.engine.off == set(SLOW_TO_START) and one.engine.fast
+    assert one.engine.off == set(SMALL_RUN_OFF) and one.engine.fast
     assert "1 case(s) x 1 mirroring(s) = 1 passes" in why and "no compile or fuse-norms or channels-last" in why
     partly = Settings(window=no_tta, engine=cuda.with_(off=frozenset({"fuse-norms"})))
-    assert small_run_settings(models, partly, 1)[0].engine.off == set(SLOW_TO_START)
+    assert small_run_settings(models, partly, 1)[0].engine.off == set(SMALL_RUN_OFF)
     assert "no compile or channels-last," in small_run_settings(models, partly, 1)[1] + ","
     parts, skipped = fast_path._applicable(model, one.engine, torch.device("cuda"))  # what a small run checks
     assert parts == ["fp16-weights", "merge-upsampling"], (parts, skipped)

@@ -187,11 +187,11 @@ def test_the_default_on_cuda_is_the_checked_fast_path_and_a_second_process_loads
 
 def test_a_one_case_run_on_cuda_defaults_runs_eager_with_its_checked_parts(tmp_path):
     """One case without mirroring is below --compile-from: the default leaves compile, the fused norms and
-    channels-last off (trtseg.predict.SLOW_TO_START), checks what is left against fp32, and its mask is
+    channels-last off (trtseg.predict.SMALL_RUN_OFF), checks what is left against fp32, and its mask is
     the fp32 CPU predictor's."""
     from trtseg import synthetic as syn
     from trtseg.options import WindowOptions
-    from trtseg.predict import SLOW_TO_START, predict_folder
+    from trtseg.predict import SMALL_RUN_OFF, predict_folder
 
     folder = syn.make_model_folder(str(tmp_path / "m"), folds=(0,), patch_size=(32, 64, 64), spacing=(1.0, 1.0, 1.0),
                                    features=(32, 64, 128))
@@ -202,7 +202,7 @@ def test_a_one_case_run_on_cuda_defaults_runs_eager_with_its_checked_parts(tmp_p
     assert report["summary"]["ok"] == 1, report
     assert "--compile-from" in report["job"]["small_run"]
     fast = report["engine"]["fast_path"]
-    assert not set(fast["chosen"]) & set(SLOW_TO_START) and "fp16-weights" in fast["chosen"], fast
+    assert not set(fast["chosen"]) & set(SMALL_RUN_OFF) and "fp16-weights" in fast["chosen"], fast
     cpu = predict_folder(str(tmp_path / "in"), str(tmp_path / "cpu"), folder, ["0"], progress_bar=False,
                          settings=Settings(window=no_tta, engine=EngineSpec("torch", "cpu", fast=False)))
     a, b = (np.asarray(nib.load(r["cases"][0]["output"]).dataobj) for r in (report, cpu))

@@ -215,21 +215,21 @@ def predict_folder(input_url: str, output_url: str, model_folder: "str | list[st
 #: PyTorch's own InstanceNorm on channels-last 3-D tensors made the network slower than fp16 autocast, 3.97 s
 #: against 2.21 s of inference for one 512x512x240 CT on an NVIDIA H100
 #: (benchmarks/results/h100_predict_vs_nnunet_one_ct.json, h100_startup_profile_eager_no_fuse.json)
-SLOW_TO_START = ("compile", "fuse-norms", "channels-last")
+SMALL_RUN_OFF = ("compile", "fuse-norms", "channels-last")
 
 
 def small_run_settings(model: ModelSet, settings: Settings, n_cases: int) -> tuple[Settings, str | None]:
-    """``settings`` with the fast path's SLOW_TO_START parts left off when the run makes fewer than
+    """``settings`` with the fast path's SMALL_RUN_OFF parts left off when the run makes fewer than
     ``settings.engine.compile_from`` network passes over whole cases (cases, times 2 per mirrored axis), and why
     (None when unchanged). Together they save about 0.9 s per 512x512x240 CT without mirroring, against seconds of
-    start-up (see SLOW_TO_START): on an NVIDIA H100, one CT without mirroring took 15.9 s compiled, 14.5 s eager
+    start-up (see SMALL_RUN_OFF): on an NVIDIA H100, one CT without mirroring took 15.9 s compiled, 14.5 s eager
     with the fused norms and 10.7 s eager without them, each a whole process with a warm engine cache (python -m
     benchmarks.predict_vs_nnunet; python -m benchmarks.startup_profile [--flags=--no-fuse-norms]). An explicit
     --compile is kept."""
     spec = settings.engine
     if not spec.fast or spec.compile or spec.compile_from <= 0 or spec.resolved_device().type != "cuda":
         return settings, None
-    left = [p for p in SLOW_TO_START if p not in spec.off]
+    left = [p for p in SMALL_RUN_OFF if p not in spec.off]
     axes = (getattr(model.models[-1], "mirror_axes", None) or ()) if settings.window.use_mirroring else ()
     passes = n_cases * 2 ** len(axes)
     if not left or passes >= spec.compile_from:
