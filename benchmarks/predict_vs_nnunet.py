@@ -19,7 +19,8 @@ the fast path's check, warm-up, every case's read, inference, export and write.
 
 Every other run is without mirroring (--disable-tta / --disable_tta). With two counts on a side, the seconds one
 more case adds in one process (the steady state) are the difference of the two runs over the difference of
-counts. Model: nnU-Net's 3d_fullres CT topology (PlainConvUNet 32->320, 6 stages, 128^3 patch), seeded random
+counts. nnUNetv2's masks are timed as they appear in its output folder: from the second to the last, the seconds
+per case of a running process, also for a run --nnunet-timeout cuts off (then a lower bound on its whole time). Model: nnU-Net's 3d_fullres CT topology (PlainConvUNet 32->320, 6 stages, 128^3 patch), seeded random
 weights; inputs: CT-like 512x512x240 volumes at 0.7 x 0.7 x 1.25 mm, four distinct ones copied to fill a count.
 Reported: each step's seconds, the run report's start-up and per-case seconds, what the fast path chose and where
 from, the compile cache's status, volumes per GPU-hour, and voxel agreement of the default's masks with fp32's and
@@ -36,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import nibabel as nib
 import numpy as np
@@ -141,18 +142,28 @@ def main() -> None:
         # its own process group: a run cut off takes its preprocessing and export workers with it
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
-        try:
-            text, _ = proc.communicate(timeout=args.nnunet_timeout)
+        # its output read in a thread; the main thread notes when each mask appears (the per-case pace of a run
+        # that the timeout cuts off)
+        with ThreadPoolExecutor(1) as pool:
+            text_future = pool.submit(lambda: proc.stdout.read() if proc.stdout else "")
+            seen = _watch_masks(proc, dest, t0, args.nnunet_timeout)
+            cut = proc.poll() is None
+            if cut:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            text = text_future.result()
+        if not cut:
             entry: dict = {"cases": n, "mirroring": tta, "seconds": round(time.perf_counter() - t0, 2),
                            "exit": proc.returncode}
             if proc.returncode:
                 entry["error"] = text[-3000:]
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            done = [f for f in os.listdir(dest) if f.endswith(".nii.gz")] if os.path.isdir(dest) else []
+        else:
             entry = {"cases": n, "mirroring": tta, "seconds_at_least": round(time.perf_counter() - t0, 2),
-                     "cut_off": f"--nnunet-timeout {args.nnunet_timeout}: {len(done)} of {n} masks written"}
+                     "cut_off": f"--nnunet-timeout {args.nnunet_timeout}: {len(seen)} of {n} masks written"}
+        entry["mask_seen_seconds"] = sorted(seen.values())
+        pace = _pace(entry["mask_seen_seconds"])
+        if pace is not None:
+            entry["seconds_per_case_between_masks"] = pace
         ours = out["runs"].get(trtseg_run, {})
         if entry.get("exit") == 0 and ours.get("exit") == 0:
             cases = [f"ct{i:03d}" for i in range(min(n, 4))]
@@ -195,7 +206,36 @@ def main() -> None:
         out["trtseg_seconds_per_case_steady"] = trtseg_steady
     if nnunet_steady is not None:
         out["nnunetv2_seconds_per_case_steady"] = nnunet_steady
+    paces = [r for r in out["nnunetv2_runs"].values() if r.get("seconds_per_case_between_masks") and not r["mirroring"]]
+    if paces:  # the same steady state from one run's mask times (the only one where a run was cut off)
+        out["nnunetv2_seconds_per_case_between_masks"] = max(paces, key=lambda r: r["cases"])[
+            "seconds_per_case_between_masks"]
     _save(out, args.json)
+
+
+def _watch_masks(proc: subprocess.Popen, dest: str, t0: float, timeout: float | None) -> dict[str, float]:
+    """Seconds from ``t0`` at which each mask file first appeared in ``dest`` (polled every 0.2 s), until ``proc``
+    exits or ``timeout`` seconds have passed."""
+    seen: dict[str, float] = {}
+    while proc.poll() is None and (timeout is None or time.perf_counter() - t0 < timeout):
+        if os.path.isdir(dest):
+            for f in os.listdir(dest):
+                if f.endswith(".nii.gz") and f not in seen:
+                    seen[f] = round(time.perf_counter() - t0, 2)
+        time.sleep(0.2)
+    if proc.poll() is not None and os.path.isdir(dest):  # those written in its last moments
+        for f in os.listdir(dest):
+            if f.endswith(".nii.gz") and f not in seen:
+                seen[f] = round(time.perf_counter() - t0, 2)
+    return seen
+
+
+def _pace(seen: list[float]) -> float | None:
+    """Seconds per case in a running process from the times its masks appeared: the second to the last over the
+    cases between them (the first mask's time holds the start-up); None with fewer than three masks."""
+    if len(seen) < 3:
+        return None
+    return round((seen[-1] - seen[1]) / (len(seen) - 2), 2)
 
 
 def _steady(runs: list[dict]) -> float | None:
