@@ -77,7 +77,7 @@ def test_the_first_case_is_read_before_the_caller_iterates(monkeypatch):
     reads = predict.read_ahead([Case("a", ("a.nii.gz",)), Case("bad", ("b.nii.gz",)), Case("c", ("c.nii.gz",))],
                                None, Settings())
     assert started.wait(10), "nothing was read before the caller iterated"
-    assert [image for image, _ in reads] == ["image of a", None, "image of c"]
+    assert [image for image, _, _ in reads] == ["image of a", None, "image of c"]
     reads.close()
 
     # the engines failed to build after the first read started: closing without iterating stops the reader thread
@@ -87,3 +87,47 @@ def test_the_first_case_is_read_before_the_caller_iterates(monkeypatch):
     while any(t.name.startswith("trtseg-read") for t in threading.enumerate()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(t.name.startswith("trtseg-read") for t in threading.enumerate()), "the reader thread was left"
+
+
+def test_a_case_prepared_ahead_gives_the_mask_and_report_of_one_prepared_in_line(small_model, tmp_path):
+    """On a GPU, read_ahead's thread also prepares each case (copy, preprocess, padding) while the previous one is
+    predicted. Forced here on the CPU: the same masks and geometry as preparing in the caller's thread, the read's
+    seconds kept, and a case whose image cannot be read still fails with its file named."""
+    import torch
+
+    from trtseg import predict
+    from trtseg.dataset import list_cases
+    from trtseg.ensemble import ModelSet
+    from trtseg.model_folder import load_model_folder
+    from trtseg.options import Settings
+
+    from conftest import write_case
+
+    inp = tmp_path / "in"
+    write_case(str(inp), "a", (30, 26, 14), (0.9, 1.1, 2.5), oblique_deg=10, seed=1)
+    write_case(str(inp), "b", (22, 34, 17), (1.2, 0.8, 2.0), seed=2)
+    (inp / "c_0000.nii.gz").write_bytes(b"not a nifti")
+    models = ModelSet.of(load_model_folder(small_model, ["0"]))
+    settings = Settings()
+    predictor = predict.Predictor(models, settings)
+    cases = list_cases(str(inp), 1)
+    cpu = torch.device("cpu")
+    masks = {}
+    for label, prepare in (("ahead", True), ("in_line", False)):
+        reads = predict.read_ahead(cases, models, settings, None, cpu, prepare=prepare)
+        for case, (image, seconds, prepared) in zip(cases, reads):
+            assert (prepared is not None) == (prepare and case.case_id != "c"), case.case_id
+            if prepared is not None:
+                assert prepared[0]["seconds"]["read"] == seconds > 0 and prepared[1].dim() == 4
+            done = predictor.infer_case(case, None, image, seconds, prepared)
+            if case.case_id == "c":
+                assert done.status == "failed" and "c_0000.nii.gz" in done.error
+                continue
+            report = predictor.write(done, str(tmp_path / label))
+            assert report.status == "ok", report.error
+            masks[label, case.case_id] = nib.load(report.output)
+        reads.close()
+    for cid in ("a", "b"):
+        ahead, in_line = masks["ahead", cid], masks["in_line", cid]
+        assert np.array_equal(np.asarray(ahead.dataobj), np.asarray(in_line.dataobj)), cid
+        assert np.allclose(ahead.affine, in_line.affine) and np.asarray(ahead.dataobj).any(), cid

@@ -165,6 +165,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def sync_stream(device: torch.device) -> None:
+    """Waits for the work queued on this thread's current stream of ``device`` only: a case prepared on a side
+    stream (trtseg.predict.read_ahead) does not wait for the inference running beside it."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
 def read_image(case: Case, models: ModelSet, settings: Settings,
                storage_options: storage.StorageOptions | None = None) -> CaseImage:
     """The case's image on the host, within --memory-budget-gb (what ``prepare_case`` and a read-ahead read)."""
@@ -215,7 +222,7 @@ def prepare_case(case: Case, models: ModelSet, settings: Settings, device: torch
         check_budget(settings, case.files[0], padded.shape[0], model.labels.num_heads, padded.shape[1:],
                      pre.shape_after_cropping)
         volume = transfer.to_host(padded) if to_host else padded
-        sync(device)
+        sync_stream(device)
         seconds["preprocess"] = time.perf_counter() - t
     except TrtsegError as e:
         meta["error"] = storage.redact(str(e))

@@ -103,12 +103,19 @@ class Predictor:
         return done if isinstance(done, CaseReport) else self.write(done, output_folder, storage_options)
 
     def infer_case(self, case: Case, storage_options: storage.StorageOptions | None = None,
-                   image: CaseImage | None = None, read_seconds: float = 0.0) -> "Predicted | CaseReport":
+                   image: CaseImage | None = None, read_seconds: float = 0.0,
+                   prepared: "tuple[dict, torch.Tensor | None] | None" = None) -> "Predicted | CaseReport":
         """Everything of ``predict_case`` before the write: the mask (z, y, x) and probabilities on the host, or the
         case's failed report. ``write`` finishes it, in this thread or another (``run_in_process`` writes one
-        case behind the GPU)."""
-        meta, volume, image = prepare_case(case, self.models, self.settings, self.device, storage_options,
-                                           to_host=False, image=image)
+        case behind the GPU). ``prepared``: the first pass's (meta, padded volume on this device) as
+        ``prepare_case`` gave it in another thread (``read_ahead``)."""
+        if prepared is not None:
+            meta, volume = prepared
+            if volume is not None and volume.is_cuda:  # made on the reader's stream, read on this one from now on
+                volume.record_stream(torch.cuda.current_stream(volume.device))
+        else:
+            meta, volume, image = prepare_case(case, self.models, self.settings, self.device, storage_options,
+                                               to_host=False, image=image)
         if read_seconds:
             meta["seconds"]["read"] = read_seconds
         seconds = meta["seconds"]
@@ -250,7 +257,8 @@ def run_in_process(model: ModelSet, source, settings: Settings, cases: list[Case
     if small:
         event("fast path: " + small)
         job = {**job, "small_run": small}
-    reads = read_ahead(todo, model, settings, storage_options)  # the first case is read while the engines start
+    # the first case is read (and on a GPU prepared) while the engines start, each next one while the GPU predicts
+    reads = read_ahead(todo, model, settings, storage_options, settings.engine.resolved_device())
     try:
         t_setup = time.perf_counter()
         predictor = Predictor(model, settings)
@@ -277,8 +285,9 @@ def run_in_process(model: ModelSet, source, settings: Settings, cases: list[Case
         # to be written, so host memory holds at most two masks
         with ThreadPoolExecutor(1, thread_name_prefix="trtseg-write") as writer:
             pending: tuple[Future, Case] | None = None
-            for case, (image, read_seconds) in zip(todo, reads):
-                done = predictor.infer_case(case, storage_options, image, read_seconds)
+            for case, (image, read_seconds, prepared) in zip(todo, reads):
+                done = predictor.infer_case(case, storage_options, image, read_seconds, prepared)
+                del prepared  # the volume is freed with the case, not held here while the next one is read
                 if pending is not None:
                     finished(pending[0].result(), pending[1])
                     pending = None
@@ -298,22 +307,53 @@ def run_in_process(model: ModelSet, source, settings: Settings, cases: list[Case
     return report
 
 
-def read_ahead(cases: list[Case], models: ModelSet, settings: Settings, storage_options=None):
-    """An iterator of (image or None, seconds) of each case in order, the next one read in a thread while the
-    caller predicts this one: decompressing a 512x512x240 CT takes about half a second of CPU that the GPU would
-    otherwise wait for. The first read starts at the call, so it overlaps what the caller does before it iterates
-    (building and warming up the engines). A case whose read fails yields None, and ``prepare_case`` reads it again
-    to report its error."""
-    from trtseg.pipeline import read_image
+def read_ahead(cases: list[Case], models: ModelSet, settings: Settings, storage_options=None,
+               device: torch.device | None = None, prepare: bool | None = None) -> "ReadAhead":
+    """An iterator of (image or None, read seconds, prepared or None) of each case in order, the next one made in a
+    thread while the caller predicts this one. The first starts at the call, so it overlaps what the caller does
+    before it iterates (building and warming up the engines).
+
+    Reading: decompressing a 512x512x240 CT takes about half a second of CPU that the GPU would otherwise wait for.
+    A case whose read fails yields None, and ``prepare_case`` reads it again to report its error.
+
+    Preparing (``device`` a CUDA device): the thread also runs ``prepare_case``'s first pass (the host-to-GPU copy,
+    preprocessing, padding) on its own CUDA stream, so that the GPU work beside the network (about 0.05 s a CT,
+    and the Python that queues it) overlaps the previous case's inference instead of following it; prepared is
+    that pass's (meta, padded volume on the device). On the CPU the stages share the same cores, so only the read
+    runs ahead, unless ``prepare`` asks for it (the tests)."""
+    import contextlib
+
+    from trtseg.pipeline import prepare_case, read_image
+
+    on_gpu = device is not None and device.type == "cuda"
+    ahead = device is not None and (on_gpu if prepare is None else prepare)
+    streams: list = []  # the reader's one stream, made in its thread: the caching allocator reuses memory per stream
 
     def read(case: Case):
         if case.problem:
-            return None, 0.0
+            return None, 0.0, None
         t = time.perf_counter()
         try:
-            return read_image(case, models, settings, storage_options), time.perf_counter() - t
+            image = read_image(case, models, settings, storage_options)
         except Exception:
-            return None, 0.0
+            return None, 0.0, None
+        seconds = time.perf_counter() - t
+        if not ahead:
+            return image, seconds, None
+        assert device is not None
+        try:
+            # no_grad, not inference_mode: the volume is used outside this thread's inference-mode scope later
+            if on_gpu and not streams:
+                streams.append(torch.cuda.Stream(device))
+            with torch.no_grad(), torch.cuda.stream(streams[0]) if on_gpu else contextlib.nullcontext():
+                meta, volume, _ = prepare_case(case, models, settings, device, storage_options, to_host=False,
+                                               image=image)
+        except Exception:
+            return image, seconds, None
+        if meta.get("error"):  # the caller prepares it again and reports the error: beside the running case, it may
+            return image, seconds, None  # have been only the GPU memory that case held
+        meta["seconds"]["read"] = seconds
+        return image, seconds, (meta, volume)
 
     pool = ThreadPoolExecutor(1, thread_name_prefix="trtseg-read")
     first = pool.submit(read, cases[0]) if cases else None
