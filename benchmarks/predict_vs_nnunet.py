@@ -191,6 +191,7 @@ def main() -> None:
         if all(out["runs"][k]["exit"] == 0 for k in ("one_ct_warm_cache", "one_ct_fp32_reference")):
             out["agreement_default_vs_fp32"] = _agreement(os.path.join(work, "one_ct_warm_cache"),
                                                           os.path.join(work, "one_ct_fp32_reference"), ["ct000"])
+            _save(out, args.json)
     if args.mirrored_cases and not args.skip_nnunet:
         m = args.mirrored_cases
         nnunet(f"cts{m}_mirroring", m, f"cts{m}_mirroring_warm_cache", tta=True)

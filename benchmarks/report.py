@@ -180,6 +180,17 @@ FILE_COMMANDS = {
     "h100_models_vs_nnunet_cascade_stages.json": "timeout 225 python -m benchmarks.models_vs_nnunet --scenario "
                                                  "cascade --cases 1 --skip-accumulate-fp16 (cut off before its "
                                                  "agreements were written; its steps' seconds only)",
+    "h100_predict_vs_nnunet_prepare_ahead.json": "timeout 440 python -m benchmarks.predict_vs_nnunet --cases 16 64 "
+                                                 "--nnunet-cases 16 --nnunet-timeout 200 (cut off in nnUNetv2's run), "
+                                                 "after the reader thread prepared cases and the command ended "
+                                                 "without the interpreter's teardown; small runs without "
+                                                 "channels-last",
+    "h100_startup_profile_small_run.json": "timeout 75 python -m benchmarks.startup_profile --profile (its cProfile "
+                                           "run cut off), the same code and machine instance as "
+                                           "h100_predict_vs_nnunet_prepare_ahead.json",
+    "h100_startup_profile_16_cts.json": "timeout 170 python -m benchmarks.startup_profile --cases 16 --profile (its "
+                                        "cProfile run cut off), the same code and machine instance as "
+                                        "h100_predict_vs_nnunet_prepare_ahead.json",
     "h100_case_latency_fast_pinned.json": "python -m benchmarks.case_latency --device cuda --compile --channels-last "
                                           "--fp16-weights --compress-level 1, after host<->device copies went through "
                                           "pinned memory (another machine instance than h100_case_latency_fast.json)",
