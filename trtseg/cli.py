@@ -292,9 +292,9 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """The `trtseg` console script (and `python -m trtseg.cli`): ``main``, then, after a run in one process, the
     process ends without the interpreter's teardown (freeing torch's thousands of modules and objects one by one,
-    then CUDA's context), which the operating system does at once. One-CT runs spent 0.8-1.1 s between their last
-    log line and the process's end, a tenth of the command (benchmarks/startup_profile.py, "after_last_line", on
-    an NVIDIA H100). Log handlers and output streams are flushed and the atexit handlers run first; a process
+    then CUDA's context), which the operating system does at once. Warm one-CT runs spent 0.8-1.1 s between their
+    last log line and the process's end, a tenth of the command, and 0.2-0.27 s without the teardown
+    (benchmarks/startup_profile.py, "after_last_line", on NVIDIA H100s; h100_startup_profile_small_run.json). Log handlers and output streams are flushed and the atexit handlers run first; a process
     connected to Ray exits normally, so that Ray's own exit handlers disconnect it from its cluster."""
     rc = main()
     ray = sys.modules.get("ray")
