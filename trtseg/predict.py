@@ -8,6 +8,7 @@ functions spread over processes, so the same settings give the same masks, stamp
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -320,13 +321,16 @@ def read_ahead(cases: list[Case], models: ModelSet, settings: Settings, storage_
     preprocessing, padding) on its own CUDA stream, so that the GPU work beside the network (about 0.05 s a CT,
     and the Python that queues it) overlaps the previous case's inference instead of following it; prepared is
     that pass's (meta, padded volume on the device). On the CPU the stages share the same cores, so only the read
-    runs ahead, unless ``prepare`` asks for it (the tests)."""
+    runs ahead, unless ``prepare`` asks for it (the tests); ``TRTSEG_PREPARE_AHEAD=0`` turns it off on a GPU too,
+    to time the two against each other on one machine."""
     import contextlib
 
     from trtseg.pipeline import prepare_case, read_image
 
     on_gpu = device is not None and device.type == "cuda"
-    ahead = device is not None and (on_gpu if prepare is None else prepare)
+    if prepare is None:
+        prepare = on_gpu and os.environ.get("TRTSEG_PREPARE_AHEAD", "1") != "0"
+    ahead = device is not None and prepare
     streams: list = []  # the reader's one stream, made in its thread: the caching allocator reuses memory per stream
 
     def read(case: Case):
