@@ -1,7 +1,7 @@
 """Where a one-CT `trtseg predict` process's wall time goes, from its start to its exit:
 
     python -m benchmarks.startup_profile [--shape 512 512 240] [--cases 1] [--flags=--no-fuse-norms] [--profile]
-        [--json F]
+        [--env KEY=VALUE ...] [--no-threads-run] [--json F]
 
 Each run is a whole process (default flags, no mirroring, as benchmarks/predict_vs_nnunet.py): its log lines are
 stamped as they arrive, relative to the process's start, so that the time before the first line (interpreter and
@@ -11,7 +11,9 @@ warm with TORCHINDUCTOR_COMPILE_THREADS=1 (no Inductor compile-worker pool: with
 nothing left for the pool to compile). `python -c "import trtseg.cli"` times the imports alone, `import trtseg.jobs.driver` those a run makes (torch,
 nibabel, the stages). With --cases N the input holds N copies of the CT (one file written, the rest linked).
 With --profile one more warm run goes under cProfile (its main thread: the engines, the case loop, the exit), and
-its 40 costliest calls by cumulative and by own time are kept as text.
+its 40 costliest calls by cumulative and by own time are kept as text. Each --env KEY=VALUE adds a warm run with
+that variable set, then another warm run without it (A, B, A: e.g. TRTSEG_PREPARE_AHEAD=0 against the default
+on one machine); --no-threads-run skips the TORCHINDUCTOR_COMPILE_THREADS=1 run.
 """
 from __future__ import annotations
 
@@ -45,6 +47,8 @@ def main() -> None:
     ap.add_argument("--shape", nargs=3, type=int, default=[512, 512, 240])
     ap.add_argument("--cases", type=int, default=1, help="copies of the CT in the input folder")
     ap.add_argument("--profile", action="store_true", help="one more warm run under cProfile")
+    ap.add_argument("--env", nargs="*", default=[], help="KEY=VALUE: a warm run with it set, then one without")
+    ap.add_argument("--no-threads-run", action="store_true", help="no TORCHINDUCTOR_COMPILE_THREADS=1 run")
     ap.add_argument("--json", default=None)
     ap.add_argument("--flags", default="", help="more trtseg predict flags, one string (e.g. '--no-fuse-norms')")
     args = ap.parse_args()
@@ -61,7 +65,12 @@ def main() -> None:
     out["imports"] = _timed([sys.executable, "-c", "import trtseg.cli"], env)
     out["imports_of_a_run"] = _timed([sys.executable, "-c", "import trtseg.jobs.driver"], env)
     prof = os.path.join(work, "warm.prof")
-    steps = [("cold", {}, []), ("warm", {}, []), ("warm_compile_threads_1", {"TORCHINDUCTOR_COMPILE_THREADS": "1"}, [])]
+    steps = [("cold", {}, []), ("warm", {}, [])]
+    if not args.no_threads_run:
+        steps.append(("warm_compile_threads_1", {"TORCHINDUCTOR_COMPILE_THREADS": "1"}, []))
+    for i, pair in enumerate(args.env):
+        key, _, value = pair.partition("=")
+        steps += [(f"warm_{key}={value}", {key: value}, []), (f"warm_again_{i}", {}, [])]
     if args.profile:
         steps.append(("warm_cprofile", {}, ["-m", "cProfile", "-o", prof]))
     for name, extra_env, runner in steps:
