@@ -294,8 +294,9 @@ def entry() -> None:
     process ends without the interpreter's teardown (freeing torch's thousands of modules and objects one by one,
     then CUDA's context), which the operating system does at once. Warm one-CT runs spent 0.8-1.1 s between their
     last log line and the process's end, a tenth of the command, and 0.2-0.27 s without the teardown
-    (benchmarks/startup_profile.py, "after_last_line", on NVIDIA H100s; h100_startup_profile_small_run.json). Log handlers and output streams are flushed and the atexit handlers run first; a process
-    connected to Ray exits normally, so that Ray's own exit handlers disconnect it from its cluster."""
+    (benchmarks/startup_profile.py, "after_last_line", on NVIDIA H100s; h100_startup_profile_small_run.json).
+    Log handlers and output streams are flushed and the atexit handlers run first; a process connected to Ray
+    exits normally, so that Ray's own exit handlers disconnect it from its cluster."""
     rc = main()
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():

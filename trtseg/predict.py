@@ -7,6 +7,7 @@ functions spread over processes, so the same settings give the same masks, stamp
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -323,8 +324,6 @@ def read_ahead(cases: list[Case], models: ModelSet, settings: Settings, storage_
     that pass's (meta, padded volume on the device). On the CPU the stages share the same cores, so only the read
     runs ahead, unless ``prepare`` asks for it (the tests); ``TRTSEG_PREPARE_AHEAD=0`` turns it off on a GPU too,
     to time the two against each other on one machine."""
-    import contextlib
-
     from trtseg.pipeline import prepare_case, read_image
 
     on_gpu = device is not None and device.type == "cuda"
