@@ -18,13 +18,14 @@ the fast path's check, warm-up, every case's read, inference, export and write.
    the warm trtseg run of the same count (run for it if no earlier step had that count).
 
 Every other run is without mirroring (--disable-tta / --disable_tta). With two counts on a side, the seconds one
-more case adds in one process (the steady state) are the difference of the two runs over the difference of
-counts. nnUNetv2's masks are timed as they appear in its output folder: from the second to the last, the seconds
-per case of a running process, also for a run --nnunet-timeout cuts off (then a lower bound on its whole time). Model: nnU-Net's 3d_fullres CT topology (PlainConvUNet 32->320, 6 stages, 128^3 patch), seeded random
-weights; inputs: CT-like 512x512x240 volumes at 0.7 x 0.7 x 1.25 mm, four distinct ones copied to fill a count.
-Reported: each step's seconds, the run report's start-up and per-case seconds, what the fast path chose and where
-from, the compile cache's status, volumes per GPU-hour, and voxel agreement of the default's masks with fp32's and
-nnUNetv2's. Results are written after each step, so a run cut short keeps what it measured.
+more case adds in one process (the steady state) are the difference of the two runs over the difference of counts.
+nnUNetv2's masks are timed as they appear in its output folder: from the second to the last, the seconds per case of
+a running process, also for a run --nnunet-timeout cuts off (then a lower bound on its whole time). Model: nnU-Net's
+3d_fullres CT topology (PlainConvUNet 32->320, 6 stages, 128^3 patch), seeded random weights; inputs: CT-like
+512x512x240 volumes at 0.7 x 0.7 x 1.25 mm, four distinct ones copied to fill a count. Reported: each step's
+seconds, the run report's start-up and per-case seconds, what the fast path chose and where from, the compile
+cache's status, volumes per GPU-hour, and voxel agreement of the default's masks with fp32's and nnUNetv2's. Results
+are written after each step, so a run cut short keeps what it measured.
 """
 from __future__ import annotations
 

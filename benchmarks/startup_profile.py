@@ -6,14 +6,15 @@
 Each run is a whole process (default flags, no mirroring, as benchmarks/predict_vs_nnunet.py): its log lines are
 stamped as they arrive, relative to the process's start, so that the time before the first line (interpreter and
 imports), between the lines (model and engine load, warm-up, the case) and after the last one (the process's exit)
-is seen beside the run report's own stages. Runs: the first with an empty engine cache (cold), then warm, then
-warm with TORCHINDUCTOR_COMPILE_THREADS=1 (no Inductor compile-worker pool: with the compile cache loaded there is
-nothing left for the pool to compile). `python -c "import trtseg.cli"` times the imports alone, `import trtseg.jobs.driver` those a run makes (torch,
-nibabel, the stages). With --cases N the input holds N copies of the CT (one file written, the rest linked).
-With --profile one more warm run goes under cProfile (its main thread: the engines, the case loop, the exit), and
-its 40 costliest calls by cumulative and by own time are kept as text. Each --env KEY=VALUE adds a warm run with
-that variable set, then another warm run without it (A, B, A: e.g. TRTSEG_PREPARE_AHEAD=0 against the default
-on one machine); --no-threads-run skips the TORCHINDUCTOR_COMPILE_THREADS=1 run.
+is seen beside the run report's own stages. Runs: the first with an empty engine cache (cold), then warm, then warm
+with TORCHINDUCTOR_COMPILE_THREADS=1 (no Inductor compile-worker pool: with the compile cache loaded there is
+nothing left for the pool to compile). `python -c "import trtseg.cli"` times the imports alone,
+`import trtseg.jobs.driver` those a run makes (torch, nibabel, the stages). With --cases N the input holds N copies of the
+CT (one file written, the rest linked). With --profile one more warm run goes under cProfile (its main thread: the
+engines, the case loop, the exit), and its 40 costliest calls by cumulative and by own time are kept as text. Each
+--env KEY=VALUE adds a warm run with that variable set, then another warm run without it (A, B, A: e.g.
+TRTSEG_PREPARE_AHEAD=0 against the default on one machine); --no-threads-run skips the
+TORCHINDUCTOR_COMPILE_THREADS=1 run.
 """
 from __future__ import annotations
 
