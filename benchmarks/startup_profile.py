@@ -9,11 +9,11 @@ imports), between the lines (model and engine load, warm-up, the case) and after
 is seen beside the run report's own stages. Runs: the first with an empty engine cache (cold), then warm, then warm
 with TORCHINDUCTOR_COMPILE_THREADS=1 (no Inductor compile-worker pool: with the compile cache loaded there is
 nothing left for the pool to compile). `python -c "import trtseg.cli"` times the imports alone,
-`import trtseg.jobs.driver` those a run makes (torch, nibabel, the stages). With --cases N the input holds N copies of the
-CT (one file written, the rest linked). With --profile one more warm run goes under cProfile (its main thread: the
-engines, the case loop, the exit), and its 40 costliest calls by cumulative and by own time are kept as text. Each
---env KEY=VALUE adds a warm run with that variable set, then another warm run without it (A, B, A: e.g.
-TRTSEG_PREPARE_AHEAD=0 against the default on one machine); --no-threads-run skips the
+`import trtseg.jobs.driver` those a run makes (torch, nibabel, the stages). With --cases N the input holds N
+copies of the CT (one file written, the rest linked). With --profile one more warm run goes under cProfile (its
+main thread: the engines, the case loop, the exit), and its 40 costliest calls by cumulative and by own time are
+kept as text. Each --env KEY=VALUE adds a warm run with that variable set, then another warm run without it (A, B,
+A: e.g. TRTSEG_PREPARE_AHEAD=0 against the default on one machine); --no-threads-run skips the
 TORCHINDUCTOR_COMPILE_THREADS=1 run.
 """
 from __future__ import annotations
@@ -76,7 +76,8 @@ def main() -> None:
         steps.append(("warm_cprofile", {}, ["-m", "cProfile", "-o", prof]))
     for name, extra_env, runner in steps:
         dest = os.path.join(work, name)
-        run = _timed([sys.executable, *runner, "-m", "trtseg.cli", "predict", "-i", os.path.join(work, "in"), "-o", dest,
+        run = _timed([sys.executable, *runner, "-m", "trtseg.cli", "predict", "-i", os.path.join(work, "in"),
+                      "-o", dest,
                       "-m", model, "--disable-tta", "--no-progress", *args.flags.split()], {**env, **extra_env})
         if run["exit"] == 0:
             rep = json.load(open(os.path.join(dest, "run_report.json")))
