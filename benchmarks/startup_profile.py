@@ -77,8 +77,8 @@ def main() -> None:
     for name, extra_env, runner in steps:
         dest = os.path.join(work, name)
         run = _timed([sys.executable, *runner, "-m", "trtseg.cli", "predict", "-i", os.path.join(work, "in"),
-                      "-o", dest,
-                      "-m", model, "--disable-tta", "--no-progress", *args.flags.split()], {**env, **extra_env})
+                      "-o", dest, "-m", model, "--disable-tta", "--no-progress", *args.flags.split()],
+                     {**env, **extra_env})
         if run["exit"] == 0:
             rep = json.load(open(os.path.join(dest, "run_report.json")))
             run["report"] = {"startup_seconds": rep["summary"].get("startup_seconds"),
