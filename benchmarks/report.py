@@ -31,6 +31,7 @@ COMMANDS = {
     "startup_profile": "python -m benchmarks.startup_profile",
     "fast_path_parts": "python -m benchmarks.fast_path_parts",
     "postprocess_cc": "python -m benchmarks.postprocess_cc",
+    "aoti_load": "python -m benchmarks.aoti_load",
 }
 
 # result files written by a command other than their scenario's plain one (the exact command, run on the H100 with
@@ -191,6 +192,8 @@ FILE_COMMANDS = {
     "h100_startup_profile_16_cts.json": "timeout 170 python -m benchmarks.startup_profile --cases 16 --profile (its "
                                         "cProfile run cut off), the same code and machine instance as "
                                         "h100_predict_vs_nnunet_prepare_ahead.json",
+    "cpu2core_aoti_load.json": "python -m benchmarks.aoti_load --small --configs plain (a 2-core CPU: 8->64 "
+                               "features at 32x48x48, fp32)",
     "h100_case_latency_fast_pinned.json": "python -m benchmarks.case_latency --device cuda --compile --channels-last "
                                           "--fp16-weights --compress-level 1, after host<->device copies went through "
                                           "pinned memory (another machine instance than h100_case_latency_fast.json)",
@@ -200,7 +203,7 @@ FILE_COMMANDS = {
 # BENCHMARKS.md's sections: what the product does, and the scenarios whose results show it
 SECTIONS = [
     ("`trtseg predict` with default flags: whole processes", ("predict_vs_nnunet", "startup_profile",
-                                                                "dicom_vs_nifti", "fast_path_parts")),
+                                                                "dicom_vs_nifti", "fast_path_parts", "aoti_load")),
     ("Whole commands against nnUNetv2", ("vs_nnunet", "models_vs_nnunet", "cpu_vs_nnunet")),
     ("One case end to end, in a warm process", ("case_latency",)),
     ("The Ray job", ("dataset_throughput", "scaling")),
@@ -317,6 +320,12 @@ def rows(r: dict) -> list[str]:
                 if k in r]
         out += [f"masks of the default against {k.split('_vs_')[1]}: {r[k]}"
                 for k in ("agreement_default_vs_fp32", "agreement_default_vs_nnunetv2") if k in r]
+        return out
+    if s == "aoti_load":
+        out = []
+        for config, steps in r["configs"].items():
+            for step, v in steps.items():
+                out.append(f"{config} {step}: " + ", ".join(f"{k} {x}" for k, x in v.items()))
         return out
     if s == "startup_profile":
         return [f"{k}: {v['seconds']} s process, run report {(v.get('report') or {}).get('wall_seconds')} s, start-up "
