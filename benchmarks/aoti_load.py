@@ -19,8 +19,8 @@ the network trtseg's engine builds (TorchEngine with the same parts, batch --bat
 Configurations: "fast" (CUDA: fp16 weights, channels-last, folded convolutions, merged upsampling, fused norms:
 what the compiled default runs), "fast_unfused" (the same without the fused norms, whose Triton kernels are Python
 custom ops that a package may not run) and "plain" (fp16 weights only; on the CPU every configuration is fp32). A
-step that fails is recorded with its one-line error. Model: nnU-Net's 3d_fullres CT
-topology (32->320, 128^3 patch) with seeded random weights; --small: 8->64 features at 32x48x48, for a CPU.
+step that fails is recorded with its one-line error. Model: nnU-Net's 3d_fullres CT topology (32->320, 128^3
+patch) with seeded random weights; --small: 8->64 features at 32x48x48, for a CPU.
 """
 from __future__ import annotations
 
@@ -91,17 +91,20 @@ def step_load(package: str, device: str, t_process: float, loader: str) -> dict:
         def runner(batch):
             return cpp.run([batch])
     t_loaded = time.perf_counter()
-    with torch.inference_mode():
-        out = runner(x)
+
+    def call():
+        result = runner(x)
         if device == "cuda":
             torch.cuda.synchronize()
+        return result
+
+    with torch.inference_mode():
+        out = call()
         t_first = time.perf_counter()
         times = []
         for _ in range(5):
             t0 = time.perf_counter()
-            runner(x)
-            if device == "cuda":
-                torch.cuda.synchronize()
+            call()
             times.append(time.perf_counter() - t0)
     out = (out[0] if isinstance(out, (list, tuple)) else out).float().cpu()
     reference = check["logits"]

@@ -208,7 +208,8 @@ def main() -> None:
         out["trtseg_seconds_per_case_steady"] = trtseg_steady
     if nnunet_steady is not None:
         out["nnunetv2_seconds_per_case_steady"] = nnunet_steady
-    paces = [r for r in out["nnunetv2_runs"].values() if r.get("seconds_per_case_between_masks") and not r["mirroring"]]
+    paces = [r for r in out["nnunetv2_runs"].values()
+             if r.get("seconds_per_case_between_masks") and not r["mirroring"]]
     if paces:  # the same steady state from one run's mask times (the only one where a run was cut off)
         out["nnunetv2_seconds_per_case_between_masks"] = max(paces, key=lambda r: r["cases"])[
             "seconds_per_case_between_masks"]
@@ -219,16 +220,17 @@ def _watch_masks(proc: subprocess.Popen, dest: str, t0: float, timeout: float | 
     """Seconds from ``t0`` at which each mask file first appeared in ``dest`` (polled every 0.2 s), until ``proc``
     exits or ``timeout`` seconds have passed."""
     seen: dict[str, float] = {}
-    while proc.poll() is None and (timeout is None or time.perf_counter() - t0 < timeout):
-        if os.path.isdir(dest):
-            for f in os.listdir(dest):
-                if f.endswith(".nii.gz") and f not in seen:
-                    seen[f] = round(time.perf_counter() - t0, 2)
-        time.sleep(0.2)
-    if proc.poll() is not None and os.path.isdir(dest):  # those written in its last moments
-        for f in os.listdir(dest):
+
+    def look() -> None:
+        for f in os.listdir(dest) if os.path.isdir(dest) else []:
             if f.endswith(".nii.gz") and f not in seen:
                 seen[f] = round(time.perf_counter() - t0, 2)
+
+    while proc.poll() is None and (timeout is None or time.perf_counter() - t0 < timeout):
+        look()
+        time.sleep(0.2)
+    if proc.poll() is not None:  # those written in its last moments
+        look()
     return seen
 
 
