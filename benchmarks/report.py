@@ -192,6 +192,13 @@ FILE_COMMANDS = {
     "h100_startup_profile_16_cts.json": "timeout 170 python -m benchmarks.startup_profile --cases 16 --profile (its "
                                         "cProfile run cut off), the same code and machine instance as "
                                         "h100_predict_vs_nnunet_prepare_ahead.json",
+    "h100_predict_vs_nnunet_16_cts.json": "timeout 575 python -m benchmarks.predict_vs_nnunet --cases 16 "
+                                          "--nnunet-cases 16 --nnunet-timeout 390 --no-one-ct",
+    "h100_startup_profile_16_cts_prepare_ahead_ab.json": "timeout 270 python -m benchmarks.startup_profile --cases 16 "
+                                                         "--env TRTSEG_PREPARE_AHEAD=0 --no-threads-run (warm runs: "
+                                                         "prepare-ahead on, off, on)",
+    "h100_aoti_load.json": "timeout 270 python -m benchmarks.aoti_load --configs fast fast_unfused --timeout 200 (cut "
+                           "off before fast_unfused; the loading process had not registered trtseg's custom ops)",
     "cpu2core_aoti_load.json": "python -m benchmarks.aoti_load --small --configs plain (a 2-core CPU: 8->64 "
                                "features at 32x48x48, fp32)",
     "h100_case_latency_fast_pinned.json": "python -m benchmarks.case_latency --device cuda --compile --channels-last "
