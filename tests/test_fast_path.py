@@ -4,6 +4,7 @@ again), the CPU picks ONNX Runtime or PyTorch by measuring both, flags turn part
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -168,3 +169,38 @@ def test_a_handful_of_cases_runs_without_the_parts_that_do_not_pay_off(model):
                  EngineSpec(device="cpu")):
         s = Settings(window=no_tta, engine=spec)
         assert small_run_settings(models, s, 1) == (s, None), spec
+
+
+def test_a_small_run_keeps_the_compiled_parts_when_their_packages_are_in_the_cache(model, tmp_path, monkeypatch):
+    """With the fast path's verdict and every fold's compiled package in the engine cache (an earlier run's), loading
+    them costs no compile or tracing: a one-case run keeps compile, the fused norms and channels-last. Without a
+    package it leaves them off as before. (A GPU's name is stood in for, so that the keys can be made on a CPU.)"""
+    import json
+
+    from trtseg.accel import compile_cache
+    from trtseg.accel.engines import package_entry
+    from trtseg.ensemble import ModelSet
+    from trtseg.options import Settings, WindowOptions
+    from trtseg.predict import SMALL_RUN_OFF, small_run_settings
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(compile_cache, "device_slug", lambda device: "A_GPU-sm90")
+    cuda = EngineSpec(device="cuda", cache=str(tmp_path / "cache"))
+    settings = Settings(window=WindowOptions(use_mirroring=False), engine=cuda)
+    models = ModelSet.of(model)
+    device = torch.device("cuda")
+    chosen = ["compile", "channels-last", "fp16-weights", "fuse-norms"]
+    fast_path.Verdicts(cuda.cache, fast_path._fields(model, cuda, device, "cuda")).put(
+        {"chosen": chosen, "skipped": {}, "check": {"verdict": "passed"}})
+    assert small_run_settings(models, settings, 1)[0].engine.off == set(SMALL_RUN_OFF)  # no package yet
+    compiled = fast_path._with_parts(cuda, chosen)
+    for fold in model.folds:
+        entry = package_entry(model, fold, compiled, device, cuda.cache)
+        os.makedirs(os.path.dirname(entry.package_url), exist_ok=True)
+        open(entry.package_url, "wb").write(b"package")
+        json.dump({"fields": entry.fields, "sha256": "0" * 64}, open(entry.meta_url, "w"))
+    assert small_run_settings(models, settings, 1) == (settings, None)
+    assert small_run_settings(models, settings.__class__(window=settings.window, engine=cuda.with_(package=False)),
+                              1)[0].engine.off == set(SMALL_RUN_OFF)  # --no-compiled-package: compiling costs again
+    os.remove(entry.package_url)  # one fold's package missing: the parts stay off
+    assert small_run_settings(models, settings, 1)[0].engine.off == set(SMALL_RUN_OFF)

@@ -234,7 +234,8 @@ def small_run_settings(model: ModelSet, settings: Settings, n_cases: int) -> tup
     start-up (see SMALL_RUN_OFF): on an NVIDIA H100, one CT without mirroring took 15.9 s compiled, 14.5 s eager
     with the fused norms and 10.7 s eager without them, each a whole process with a warm engine cache (python -m
     benchmarks.predict_vs_nnunet; python -m benchmarks.startup_profile [--flags=--no-fuse-norms]). An explicit
-    --compile is kept."""
+    --compile is kept, and so are the parts when an earlier run left compiled packages for them in the engine cache
+    (trtseg.accel.fast_path.packages_ready), whose loading costs no such start-up."""
     spec = settings.engine
     if not spec.fast or spec.compile or spec.compile_from <= 0 or spec.resolved_device().type != "cuda":
         return settings, None
@@ -243,6 +244,10 @@ def small_run_settings(model: ModelSet, settings: Settings, n_cases: int) -> tup
     passes = n_cases * 2 ** len(axes)
     if not left or passes >= spec.compile_from:
         return settings, None
+    from trtseg.accel.fast_path import packages_ready
+
+    if all(packages_ready(m, spec, spec.resolved_device()) for m in model.models):
+        return settings, None  # compiled packages from an earlier run: no start-up to earn back
     why = (f"{n_cases} case(s) x {2 ** len(axes)} mirroring(s) = {passes} passes, fewer than --compile-from "
            f"{spec.compile_from}: no {' or '.join(left)}, which cost more than they save on so few passes")
     return dataclasses.replace(settings, engine=spec.with_(off=spec.off | set(left))), why

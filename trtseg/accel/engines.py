@@ -83,12 +83,12 @@ def build_engine(model, fold: str, spec: "EngineSpec", kind: str, device: torch.
     precision = spec.resolved_precision(device)
     batch = max(spec.batch_size, 1)
     if kind == "torch":
-        cache = None
+        cache = package = None
         if spec.compile:
-            from trtseg.accel.compile_cache import CompileCacheEntry, key_fields
-            shape = (batch, model.num_input_channels, *model.patch_size)
-            cache = CompileCacheEntry(cache_url, key_fields(model.fingerprint, fold, spec.text(), shape, device))
-        return torch_engine(model.build_network(fold), spec, device, compile_cache=cache)
+            from trtseg.accel.compile_cache import CompileCacheEntry
+            cache = CompileCacheEntry(cache_url, compiled_key_fields(model, fold, spec, device))
+            package = package_entry(model, fold, spec, device, cache_url) if spec.package else None
+        return torch_engine(model.build_network(fold), spec, device, compile_cache=cache, package=package)
     if kind == "onnxruntime":
         from trtseg.accel.onnxruntime_engine import OnnxRuntimeEngine
 
@@ -108,6 +108,21 @@ def build_engine(model, fold: str, spec: "EngineSpec", kind: str, device: torch.
     from trtseg.accel.pycuda_runtime import PyCudaEngine
 
     return PyCudaEngine(engine_bytes)
+
+
+def compiled_key_fields(model, fold: str, spec: "EngineSpec", device: torch.device) -> dict:
+    """The fields that key one fold's compiled code in the engine cache (compile cache and packages alike)."""
+    from trtseg.accel.compile_cache import key_fields
+
+    shape = (max(spec.batch_size, 1), model.num_input_channels, *model.patch_size)
+    return key_fields(model.fingerprint, fold, spec.text(), shape, device)
+
+
+def package_entry(model, fold: str, spec: "EngineSpec", device: torch.device, cache_url: str | None = None):
+    """One fold's AOTInductor package entry (trtseg/accel/aoti_package.py) for ``spec`` (compiled)."""
+    from trtseg.accel.aoti_package import AotiPackageEntry
+
+    return AotiPackageEntry(cache_url or spec.cache or default_cache(), compiled_key_fields(model, fold, spec, device))
 
 
 def torch_engine(network: torch.nn.Module, spec: EngineSpec, device: torch.device | str | None = None,

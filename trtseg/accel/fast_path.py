@@ -240,6 +240,22 @@ def _choose_cuda(model, spec: EngineSpec, device: torch.device, build: Builder, 
     return Choice(_with_parts(spec, chosen), chosen, skipped, check, "torch", engine)
 
 
+def packages_ready(model, spec: EngineSpec, device: torch.device) -> bool:
+    """Whether the engines that ``choose`` would build for ``spec`` run compiled code from packages already in the
+    engine cache (its cached verdict chose compile, and every fold's package is there): then compiled code costs a
+    process no compile and no tracing (trtseg/accel/aoti_package.py), and even a run of one case takes it."""
+    from trtseg.accel.engines import default_cache, package_entry
+
+    if not (spec.fast and spec.package) or device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    cache_url = spec.cache or default_cache()
+    cached = Verdicts(cache_url, _fields(model, spec, device, "cuda")).get()
+    if not cached or "compile" not in cached.get("chosen", []):
+        return False
+    chosen = _with_parts(spec, cached["chosen"])
+    return all(package_entry(model, fold, chosen, device, cache_url).exists() for fold in model.folds)
+
+
 def _check(candidate, reference, fallback, model, batch_size: int) -> dict:
     """The candidate engine's masks against the plain fp32 network's (``reference``) on the check patches, beside
     those of ``fallback``: fp16 autocast without rewrites, what runs when the candidate is refused.
@@ -257,7 +273,7 @@ def _check(candidate, reference, fallback, model, batch_size: int) -> dict:
     plain = agreement(ref, masks(fallback, patches, batch))
     del fallback
     t = time.perf_counter()
-    got = masks(candidate, patches, batch)  # a compiled candidate compiles here, once: the run's own compile
+    got = masks(candidate, patches, batch)  # a compiled candidate builds its package here: the run's own compile
     seconds = time.perf_counter() - t
     if candidate.device.type == "cuda":
         torch.cuda.empty_cache()

@@ -46,7 +46,7 @@ class TorchEngine(Engine):
     def __init__(self, network: torch.nn.Module, device: torch.device | str = "cpu", precision: str = "fp32",
                  compile: bool | str = False, cuda_graphs: bool = False, channels_last: bool = False,
                  fp16_weights: bool = False, static_batch: int | None = None, fold_convolutions: bool = False,
-                 merge_upsampling: bool = False, fuse_norms: bool = False, compile_cache=None):
+                 merge_upsampling: bool = False, fuse_norms: bool = False, compile_cache=None, package=None):
         self.device = torch.device(device)
         if precision not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
@@ -73,28 +73,30 @@ class TorchEngine(Engine):
         if fuse_norms and not (self.device.type == "cuda" and fp16_weights and channels_last):
             raise ValueError("fuse_norms needs a CUDA device, fp16_weights and channels_last: its kernels take fp16 "
                              "channels-last tensors")
-        # last: the fused kernels read the fp16 weights the unfused network would use
+        self.compile_mode = (compile if isinstance(compile, str) else "default") if compile else None
+        # compiled code, first choice: the AOTInductor package of an earlier process on this GPU type
+        # (trtseg/accel/aoti_package.py), loaded without TorchDynamo; without one, the first batch builds it
+        # (``_compile``), and torch.compile runs the network only where it cannot be packaged
+        self.package = package if compile else None
+        self.compile_cache = compile_cache if compile else None
+        runner = self.package.load(self.device) if self.package is not None else None
+        # last: the fused kernels read the fp16 weights the unfused network would use. A loaded package holds the
+        # fused network already: fusing again would only import Triton and torch.library's Triton support (whose
+        # registration imports Inductor, about 2.4 s on a 2-core CPU); the network is kept unfused beside it (the
+        # same function), for ``network`` users only
         self.fused_norms = 0
-        if fuse_norms:
+        if fuse_norms and runner is not None:
+            self.fused_norms = int((package.meta or {}).get("fused_norms") or 0)
+        elif fuse_norms:
             from trtseg.accel.rewrites.norm_fusion import fuse_norms as fuse
             self.fused_norms = fuse(network)
         self.network = network
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed tile shapes: let cuDNN pick the fastest kernels, as nnU-Net does
-        self._fn: Callable[[torch.Tensor], torch.Tensor] = self.network
-        self.compile_mode = (compile if isinstance(compile, str) else "default") if compile else None
-        # trtseg/accel/compile_cache.py: the compiled graphs of an earlier process on this GPU type, loaded before
-        # torch.compile is called (a loaded entry sets Inductor's compile threads to one before the wrapper would
-        # start its pool of compile workers); saved after warm_up when there were none
-        self.compile_cache = compile_cache if compile else None
-        if self.compile_cache is not None:
-            self.compile_cache.load()
-        if compile:
-            # static shapes: one graph per batch size (with static_batch, short batches are padded to the full one).
-            # Left to detect dynamic shapes, torch.compile would recompile on a short batch with a symbolic batch
-            # dimension, and that slower graph then serves the full batches too
-            mode = _TORCH_COMPILE_MODES.get(self.compile_mode, self.compile_mode)  # type: ignore[arg-type]
-            self._fn = torch.compile(self.network, mode=mode, dynamic=False)  # type: ignore[assignment]
+        self._fn: Callable[[torch.Tensor], torch.Tensor] = runner if runner is not None else self.network
+        self._compile_pending = bool(compile) and runner is None
+        if self._compile_pending and self.package is None:
+            self._torch_compile()
         self.compiled = bool(compile)
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
@@ -102,6 +104,34 @@ class TorchEngine(Engine):
         self._graphs: dict[tuple, tuple] = {}  # batch shape -> (graph, static input, static output)
         self.static_batch = static_batch if (compile or cuda_graphs) else None
         self.max_batch = self.static_batch
+
+    def _torch_compile(self) -> None:
+        """torch.compile's wrapper as ``_fn``, after loading the compile cache (trtseg/accel/compile_cache.py: the
+        compiled graphs of an earlier process on this GPU type, loaded before torch.compile is called; a loaded
+        entry sets Inductor's compile threads to one before the wrapper would start its pool of compile workers;
+        saved after warm_up when there were none)."""
+        self._compile_pending = False
+        if self.compile_cache is not None:
+            self.compile_cache.load()
+        # static shapes: one graph per batch size (with static_batch, short batches are padded to the full one).
+        # Left to detect dynamic shapes, torch.compile would recompile on a short batch with a symbolic batch
+        # dimension, and that slower graph then serves the full batches too
+        mode = _TORCH_COMPILE_MODES.get(self.compile_mode, self.compile_mode)  # type: ignore[arg-type]
+        self._fn = torch.compile(self.network, mode=mode, dynamic=False)  # type: ignore[assignment]
+
+    def _compile(self, batch: torch.Tensor) -> None:
+        """The first batch of a compiled engine without a package: builds the package for ``batch``'s shape, dtype
+        and memory order, or falls back to torch.compile where the network cannot be packaged."""
+        self._compile_pending = False
+        package = self.package
+        runner = None
+        if package is not None and not (package.status or "").startswith("unusable"):
+            runner = package.build(self.network, batch, self.device, {"fused_norms": self.fused_norms},
+                                   max_autotune=self.compile_mode == "max-autotune")
+        if runner is not None:
+            self._fn = runner
+        else:
+            self._torch_compile()
 
     def _replay(self, batch: torch.Tensor) -> torch.Tensor:
         key = tuple(batch.shape)
@@ -141,6 +171,8 @@ class TorchEngine(Engine):
         if self.static_batch:  # after an out-of-memory halving (trtseg.infer.run_engine), the smaller size is static
             batch = pad_batch(batch, min(self.static_batch, self.oom_batch_limit or self.static_batch))
         batch = self._prepare(batch)
+        if self._compile_pending:
+            self._compile(batch)
         if self.cuda_graphs:
             return self._replay(batch)[:n].float().contiguous()
         with self._autocast():
@@ -151,7 +183,7 @@ class TorchEngine(Engine):
         """Engine.warm_up (compiles), then saves the compile results where the cache had none to load."""
         seconds = super().warm_up(batch_shape)
         cache = self.compile_cache
-        if cache is not None and cache.status != "loaded":
+        if cache is not None and cache.status not in (None, "loaded"):  # None: the package ran, not torch.compile
             try:
                 cache.save()
             except Exception as e:  # a cache that cannot be written costs the next process a compile, not this run
@@ -162,6 +194,7 @@ class TorchEngine(Engine):
         return {"engine": self.name, "device": str(self.device), "precision": self.precision, "compiled": self.compiled,
                 "compile_mode": self.compile_mode,
                 "compile_cache": self.compile_cache.describe() if self.compile_cache is not None else None,
+                "package": self.package.describe() if self.package is not None else None,
                 "cuda_graphs": self.cuda_graphs, "channels_last": self.channels_last, "fp16_weights": self.fp16_weights,
                 "folded_convolutions": self.folded_convolutions, "merged_upsamplings": self.merged_upsamplings,
                 "fused_norms": self.fused_norms}

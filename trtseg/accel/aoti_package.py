@@ -1,0 +1,210 @@
+"""The compiled network as an AOTInductor package: built once per GPU type, model, fold and engine spec, then loaded
+by every later process, actor and node without TorchDynamo.
+
+Why: a process that runs torch.compile'd code spends seconds before its first batch even when the compiled graphs
+come from the engine cache (trtseg/accel/compile_cache.py): it imports TorchDynamo and Inductor, traces the
+network, checks guards and loads the cached graphs. On an NVIDIA H100 that was 12-16 s of a 36-40 s run over 16 CTs
+(benchmarks/results/h100_startup_profile_16_cts_prepare_ahead_ab.json). AOTInductor compiles an exported network
+ahead of time into a shared library with its kernels, the fused norms' Triton kernels included (they are
+torch.library.triton_op, trtseg/accel/rewrites/norm_fusion.py), and its weights; torch's C++ loader
+(``torch._C._aoti.AOTIModelPackageLoader``, what ``torch._inductor.aoti_load_package`` wraps) opens it without
+importing Inductor's Python modules or Triton.
+
+Entries live in the engine cache, on any fsspec URL, beside the compile cache's:
+
+    CACHE/aoti/<device>/<key>.pt2    the package
+    CACHE/aoti/<device>/<key>.json   the key's fields, the bytes' SHA-256, and the check made when it was built;
+                                     or, for a network that could not be packaged, why (later processes then use
+                                     torch.compile at once instead of trying again)
+
+The key is the compile cache's (``compile_cache.key_fields``: GPU name and compute capability, torch, Triton and
+CUDA versions, model fingerprint and fold, input shape, engine spec, the fused kernels' tile configurations). The
+weights are inside the package, so each fold has its own. An entry whose fields differ, whose bytes do not match
+their hash, or that does not load is rebuilt, never trusted. A package is used only after its logits matched the
+network's own on a batch when it was built (``MAX_RELATIVE_ERROR``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
+
+from trtseg import storage
+
+log = logging.getLogger(__name__)
+
+#: a package's logits may differ from the eager network's by this fraction of the logits' largest magnitude on the
+#: check batch: the same function, with Inductor's kernels summing in another order (fp16 on CUDA)
+MAX_RELATIVE_ERROR = 0.02
+
+
+class AotiPackageEntry:
+    """One engine's package in the engine cache.
+
+    ``status``: None (not looked up), "loaded", "built", "missing", "unusable: <why>" (an earlier build failed; the
+    engine uses torch.compile) or "rebuilt: <why>" (a corrupt or mismatched entry, replaced by ``build``)."""
+
+    def __init__(self, cache_url: str, fields: dict):
+        self.fields = fields
+        self.key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
+        base = storage.join(cache_url, "aoti", fields["device"], self.key)
+        self.package_url, self.meta_url = base + ".pt2", base + ".json"
+        self.status: str | None = None
+        self.seconds: dict[str, float] = {}
+        self.meta: dict | None = None  # the loaded or built entry's description
+
+    def exists(self) -> bool:
+        """Whether a usable-looking entry is there (its meta says built, for these fields), without loading it."""
+        try:
+            meta = json.loads(storage.read_bytes(self.meta_url))
+        except Exception:
+            return False
+        return meta.get("fields") == self.fields and "sha256" in meta and storage.exists(self.package_url)
+
+    def load(self, device: torch.device):
+        """The package's runner (batch -> logits) for ``device``, or None (``status`` says why)."""
+        t = time.perf_counter()
+        try:
+            meta = json.loads(storage.read_bytes(self.meta_url))
+        except FileNotFoundError:
+            self.status = "missing"
+            return None
+        except Exception as e:
+            return self._refuse(f"its description is unreadable ({type(e).__name__})")
+        if meta.get("fields") != self.fields:
+            differ = sorted(k for k in set(self.fields) | set(meta.get("fields") or {})
+                            if (meta.get("fields") or {}).get(k) != self.fields.get(k))
+            return self._refuse(f"made for other {', '.join(differ)}")
+        if "unusable" in meta:
+            self.status = f"unusable: {meta['unusable']}"
+            return None
+        try:
+            path = self._local_copy(meta)
+        except _HashMismatch:
+            return self._refuse("its bytes do not match their hash")
+        except Exception as e:
+            return self._refuse(f"is unreadable ({type(e).__name__})")
+        try:
+            runner = _runner(path, device)
+        except Exception as e:
+            return self._refuse(f"does not load ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
+        self.status, self.meta = "loaded", meta
+        self.seconds["load"] = round(time.perf_counter() - t, 3)
+        log.info("compiled package: loaded %s (%.2f s)", self.package_url, self.seconds["load"])
+        return runner
+
+    def _local_copy(self, meta: dict) -> str:
+        """A local path of the package whose bytes match the entry's hash (the C++ loader reads a local file)."""
+        fs, path = storage.filesystem(self.package_url)
+        if isinstance(fs, LocalFileSystem):
+            if _sha256_file(path) != meta.get("sha256"):
+                raise _HashMismatch
+            return path
+        local = os.path.join(tempfile.gettempdir(), "trtseg_aoti", f"{self.key}-{meta['sha256'][:16]}.pt2")
+        if not (os.path.exists(local) and _sha256_file(local) == meta["sha256"]):
+            raw = storage.read_bytes(self.package_url)
+            if hashlib.sha256(raw).hexdigest() != meta["sha256"]:
+                raise _HashMismatch
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            tmp = f"{local}.{os.getpid()}.part"
+            with open(tmp, "wb") as f:
+                f.write(raw)
+            os.replace(tmp, local)
+        return local
+
+    def _refuse(self, why: str):
+        self.status = f"rebuilt: {why}"
+        log.warning("compiled package: %s %s; building it again", self.package_url, why)
+        return None
+
+    def build(self, network: torch.nn.Module, example: torch.Tensor, device: torch.device, notes: dict | None = None,
+              max_autotune: bool = False):
+        """Exports ``network`` on ``example`` (the batch as the engine hands it: shape, dtype, memory order),
+        compiles the package, checks its logits against the network's own on a seeded random batch like ``example``
+        and writes the entry (with ``notes``, e.g. the rewrites' counts, which a process that loads it reports);
+        returns the loaded runner, or None when the network cannot be packaged (the entry then says why, and
+        ``status`` too). ``max_autotune``: Inductor times Triton kernels against cuDNN's (--compile max-autotune)."""
+        t = time.perf_counter()
+        prior = self.status  # "rebuilt: <why>" is kept in the report once the new entry loads
+        try:
+            with tempfile.TemporaryDirectory(prefix="trtseg_aoti_") as tmp:
+                path = os.path.join(tmp, "package.pt2")
+                with torch.inference_mode():
+                    exported = torch.export.export(network, (example,))
+                self.seconds["export"] = round(time.perf_counter() - t, 2)
+                torch._inductor.aoti_compile_and_package(
+                    exported, package_path=path, inductor_configs={"max_autotune": True} if max_autotune else None)
+                self.seconds["compile"] = round(time.perf_counter() - t - self.seconds["export"], 2)
+                runner = _runner(path, device)
+                g = torch.Generator().manual_seed(0)
+                check = torch.empty_strided(example.shape, example.stride(), dtype=example.dtype, device=device)
+                check.copy_(torch.randn(tuple(example.shape), generator=g))
+                with torch.inference_mode():
+                    want = network(check).float()
+                    got = runner(check).float()
+                scale = float(want.abs().max()) or 1.0
+                error = float((got - want).abs().max()) / scale
+                if not error <= MAX_RELATIVE_ERROR:  # also refuses NaN
+                    raise ValueError(f"its logits differ from the network's by {error:.3g} of their largest "
+                                     f"magnitude (at most {MAX_RELATIVE_ERROR})")
+                with open(path, "rb") as f:
+                    raw = f.read()
+        except Exception as e:
+            why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+            self.status = f"unusable: {why}"
+            log.warning("compiled package: the network cannot be packaged (%s); torch.compile runs it", why)
+            self._write_meta({"fields": self.fields, "unusable": why})
+            return None
+        meta = {"fields": self.fields, "sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw),
+                "check": {"relative_error": round(error, 6), "batch": list(example.shape)},
+                "seconds": self.seconds, **(notes or {})}
+        storage.write_bytes_atomic(self.package_url, raw)
+        self._write_meta(meta)  # last: an entry is complete when its description is there
+        # the runner read the temporary file, which is gone: later calls use the cache's copy
+        runner = self.load(device)
+        if runner is not None:
+            self.status = prior if (prior or "").startswith("rebuilt") else "built"
+        log.info("compiled package: built %s in %.0f s (export %.0f s, compile %.0f s)", self.package_url,
+                 time.perf_counter() - t, self.seconds["export"], self.seconds["compile"])
+        return runner
+
+    def _write_meta(self, meta: dict) -> None:
+        try:
+            storage.write_bytes_atomic(self.meta_url, json.dumps(meta, indent=2).encode())
+        except Exception as e:  # a cache that cannot be written costs the next process a build, not this run
+            log.warning("compiled package: %s not written (%s)", self.meta_url, e)
+
+    def describe(self) -> dict:
+        return {"status": self.status, "entry": self.package_url, "seconds": self.seconds}
+
+
+class _HashMismatch(Exception):
+    pass
+
+
+def _runner(path: str, device: torch.device):
+    """batch -> the network's output, through the C++ loader (no Inductor or Triton imports), on the current
+    stream of ``device``."""
+    index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda"
+                                                            else -1)
+    loader = torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, index)
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        return loader.run([batch])[0]
+
+    run.loader = loader  # type: ignore[attr-defined]
+    return run
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
