@@ -43,10 +43,11 @@ def device_slug(device: torch.device) -> str:
 
 def key_fields(model_fingerprint: str, fold: str, engine_text: str, input_shape, device: torch.device) -> dict:
     """Everything the compiled code depends on (see the module docstring)."""
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:  # the installed distribution's version: importing Triton itself costs a process that loads a package 0.3 s
+        triton_version: str | None = version("triton")
+    except PackageNotFoundError:
         triton_version = None
     return {"device": device_slug(device), "torch": torch.__version__, "triton": triton_version,
             "cuda": torch.version.cuda, "model": model_fingerprint, "fold": fold, "engine": engine_text,
