@@ -32,8 +32,12 @@ x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
 got = engine.infer(x[:1])  # a short batch: padded to the static batch the package was built for
 with torch.no_grad():
     want = net(x[:1])
-print(json.dumps({"status": entry.status, "dynamo_imported": "torch._dynamo" in sys.modules,
+dynamo = "torch._dynamo" in sys.modules
+engine.oom_batch_limit = 1  # after an out-of-memory halving: batches of one, which the package was not built for
+halved = engine.infer(x[:1])
+print(json.dumps({"status": entry.status, "dynamo_imported": dynamo,
                   "max_abs": float((got - want).abs().max()), "shape": list(got.shape),
+                  "halved_max_abs": float((halved - want).abs().max()),
                   "describe": engine.describe()["package"]}))
 """
 
@@ -57,6 +61,7 @@ def test_a_later_process_loads_the_package_without_dynamo_and_bad_entries_are_re
     second = _process(cache)
     # the point of a package: no TorchDynamo (seconds of imports and tracing) in a process that loads one
     assert second["status"] == "loaded" and not second["dynamo_imported"] and second["max_abs"] < 1e-4, second
+    assert second["halved_max_abs"] < 1e-4, second
     # corrupt bytes: refused, never run; the next engine builds the entry again and reports why
     good = open(package, "rb").read()
     open(package, "wb").write(good[: len(good) // 2])

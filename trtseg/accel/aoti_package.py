@@ -190,7 +190,7 @@ class _HashMismatch(Exception):
 
 def _runner(path: str, device: torch.device):
     """batch -> the network's output, through the C++ loader (no Inductor or Triton imports), on the current
-    stream of ``device``."""
+    stream of ``device``. The package takes the one input shape it was built for."""
     index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda"
                                                             else -1)
     loader = torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, index)

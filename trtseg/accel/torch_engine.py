@@ -94,6 +94,7 @@ class TorchEngine(Engine):
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed tile shapes: let cuDNN pick the fastest kernels, as nnU-Net does
         self._fn: Callable[[torch.Tensor], torch.Tensor] = runner if runner is not None else self.network
+        self._package_shape = _package_shape(self.package) if runner is not None else None
         self._compile_pending = bool(compile) and runner is None
         if self._compile_pending and self.package is None:
             self._torch_compile()
@@ -129,7 +130,7 @@ class TorchEngine(Engine):
             runner = package.build(self.network, batch, self.device, {"fused_norms": self.fused_norms},
                                    max_autotune=self.compile_mode == "max-autotune")
         if runner is not None:
-            self._fn = runner
+            self._fn, self._package_shape = runner, _package_shape(package)
         else:
             self._torch_compile()
 
@@ -173,6 +174,10 @@ class TorchEngine(Engine):
         batch = self._prepare(batch)
         if self._compile_pending:
             self._compile(batch)
+        if self._package_shape is not None and tuple(batch.shape) != self._package_shape:
+            # another batch size than the package's (after an out-of-memory halving): the network itself runs it
+            with self._autocast():
+                return self.network(batch)[:n].float().contiguous()
         if self.cuda_graphs:
             return self._replay(batch)[:n].float().contiguous()
         with self._autocast():
@@ -198,6 +203,12 @@ class TorchEngine(Engine):
                 "cuda_graphs": self.cuda_graphs, "channels_last": self.channels_last, "fp16_weights": self.fp16_weights,
                 "folded_convolutions": self.folded_convolutions, "merged_upsamplings": self.merged_upsamplings,
                 "fused_norms": self.fused_norms}
+
+
+def _package_shape(package) -> tuple[int, ...] | None:
+    """The input shape (b, c, z, y, x) a loaded or built package takes."""
+    shape = ((package.meta or {}).get("check") or {}).get("batch")
+    return tuple(shape) if shape else None
 
 
 class _Fp32Norm(torch.nn.Module):
