@@ -17,8 +17,8 @@ the network trtseg's engine builds (TorchEngine with the same parts, batch --bat
    agreement.
 
 Configurations: "fast" (CUDA: fp16 weights, channels-last, folded convolutions, merged upsampling, fused norms:
-what the compiled default runs), "fast_unfused" (the same without the fused norms, whose Triton kernels are Python
-custom ops that a package may not run) and "plain" (fp16 weights only; on the CPU every configuration is fp32). A
+what the compiled default runs; the loading process registers the fused norms' custom ops, which the package calls
+back), "fast_unfused" (the same without the fused norms) and "plain" (fp16 weights only; on the CPU every configuration is fp32). A
 step that fails is recorded with its one-line error. Model: nnU-Net's 3d_fullres CT topology (32->320, 128^3
 patch) with seeded random weights; --small: 8->64 features at 32x48x48, for a CPU.
 """
@@ -75,10 +75,14 @@ def step_export(folder: str, config: str, batch: int, device: str, package: str)
             "package_bytes": os.path.getsize(package)}
 
 
-def step_load(package: str, device: str, t_process: float, loader: str) -> dict:
+def step_load(package: str, device: str, t_process: float, loader: str, config: str) -> dict:
     import statistics
 
     import torch
+    if PARTS[config].get("fuse_norms") and device == "cuda":
+        # the fused norms are custom ops the package calls back: registered by importing the rewrite, as the engine
+        # does before it loads a package
+        import trtseg.accel.rewrites.norm_fusion  # noqa: F401
     t_imported = time.perf_counter()
     check = torch.load(package + ".check.pt")
     x = check["input"].to(device)  # the engine's own input: its dtype and memory order kept
@@ -147,7 +151,8 @@ def main() -> None:
         print(json.dumps(step_export(args.folder, args.configs[0], args.batch, args.device, args.package)))
         return
     if args.step in ("load", "load_cpp"):
-        print(json.dumps(step_load(args.package, args.device, t_process, "python" if args.step == "load" else "cpp")))
+        print(json.dumps(step_load(args.package, args.device, t_process, "python" if args.step == "load" else "cpp",
+                                  args.configs[0])))
         return
 
     import torch

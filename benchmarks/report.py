@@ -199,6 +199,11 @@ FILE_COMMANDS = {
                                                          "prepare-ahead on, off, on)",
     "h100_aoti_load.json": "timeout 270 python -m benchmarks.aoti_load --configs fast fast_unfused --timeout 200 (cut "
                            "off before fast_unfused; the loading process had not registered trtseg's custom ops)",
+    "h200_predict_aoti_package.json": "timeout 265 python -m benchmarks.predict_vs_nnunet --cases 16 --skip-nnunet "
+                                      "--no-one-ct at 23b5d42 (compiled packages on by default, fused norms as "
+                                      "torch.library.triton_op): both runs died with SIGSEGV (exit -11) after the "
+                                      "network's export, before the fast path's check ended; the package is opt-in "
+                                      "(--compiled-package) since",
     "cpu2core_aoti_load.json": "python -m benchmarks.aoti_load --small --configs plain (a 2-core CPU: 8->64 "
                                "features at 32x48x48, fp32)",
     "h100_case_latency_fast_pinned.json": "python -m benchmarks.case_latency --device cuda --compile --channels-last "

@@ -172,9 +172,10 @@ def test_a_handful_of_cases_runs_without_the_parts_that_do_not_pay_off(model):
 
 
 def test_a_small_run_keeps_the_compiled_parts_when_their_packages_are_in_the_cache(model, tmp_path, monkeypatch):
-    """With the fast path's verdict and every fold's compiled package in the engine cache (an earlier run's), loading
-    them costs no compile or tracing: a one-case run keeps compile, the fused norms and channels-last. Without a
-    package it leaves them off as before. (A GPU's name is stood in for, so that the keys can be made on a CPU.)"""
+    """With --compiled-package, the fast path's verdict and every fold's package in the engine cache (an earlier
+    run's), loading them costs no compile or tracing: a one-case run keeps compile, the fused norms and
+    channels-last. Without a package it leaves them off as before. (A GPU's name is stood in for, so that the keys
+    can be made on a CPU.)"""
     import json
 
     from trtseg.accel import compile_cache
@@ -185,7 +186,7 @@ def test_a_small_run_keeps_the_compiled_parts_when_their_packages_are_in_the_cac
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(compile_cache, "device_slug", lambda device: "A_GPU-sm90")
-    cuda = EngineSpec(device="cuda", cache=str(tmp_path / "cache"))
+    cuda = EngineSpec(device="cuda", cache=str(tmp_path / "cache"), package=True)  # --compiled-package
     settings = Settings(window=WindowOptions(use_mirroring=False), engine=cuda)
     models = ModelSet.of(model)
     device = torch.device("cuda")
@@ -201,6 +202,6 @@ def test_a_small_run_keeps_the_compiled_parts_when_their_packages_are_in_the_cac
         json.dump({"fields": entry.fields, "sha256": "0" * 64}, open(entry.meta_url, "w"))
     assert small_run_settings(models, settings, 1) == (settings, None)
     assert small_run_settings(models, settings.__class__(window=settings.window, engine=cuda.with_(package=False)),
-                              1)[0].engine.off == set(SMALL_RUN_OFF)  # --no-compiled-package: compiling costs again
+                              1)[0].engine.off == set(SMALL_RUN_OFF)  # without --compiled-package: torch.compile
     os.remove(entry.package_url)  # one fold's package missing: the parts stay off
     assert small_run_settings(models, settings, 1)[0].engine.off == set(SMALL_RUN_OFF)

@@ -72,8 +72,8 @@ class EngineSpec:
     fast: let trtseg.accel.fast_path choose the engine's options (CUDA: compile, layouts and the rewrites that apply,
         checked once against fp32; CPU: ONNX Runtime or PyTorch, measured); False: exactly what the other fields say
     off: parts of the fast path (FAST_PARTS) it must leave off (the --no-X flags)
-    package: compiled code as an AOTInductor package kept in the engine cache (trtseg/accel/aoti_package.py); False:
-        torch.compile in each process, its results from the compile cache
+    package: compiled code as an AOTInductor package kept in the engine cache (trtseg/accel/aoti_package.py),
+        experimental; False: torch.compile in each process, its results from the compile cache
     compile_from: the passes over whole cases (cases x mirrorings) from which a run in one process lets the fast path
         compile and fuse the norms; fewer leave both off (trtseg.predict.small_run_settings)
     cache: URL of exported ONNX graphs and built engines (default $TRTSEG_CACHE or ~/.cache/trtseg)
@@ -99,9 +99,12 @@ class EngineSpec:
                      "flags ask for them, and ONNX Runtime on the CPU (trtseg/accel/fast_path.py)",
                      action="store_false")
     off: frozenset = opt(frozenset(), "", "parts of the fast path to leave off", parts_off=FAST_PARTS)
-    package: bool = opt(True, "--no-compiled-package", "compiled code through torch.compile in every process, instead "
-                        "of an AOTInductor package built once per GPU type and loaded without tracing "
-                        "(trtseg/accel/aoti_package.py)", action="store_false")
+    # off by default: on an NVIDIA H200 a process that built the package for nnU-Net's 3d_fullres network with the
+    # fused norms died (SIGSEGV) after exporting it, in the first and in a second process
+    # (benchmarks/results/h200_predict_aoti_package.json); torch.compile with its compile cache is the checked default
+    package: bool = opt(False, "--compiled-package", "compiled code as an AOTInductor package built once per GPU type "
+                        "and loaded without tracing (trtseg/accel/aoti_package.py; experimental: it crashed a GPU "
+                        "run), instead of torch.compile in every process", action="store_true")
     compile_from: int = opt(8, "--compile-from", "a run in one process compiles (the fast path's torch.compile and "
                             "fused-norm kernels) from this many network passes over whole cases (cases, times 8 with "
                             "3-D mirroring); fewer run without them, which starts seconds sooner (0: always)",

@@ -1,14 +1,20 @@
 """The compiled network as an AOTInductor package: built once per GPU type, model, fold and engine spec, then loaded
-by every later process, actor and node without TorchDynamo.
+by every later process, actor and node without TorchDynamo (``--compiled-package``; experimental, off by default).
 
 Why: a process that runs torch.compile'd code spends seconds before its first batch even when the compiled graphs
 come from the engine cache (trtseg/accel/compile_cache.py): it imports TorchDynamo and Inductor, traces the
 network, checks guards and loads the cached graphs. On an NVIDIA H100 that was 12-16 s of a 36-40 s run over 16 CTs
 (benchmarks/results/h100_startup_profile_16_cts_prepare_ahead_ab.json). AOTInductor compiles an exported network
-ahead of time into a shared library with its kernels, the fused norms' Triton kernels included (they are
-torch.library.triton_op, trtseg/accel/rewrites/norm_fusion.py), and its weights; torch's C++ loader
+ahead of time into a shared library with its kernels and its weights; torch's C++ loader
 (``torch._C._aoti.AOTIModelPackageLoader``, what ``torch._inductor.aoti_load_package`` wraps) opens it without
-importing Inductor's Python modules or Triton.
+importing Inductor's Python modules. The fused norms' kernels stay custom ops (trtseg/accel/rewrites/norm_fusion.py)
+that the package calls back through torch's dispatcher: the engine imports the rewrite, which registers them, before
+it loads a package.
+
+Why experimental: on the CPU it runs as designed (tests/test_aoti_package.py). On an NVIDIA H200, a `trtseg predict`
+over 16 CTs that built the package of nnU-Net's 3d_fullres network with every rewrite died (SIGSEGV) after the
+export, twice, at a commit whose fused norms were torch.library.triton_op kernels compiled into the package
+(benchmarks/results/h200_predict_aoti_package.json); with them as custom ops it has not run on a GPU.
 
 Entries live in the engine cache, on any fsspec URL, beside the compile cache's:
 

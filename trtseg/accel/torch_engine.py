@@ -73,23 +73,19 @@ class TorchEngine(Engine):
         if fuse_norms and not (self.device.type == "cuda" and fp16_weights and channels_last):
             raise ValueError("fuse_norms needs a CUDA device, fp16_weights and channels_last: its kernels take fp16 "
                              "channels-last tensors")
+        # last: the fused kernels read the fp16 weights the unfused network would use. Before a package loads:
+        # importing the rewrite registers the custom ops (trtseg::...) that a package of the fused network calls
+        self.fused_norms = 0
+        if fuse_norms:
+            from trtseg.accel.rewrites.norm_fusion import fuse_norms as fuse
+            self.fused_norms = fuse(network)
         self.compile_mode = (compile if isinstance(compile, str) else "default") if compile else None
-        # compiled code, first choice: the AOTInductor package of an earlier process on this GPU type
-        # (trtseg/accel/aoti_package.py), loaded without TorchDynamo; without one, the first batch builds it
-        # (``_compile``), and torch.compile runs the network only where it cannot be packaged
+        # compiled code, with a package entry (--compiled-package, experimental): the AOTInductor package of an
+        # earlier process on this GPU type (trtseg/accel/aoti_package.py), loaded without TorchDynamo; without one,
+        # the first batch builds it (``_compile``), and torch.compile runs the network where it cannot be packaged
         self.package = package if compile else None
         self.compile_cache = compile_cache if compile else None
         runner = self.package.load(self.device) if self.package is not None else None
-        # last: the fused kernels read the fp16 weights the unfused network would use. A loaded package holds the
-        # fused network already: fusing again would only import Triton and torch.library's Triton support (whose
-        # registration imports Inductor, about 2.4 s on a 2-core CPU); the network is kept unfused beside it (the
-        # same function), for ``network`` users only
-        self.fused_norms = 0
-        if fuse_norms and runner is not None:
-            self.fused_norms = int((package.meta or {}).get("fused_norms") or 0)
-        elif fuse_norms:
-            from trtseg.accel.rewrites.norm_fusion import fuse_norms as fuse
-            self.fused_norms = fuse(network)
         self.network = network
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed tile shapes: let cuDNN pick the fastest kernels, as nnU-Net does
@@ -127,8 +123,7 @@ class TorchEngine(Engine):
         package = self.package
         runner = None
         if package is not None and not (package.status or "").startswith("unusable"):
-            runner = package.build(self.network, batch, self.device, {"fused_norms": self.fused_norms},
-                                   max_autotune=self.compile_mode == "max-autotune")
+            runner = package.build(self.network, batch, self.device, max_autotune=self.compile_mode == "max-autotune")
         if runner is not None:
             self._fn, self._package_shape = runner, _package_shape(package)
         else:

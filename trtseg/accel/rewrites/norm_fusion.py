@@ -34,10 +34,9 @@ from trtseg.accel.rewrites.conv_fold import WidthFoldedConv3d, foldable
 CHANNELS_LAST = torch.channels_last_3d
 
 
-# ---- custom ops backed by the Triton kernels (torch.library.triton_op): torch.compile and torch.export see the kernels
-# inside, so AOTInductor can compile them into a package; the normalization arithmetic around them is plain torch
+# ---- custom ops: opaque to torch.compile, which compiles the normalization arithmetic around them ----------------
 
-@torch.library.triton_op("trtseg::conv3x3x3_stats", mutates_args=())
+@torch.library.custom_op("trtseg::conv3x3x3_stats", mutates_args=())
 def _conv3x3x3_stats(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, fold: int,
                      slots: torch.Tensor | None, slot_stride: list[int], slot_lead: list[int]
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -47,16 +46,36 @@ def _conv3x3x3_stats(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | N
     return y, sums, squares
 
 
-@torch.library.triton_op("trtseg::stem_conv_norm_act", mutates_args=())
+@_conv3x3x3_stats.register_fake
+def _(x, taps, bias, fold, slots, slot_stride, slot_lead):
+    b, _, d, h, w = x.shape
+    cout = taps.shape[1] // fold
+    y = torch.empty((b, cout, d, h, w), device=x.device, dtype=x.dtype, memory_format=CHANNELS_LAST)
+    return y, x.new_empty((b, cout), dtype=torch.float32), x.new_empty((b, cout), dtype=torch.float32)
+
+
+@torch.library.custom_op("trtseg::stem_conv_norm_act", mutates_args=())
 def _stem(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
           norm_bias: torch.Tensor | None, eps: float, slope: float) -> torch.Tensor:
     return triton_fusion.stem_conv_norm_act(x, taps, bias, norm_weight, norm_bias, eps, slope)
 
 
-@torch.library.triton_op("trtseg::norm_act_pointwise", mutates_args=())
+@_stem.register_fake
+def _(x, taps, bias, norm_weight, norm_bias, eps, slope):
+    b, _, d, h, w = x.shape
+    return torch.empty((b, taps.shape[1], d, h, w), device=x.device, dtype=x.dtype, memory_format=CHANNELS_LAST)
+
+
+@torch.library.custom_op("trtseg::norm_act_pointwise", mutates_args=())
 def _head(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,
           bias: torch.Tensor | None, classes: int, slope: float) -> torch.Tensor:
     return triton_fusion.norm_act_pointwise(x, scale, shift, weight, bias, classes, slope)
+
+
+@_head.register_fake
+def _(x, scale, shift, weight, bias, classes, slope):
+    b, _, d, h, w = x.shape
+    return torch.empty((b, classes, d, h, w), device=x.device, dtype=x.dtype)
 
 
 # ---- what a block is -----------------------------------------------------------------------------------------------

@@ -172,13 +172,6 @@ if triton is not None:
                  mask=inside[:, None] & (n < COUT)[None, :])
 
 
-def _launch(kernel):
-    """``kernel`` wrapped so that torch.compile and torch.export trace the launch into their graphs (torch.library.
-    wrap_triton): AOTInductor then compiles the kernel into its package (trtseg/accel/aoti_package.py), whose process
-    launches it without importing Triton. Outside tracing it launches the kernel as ``kernel[grid](...)`` does."""
-    return torch.library.wrap_triton(kernel)
-
-
 def _check(x: torch.Tensor, name: str) -> None:
     if x.dtype != torch.float16 or x.dim() != 5 or not x.is_contiguous(memory_format=CHANNELS_LAST):
         raise ValueError(f"{name}: want a 5-d fp16 channels-last-3d tensor, got {x.dtype} {tuple(x.shape)} "
@@ -323,7 +316,7 @@ def conv3x3x3(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, *,
         _check(slots, "conv3x3x3 slots")
         jz, jy, jx = slots.shape[2:]
     sums_out, squares_out = (partial[0], partial[1]) if partial is not None else (dummy, dummy)
-    _launch(_conv3x3x3_kernel)[grid](x, taps, bias if bias is not None else dummy, y, sums_out, squares_out,
+    _conv3x3x3_kernel[grid](x, taps, bias if bias is not None else dummy, y, sums_out, squares_out,
                             slots if slots is not None else dummy, d, h, w, jz, jy, jx, *slot_lead, CIN=cin,
                             COUT=cout, FOLD=fold, BLOCK_X=block_x, ROWS=rows, KX=kx,
                             HAS_BIAS=bias is not None, STATS=stats, STAGES=stages, ADD=slots is not None,
@@ -350,10 +343,10 @@ def stem_conv_norm_act(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor |
     args = dict(CIN=cin, K=k, COUT=cout, BLOCK_X=block_x, ROWS=rows, SLOPE=slope, HAS_BIAS=bias is not None,
                 num_warps=warps)
     dummy = taps
-    _launch(_stem_kernel)[grid](x, taps, bias if bias is not None else dummy, y, dummy, dummy, partial[0], partial[1], d, h,
+    _stem_kernel[grid](x, taps, bias if bias is not None else dummy, y, dummy, dummy, partial[0], partial[1], d, h,
                        w, APPLY=False, **args)
     scale, shift = norm_scale_shift(*_total(partial), d * h * w, norm_weight, norm_bias, eps)
-    _launch(_stem_kernel)[grid](x, taps, bias if bias is not None else dummy, y, scale, shift, dummy, dummy, d, h, w,
+    _stem_kernel[grid](x, taps, bias if bias is not None else dummy, y, scale, shift, dummy, dummy, d, h, w,
                        APPLY=True, **args)
     return y
 
@@ -370,7 +363,7 @@ def norm_act_pointwise(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
     y = torch.empty((b, cout, d, h, w), device=x.device, dtype=torch.float16)
     voxels = d * h * w
     grid = (triton.cdiv(voxels, block), b)
-    _launch(_norm_act_pointwise_kernel)[grid](x, scale, shift, weight, bias if bias is not None else weight, y, voxels, CIN=cin,
+    _norm_act_pointwise_kernel[grid](x, scale, shift, weight, bias if bias is not None else weight, y, voxels, CIN=cin,
                                      COUT=cout, NPAD=npad, SLOPE=slope, HAS_BIAS=bias is not None, BLOCK=block,
                                      num_warps=warps)
     return y
