@@ -111,3 +111,36 @@ def test_a_network_that_cannot_be_packaged_runs_compiled_and_is_not_tried_again(
     assert second.package.status == first.package.status  # read from the entry: no second export or build
     assert torch.allclose(second.infer(x), want, atol=1e-5)
     assert not os.path.exists(first.package.package_url)
+
+
+CRASHING_LAYER = '''
+import os, signal, sys
+import torch
+if "pytest" not in sys.modules:  # imported by the package's build process, not by the test: it dies there
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+class Conv(torch.nn.Conv3d):
+    pass
+'''
+
+
+def test_a_build_process_that_dies_leaves_the_run_on_torch_compile(tmp_path, monkeypatch):
+    """Compiling and first running a package happen in a child process, so that a crash there (a GPU run died with
+    SIGSEGV building one) marks the entry unusable instead of ending the run. Here the child dies importing the
+    network's own layer module."""
+    (tmp_path / "crashing_layer.py").write_text(CRASHING_LAYER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    import crashing_layer
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(crashing_layer.Conv(1, 3, 3, padding=1)).eval()
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = net(x)
+    entry = AotiPackageEntry(str(tmp_path / "cache"), {**FIELDS, "model": "crashing"})
+    engine = TorchEngine(net, "cpu", compile=True, static_batch=2, package=entry)
+    assert torch.allclose(engine.infer(x), want, atol=1e-5)
+    assert entry.status == "unusable: BuildFailed: the build process died (SIGSEGV)", entry.status
+    assert json.load(open(entry.meta_url))["unusable"] == "BuildFailed: the build process died (SIGSEGV)"

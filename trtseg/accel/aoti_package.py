@@ -35,6 +35,9 @@ import hashlib
 import json
 import logging
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -48,6 +51,9 @@ log = logging.getLogger(__name__)
 #: a package's logits may differ from the eager network's by this fraction of the logits' largest magnitude on the
 #: check batch: the same function, with Inductor's kernels summing in another order (fp16 on CUDA)
 MAX_RELATIVE_ERROR = 0.02
+#: seconds the child process may take to compile and check a package (110 s for nnU-Net's 3d_fullres network on an
+#: NVIDIA H100's 16-core host, benchmarks/results/h100_aoti_load.json)
+BUILD_TIMEOUT = 1800
 
 
 class AotiPackageEntry:
@@ -131,35 +137,39 @@ class AotiPackageEntry:
 
     def build(self, network: torch.nn.Module, example: torch.Tensor, device: torch.device, notes: dict | None = None,
               max_autotune: bool = False):
-        """Exports ``network`` on ``example`` (the batch as the engine hands it: shape, dtype, memory order),
-        compiles the package, checks its logits against the network's own on a seeded random batch like ``example``
-        and writes the entry (with ``notes``, e.g. the rewrites' counts, which a process that loads it reports);
-        returns the loaded runner, or None when the network cannot be packaged (the entry then says why, and
-        ``status`` too). ``max_autotune``: Inductor times Triton kernels against cuDNN's (--compile max-autotune)."""
+        """Exports ``network`` on ``example`` (the batch as the engine hands it: shape, dtype, memory order), then
+        compiles the package and checks it in a child process (``_build_child``), and writes the entry (with
+        ``notes``); returns the loaded runner, or None when the network cannot be packaged (the entry then says
+        why, and ``status`` too). ``max_autotune``: Inductor times Triton kernels against cuDNN's (--compile
+        max-autotune).
+
+        Why a child process: compiling and first running a package is where a GPU run died with SIGSEGV (see the
+        module docstring), which no ``except`` catches. In a child, such a death makes the entry "unusable" and
+        this process goes on with torch.compile; and the child loads the package as a later process will, in a
+        process that has not compiled it. The check: the package's logits against the network's own (computed
+        here) on a seeded random batch like ``example``, within ``MAX_RELATIVE_ERROR``."""
         t = time.perf_counter()
         prior = self.status  # "rebuilt: <why>" is kept in the report once the new entry loads
         try:
             with tempfile.TemporaryDirectory(prefix="trtseg_aoti_") as tmp:
-                path = os.path.join(tmp, "package.pt2")
                 with torch.inference_mode():
                     exported = torch.export.export(network, (example,))
+                    torch.export.save(exported, os.path.join(tmp, "exported.pt2"))
+                    del exported
+                    g = torch.Generator().manual_seed(0)
+                    check = torch.empty_strided(example.shape, example.stride(), dtype=example.dtype, device=device)
+                    check.copy_(torch.randn(tuple(example.shape), generator=g))
+                    want = network(check).float().cpu()
                 self.seconds["export"] = round(time.perf_counter() - t, 2)
-                torch._inductor.aoti_compile_and_package(
-                    exported, package_path=path, inductor_configs={"max_autotune": True} if max_autotune else None)
-                self.seconds["compile"] = round(time.perf_counter() - t - self.seconds["export"], 2)
-                runner = _runner(path, device)
-                g = torch.Generator().manual_seed(0)
-                check = torch.empty_strided(example.shape, example.stride(), dtype=example.dtype, device=device)
-                check.copy_(torch.randn(tuple(example.shape), generator=g))
-                with torch.inference_mode():
-                    want = network(check).float()
-                    got = runner(check).float()
-                scale = float(want.abs().max()) or 1.0
-                error = float((got - want).abs().max()) / scale
-                if not error <= MAX_RELATIVE_ERROR:  # also refuses NaN
-                    raise ValueError(f"its logits differ from the network's by {error:.3g} of their largest "
-                                     f"magnitude (at most {MAX_RELATIVE_ERROR})")
-                with open(path, "rb") as f:
+                # the modules that define the network's layers: importing them registers the custom ops it calls
+                modules = sorted({type(m).__module__ for m in network.modules()})
+                torch.save({"input": check.cpu(), "want": want, "modules": modules, "device": str(device),
+                            "max_autotune": max_autotune}, os.path.join(tmp, "check.pt"))
+                _run_child(tmp)
+                with open(os.path.join(tmp, "result.json")) as f:
+                    result = json.load(f)
+                self.seconds["compile"] = result["compile_seconds"]
+                with open(os.path.join(tmp, "package.pt2"), "rb") as f:
                     raw = f.read()
         except Exception as e:
             why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
@@ -168,15 +178,14 @@ class AotiPackageEntry:
             self._write_meta({"fields": self.fields, "unusable": why})
             return None
         meta = {"fields": self.fields, "sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw),
-                "check": {"relative_error": round(error, 6), "batch": list(example.shape)},
+                "check": {"relative_error": result["relative_error"], "batch": list(example.shape)},
                 "seconds": self.seconds, **(notes or {})}
         storage.write_bytes_atomic(self.package_url, raw)
         self._write_meta(meta)  # last: an entry is complete when its description is there
-        # the runner read the temporary file, which is gone: later calls use the cache's copy
         runner = self.load(device)
         if runner is not None:
             self.status = prior if (prior or "").startswith("rebuilt") else "built"
-        log.info("compiled package: built %s in %.0f s (export %.0f s, compile %.0f s)", self.package_url,
+        log.info("compiled package: built %s in %.0f s (export %.0f s, compile and check %.0f s)", self.package_url,
                  time.perf_counter() - t, self.seconds["export"], self.seconds["compile"])
         return runner
 
@@ -192,6 +201,51 @@ class AotiPackageEntry:
 
 class _HashMismatch(Exception):
     pass
+
+
+class BuildFailed(Exception):
+    """The child process that compiles and checks a package failed or died; the message says how."""
+
+
+def _run_child(folder: str) -> None:
+    """Runs ``_build_child`` on ``folder`` in a fresh interpreter; raises BuildFailed with its last error line, or
+    the signal that killed it."""
+    r = subprocess.run([sys.executable, "-m", "trtseg.accel.aoti_package", folder], capture_output=True, text=True,
+                       timeout=BUILD_TIMEOUT)
+    if r.returncode == 0:
+        return
+    if r.returncode < 0:
+        raise BuildFailed(f"the build process died ({signal.Signals(-r.returncode).name})")
+    lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith(" ")]
+    raise BuildFailed(lines[-1] if lines else f"the build process exited with {r.returncode}")
+
+
+def _build_child(folder: str) -> None:
+    """In a fresh process: compiles ``folder``/exported.pt2 into ``folder``/package.pt2, loads it through the C++
+    loader, runs the check batch, and writes ``folder``/result.json (the relative error and the seconds); exits
+    with an error (one line) when the package's logits differ from the network's by more than
+    MAX_RELATIVE_ERROR."""
+    import importlib
+
+    spec = torch.load(os.path.join(folder, "check.pt"))
+    for module in spec["modules"]:  # registers the custom ops the exported graph calls
+        importlib.import_module(module)
+    t = time.perf_counter()
+    exported = torch.export.load(os.path.join(folder, "exported.pt2"))
+    path = os.path.join(folder, "package.pt2")
+    torch._inductor.aoti_compile_and_package(
+        exported, package_path=path, inductor_configs={"max_autotune": True} if spec["max_autotune"] else None)
+    device = torch.device(spec["device"])
+    x = spec["input"].to(device)  # its dtype and memory order kept
+    with torch.inference_mode():
+        got = _runner(path, device)(x).float().cpu()
+    want = spec["want"]
+    error = float((got - want).abs().max()) / (float(want.abs().max()) or 1.0)
+    if not error <= MAX_RELATIVE_ERROR:  # also refuses NaN
+        raise ValueError(f"its logits differ from the network's by {error:.3g} of their largest magnitude (at most "
+                         f"{MAX_RELATIVE_ERROR})")
+    with open(os.path.join(folder, "result.json"), "w") as f:
+        json.dump({"relative_error": round(error, 6), "compile_seconds": round(time.perf_counter() - t, 2)}, f)
 
 
 def _runner(path: str, device: torch.device):
@@ -214,3 +268,7 @@ def _sha256_file(path: str) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+if __name__ == "__main__":  # the build's child process (AotiPackageEntry.build)
+    _build_child(sys.argv[1])
