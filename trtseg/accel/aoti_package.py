@@ -45,6 +45,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from trtseg import storage
+from trtseg.accel.compile_cache import entry_base, fields_differing
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,7 @@ class AotiPackageEntry:
 
     def __init__(self, cache_url: str, fields: dict):
         self.fields = fields
-        self.key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
-        base = storage.join(cache_url, "aoti", fields["device"], self.key)
+        self.key, base = entry_base(cache_url, "aoti", fields)
         self.package_url, self.meta_url = base + ".pt2", base + ".json"
         self.status: str | None = None
         self.seconds: dict[str, float] = {}
@@ -90,9 +90,7 @@ class AotiPackageEntry:
         except Exception as e:
             return self._refuse(f"its description is unreadable ({type(e).__name__})")
         if meta.get("fields") != self.fields:
-            differ = sorted(k for k in set(self.fields) | set(meta.get("fields") or {})
-                            if (meta.get("fields") or {}).get(k) != self.fields.get(k))
-            return self._refuse(f"made for other {', '.join(differ)}")
+            return self._refuse(f"made for other {', '.join(fields_differing(self.fields, meta.get('fields')))}")
         if "unusable" in meta:
             self.status = f"unusable: {meta['unusable']}"
             return None

@@ -55,6 +55,18 @@ def key_fields(model_fingerprint: str, fold: str, engine_text: str, input_shape,
             "conv_configs": os.environ.get("TRTSEG_CONV_CONFIGS")}
 
 
+def entry_base(cache_url: str, folder: str, fields: dict) -> tuple[str, str]:
+    """(key, base URL without suffix) of an engine-cache entry for ``fields`` under ``folder``/<device>/."""
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
+    return key, storage.join(cache_url, folder, fields["device"], key)
+
+
+def fields_differing(expected: dict, recorded: dict | None) -> list[str]:
+    """The names of the fields whose values an entry's recorded fields do not match."""
+    recorded = recorded or {}
+    return sorted(k for k in set(expected) | set(recorded) if recorded.get(k) != expected.get(k))
+
+
 class CompileCacheEntry:
     """One compiled engine's entry: ``load`` before its first compiled call, ``save`` after its warm-up.
 
@@ -63,8 +75,7 @@ class CompileCacheEntry:
 
     def __init__(self, cache_url: str, fields: dict):
         self.fields = fields
-        self.key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
-        base = storage.join(cache_url, "compile", fields["device"], self.key)
+        self.key, base = entry_base(cache_url, "compile", fields)
         self.bin_url, self.meta_url = base + ".bin", base + ".json"
         self.status: str | None = None
 
@@ -79,9 +90,7 @@ class CompileCacheEntry:
         except Exception as e:  # unreadable: treat as corrupt
             return self._refuse(f"unreadable ({type(e).__name__})")
         if meta.get("fields") != self.fields:
-            differ = sorted(k for k in set(self.fields) | set(meta.get("fields") or {})
-                            if (meta.get("fields") or {}).get(k) != self.fields.get(k))
-            return self._refuse(f"made for other {', '.join(differ)}")
+            return self._refuse(f"made for other {', '.join(fields_differing(self.fields, meta.get('fields')))}")
         if hashlib.sha256(raw).hexdigest() != meta.get("sha256"):
             return self._refuse("its bytes do not match their hash")
         try:

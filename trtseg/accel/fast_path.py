@@ -29,7 +29,6 @@ CT looks like to the network) rather than white noise, whose masks flip on a tra
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -104,9 +103,10 @@ class Verdicts:
     """The engine cache's fast-path entries: ``get`` a checked verdict for ``fields``, ``put`` a new one."""
 
     def __init__(self, cache_url: str, fields: dict):
+        from trtseg.accel.compile_cache import entry_base
+
         self.fields = fields
-        key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
-        self.url = storage.join(cache_url, "fast_path", fields["device"], key + ".json")
+        self.url = entry_base(cache_url, "fast_path", fields)[1] + ".json"
         self.note: str | None = None
 
     def get(self) -> dict | None:
@@ -273,7 +273,7 @@ def _check(candidate, reference, fallback, model, batch_size: int) -> dict:
     plain = agreement(ref, masks(fallback, patches, batch))
     del fallback
     t = time.perf_counter()
-    got = masks(candidate, patches, batch)  # a compiled candidate builds its package here: the run's own compile
+    got = masks(candidate, patches, batch)  # a compiled candidate compiles here (or builds its package): the run's own
     seconds = time.perf_counter() - t
     if candidate.device.type == "cuda":
         torch.cuda.empty_cache()
