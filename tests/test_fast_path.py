@@ -179,7 +179,7 @@ def test_a_small_run_keeps_the_compiled_parts_when_their_packages_are_in_the_cac
     import json
 
     from trtseg.accel import compile_cache
-    from trtseg.accel.engines import package_entry
+    from trtseg.accel.aoti_package import AotiPackageEntry
     from trtseg.ensemble import ModelSet
     from trtseg.options import Settings, WindowOptions
     from trtseg.predict import SMALL_RUN_OFF, small_run_settings
@@ -196,7 +196,7 @@ def test_a_small_run_keeps_the_compiled_parts_when_their_packages_are_in_the_cac
     assert small_run_settings(models, settings, 1)[0].engine.off == set(SMALL_RUN_OFF)  # no package yet
     compiled = fast_path._with_parts(cuda, chosen)
     for fold in model.folds:
-        entry = package_entry(model, fold, compiled, device, cuda.cache)
+        entry = AotiPackageEntry(cuda.cache, compile_cache.model_key_fields(model, fold, compiled, device))
         os.makedirs(os.path.dirname(entry.package_url), exist_ok=True)
         open(entry.package_url, "wb").write(b"package")
         json.dump({"fields": entry.fields, "sha256": "0" * 64}, open(entry.meta_url, "w"))

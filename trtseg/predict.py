@@ -244,9 +244,11 @@ def small_run_settings(model: ModelSet, settings: Settings, n_cases: int) -> tup
     passes = n_cases * 2 ** len(axes)
     if not left or passes >= spec.compile_from:
         return settings, None
+    from trtseg.accel.engines import default_cache
     from trtseg.accel.fast_path import packages_ready
 
-    if all(packages_ready(m, spec, spec.resolved_device()) for m in model.models):
+    cache_url = spec.cache or default_cache()
+    if all(packages_ready(m, spec, spec.resolved_device(), cache_url) for m in model.models):
         return settings, None  # compiled packages from an earlier run: no start-up to earn back
     why = (f"{n_cases} case(s) x {2 ** len(axes)} mirroring(s) = {passes} passes, fewer than --compile-from "
            f"{spec.compile_from}: no {' or '.join(left)}, which cost more than they save on so few passes")

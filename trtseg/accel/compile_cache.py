@@ -55,6 +55,13 @@ def key_fields(model_fingerprint: str, fold: str, engine_text: str, input_shape,
             "conv_configs": os.environ.get("TRTSEG_CONV_CONFIGS")}
 
 
+def model_key_fields(model, fold: str, spec, device: torch.device) -> dict:
+    """``key_fields`` of one fold of ``model`` (a loaded model folder) under ``spec`` (an EngineSpec): the key of its
+    compiled code, in the compile cache and as a package alike."""
+    shape = (max(spec.batch_size, 1), model.num_input_channels, *model.patch_size)
+    return key_fields(model.fingerprint, fold, spec.text(), shape, device)
+
+
 def entry_base(cache_url: str, folder: str, fields: dict) -> tuple[str, str]:
     """(key, base URL without suffix) of an engine-cache entry for ``fields`` under ``folder``/<device>/."""
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]

@@ -85,9 +85,12 @@ def build_engine(model, fold: str, spec: "EngineSpec", kind: str, device: torch.
     if kind == "torch":
         cache = package = None
         if spec.compile:
-            from trtseg.accel.compile_cache import CompileCacheEntry
-            cache = CompileCacheEntry(cache_url, compiled_key_fields(model, fold, spec, device))
-            package = package_entry(model, fold, spec, device, cache_url) if spec.package else None
+            from trtseg.accel.compile_cache import CompileCacheEntry, model_key_fields
+            fields = model_key_fields(model, fold, spec, device)
+            cache = CompileCacheEntry(cache_url, fields)
+            if spec.package:
+                from trtseg.accel.aoti_package import AotiPackageEntry
+                package = AotiPackageEntry(cache_url, fields)
         return torch_engine(model.build_network(fold), spec, device, compile_cache=cache, package=package)
     if kind == "onnxruntime":
         from trtseg.accel.onnxruntime_engine import OnnxRuntimeEngine
@@ -108,21 +111,6 @@ def build_engine(model, fold: str, spec: "EngineSpec", kind: str, device: torch.
     from trtseg.accel.pycuda_runtime import PyCudaEngine
 
     return PyCudaEngine(engine_bytes)
-
-
-def compiled_key_fields(model, fold: str, spec: "EngineSpec", device: torch.device) -> dict:
-    """The fields that key one fold's compiled code in the engine cache (compile cache and packages alike)."""
-    from trtseg.accel.compile_cache import key_fields
-
-    shape = (max(spec.batch_size, 1), model.num_input_channels, *model.patch_size)
-    return key_fields(model.fingerprint, fold, spec.text(), shape, device)
-
-
-def package_entry(model, fold: str, spec: "EngineSpec", device: torch.device, cache_url: str | None = None):
-    """One fold's AOTInductor package entry (trtseg/accel/aoti_package.py) for ``spec`` (compiled)."""
-    from trtseg.accel.aoti_package import AotiPackageEntry
-
-    return AotiPackageEntry(cache_url or spec.cache or default_cache(), compiled_key_fields(model, fold, spec, device))
 
 
 def torch_engine(network: torch.nn.Module, spec: EngineSpec, device: torch.device | str | None = None,

@@ -131,10 +131,9 @@ class Verdicts:
 
 
 def _fields(model, spec: EngineSpec, device: torch.device, what: str) -> dict:
-    from trtseg.accel.compile_cache import key_fields
+    from trtseg.accel.compile_cache import model_key_fields
 
-    shape = (max(spec.batch_size, 1), model.num_input_channels, *model.patch_size)
-    fields = key_fields(model.fingerprint, model.folds[0], spec.text(), shape, device)
+    fields = model_key_fields(model, model.folds[0], spec, device)
     fields["what"] = what
     if what == "cuda":  # a verdict reached under another rule is checked again under this one
         fields["rule"] = f"min {MIN_AGREEMENT}, autocast slack {FALLBACK_SLACK}"
@@ -240,20 +239,22 @@ def _choose_cuda(model, spec: EngineSpec, device: torch.device, build: Builder, 
     return Choice(_with_parts(spec, chosen), chosen, skipped, check, "torch", engine)
 
 
-def packages_ready(model, spec: EngineSpec, device: torch.device) -> bool:
+def packages_ready(model, spec: EngineSpec, device: torch.device, cache_url: str) -> bool:
     """Whether the engines that ``choose`` would build for ``spec`` run compiled code from packages already in the
-    engine cache (its cached verdict chose compile, and every fold's package is there): then compiled code costs a
-    process no compile and no tracing (trtseg/accel/aoti_package.py), and even a run of one case takes it."""
-    from trtseg.accel.engines import default_cache, package_entry
+    engine cache at ``cache_url`` (its cached verdict chose compile, and every fold's package is there): then
+    compiled code costs a process no compile and no tracing (trtseg/accel/aoti_package.py), and even a run of one
+    case takes it."""
+    from trtseg.accel.aoti_package import AotiPackageEntry
+    from trtseg.accel.compile_cache import model_key_fields
 
     if not (spec.fast and spec.package) or device.type != "cuda" or not torch.cuda.is_available():
         return False
-    cache_url = spec.cache or default_cache()
     cached = Verdicts(cache_url, _fields(model, spec, device, "cuda")).get()
     if not cached or "compile" not in cached.get("chosen", []):
         return False
     chosen = _with_parts(spec, cached["chosen"])
-    return all(package_entry(model, fold, chosen, device, cache_url).exists() for fold in model.folds)
+    return all(AotiPackageEntry(cache_url, model_key_fields(model, fold, chosen, device)).exists()
+               for fold in model.folds)
 
 
 def _check(candidate, reference, fallback, model, batch_size: int) -> dict:
