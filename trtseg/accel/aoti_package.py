@@ -133,13 +133,11 @@ class AotiPackageEntry:
         log.warning("compiled package: %s %s; building it again", self.package_url, why)
         return None
 
-    def build(self, network: torch.nn.Module, example: torch.Tensor, device: torch.device, notes: dict | None = None,
-              max_autotune: bool = False):
+    def build(self, network: torch.nn.Module, example: torch.Tensor, device: torch.device, max_autotune: bool = False):
         """Exports ``network`` on ``example`` (the batch as the engine hands it: shape, dtype, memory order), then
-        compiles the package and checks it in a child process (``_build_child``), and writes the entry (with
-        ``notes``); returns the loaded runner, or None when the network cannot be packaged (the entry then says
-        why, and ``status`` too). ``max_autotune``: Inductor times Triton kernels against cuDNN's (--compile
-        max-autotune).
+        compiles the package and checks it in a child process (``_build_child``), and writes the entry; returns the
+        loaded runner, or None when the network cannot be packaged (the entry then says why, and ``status`` too).
+        ``max_autotune``: Inductor times Triton kernels against cuDNN's (--compile max-autotune).
 
         Why a child process: compiling and first running a package is where a GPU run died with SIGSEGV (see the
         module docstring), which no ``except`` catches. In a child, such a death makes the entry "unusable" and
@@ -177,7 +175,7 @@ class AotiPackageEntry:
             return None
         meta = {"fields": self.fields, "sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw),
                 "check": {"relative_error": result["relative_error"], "batch": list(example.shape)},
-                "seconds": self.seconds, **(notes or {})}
+                "seconds": self.seconds}
         storage.write_bytes_atomic(self.package_url, raw)
         self._write_meta(meta)  # last: an entry is complete when its description is there
         runner = self.load(device)
@@ -256,7 +254,6 @@ def _runner(path: str, device: torch.device):
     def run(batch: torch.Tensor) -> torch.Tensor:
         return loader.run([batch])[0]
 
-    run.loader = loader  # type: ignore[attr-defined]
     return run
 
 

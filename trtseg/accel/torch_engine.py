@@ -91,8 +91,10 @@ class TorchEngine(Engine):
             torch.backends.cudnn.benchmark = True  # fixed tile shapes: let cuDNN pick the fastest kernels, as nnU-Net does
         self._fn: Callable[[torch.Tensor], torch.Tensor] = runner if runner is not None else self.network
         self._package_shape = _package_shape(self.package) if runner is not None else None
-        self._compile_pending = bool(compile) and runner is None
-        if self._compile_pending and self.package is None:
+        # with a package entry but no package, the first batch builds it (``_compile``); without an entry,
+        # torch.compile's wrapper is set up now
+        self._compile_pending = self.package is not None and runner is None
+        if compile and self.package is None:
             self._torch_compile()
         self.compiled = bool(compile)
         if cuda_graphs and self.device.type != "cuda":
