@@ -2,15 +2,17 @@
 
     python -m benchmarks.predict_vs_nnunet [--cases 16 64] [--nnunet-cases 1 16] [--mirrored-cases 1]
         [--nnunet-timeout S] [--no-one-ct] [--shape 512 512 240] [--json F] [--ray-from-cases N] [--skip-nnunet]
+        [--trtseg-flags=--compiled-package ...]
 
 Each step is one whole process, timed from its start to its exit: imports, model load, engine build or cache load,
 the fast path's check, warm-up, every case's read, inference, export and write.
 
 1. `trtseg predict -i ONE_CT` with an empty engine cache (cold: the fast path's fp32 check runs; one case runs
    without compile and fused norms, see --compile-from);
-2. the same into another output folder, with the cache the first run left (warm: the verdict loaded);
-3. `trtseg predict` on the first count of --cases with no compiled code in the cache yet (its check and compile
+2. `trtseg predict` on the first count of --cases with no compiled code in the cache yet (its check and compile
    run), then on each count of --cases, warm (verdict and compiled code loaded); --cases may be empty;
+3. the one CT again, into another output folder, with the cache the runs before left (warm: the verdict loaded,
+   and the compiled parts where a small run keeps them, see trtseg.predict.small_run_settings);
 4. `trtseg predict --no-fast --precision fp32` on the first CT: the reference the default's masks are compared with;
 5. with --mirrored-cases M: `trtseg predict` and `nnUNetv2_predict` on M CTs with mirroring, both sides' default
    (trtseg twice when no step before compiled: first compiling, then warm);
@@ -25,7 +27,8 @@ a running process, also for a run --nnunet-timeout cuts off (then a lower bound 
 512x512x240 volumes at 0.7 x 0.7 x 1.25 mm, four distinct ones copied to fill a count. Reported: each step's
 seconds, the run report's start-up and per-case seconds, what the fast path chose and where from, the compile
 cache's status, volumes per GPU-hour, and voxel agreement of the default's masks with fp32's and nnUNetv2's. Results
-are written after each step, so a run cut short keeps what it measured.
+are written after each step, so a run cut short keeps what it measured. --trtseg-flags: flags added to every
+trtseg run but the fp32 reference (an option under test, such as --compiled-package; the default is none).
 """
 from __future__ import annotations
 
@@ -91,6 +94,8 @@ def main() -> None:
     ap.add_argument("--shape", nargs=3, type=int, default=[512, 512, 240])
     ap.add_argument("--ray-from-cases", default=None, help="passed to trtseg predict (default: its own)")
     ap.add_argument("--skip-nnunet", action="store_true")
+    ap.add_argument("--trtseg-flags", nargs="*", default=[], help="added to every trtseg run but the fp32 reference "
+                    "(pass as --trtseg-flags=--FLAG)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="trtseg_predict_")
@@ -103,7 +108,8 @@ def main() -> None:
     out: dict = {"scenario": "predict_vs_nnunet", "machine": machine(), "shape_xyz": args.shape,
                  "mirroring": "off unless a run's name says mirroring",
                  "setup_seconds": round(time.perf_counter() - t, 1),
-                 "trtseg_command": "trtseg predict -i IN -o OUT -m MODEL --disable-tta --no-progress",
+                 "trtseg_command": " ".join(["trtseg predict -i IN -o OUT -m MODEL --disable-tta --no-progress",
+                                             *args.trtseg_flags]),
                  "nnunetv2_command": "nnUNetv2_predict -i IN -o OUT -d 89 -c 3d_fullres -f 0 --disable_tta",
                  "runs": {}, "nnunetv2_runs": {}}
     env = {**os.environ, "TRTSEG_CACHE": os.environ.get("TRTSEG_CACHE") or os.path.join(work, "cache"),
@@ -112,6 +118,7 @@ def main() -> None:
 
     def trtseg(name: str, n: int, *flags: str, tta: bool = False) -> None:
         dest = os.path.join(work, name)
+        flags = flags or tuple(args.trtseg_flags)
         cmd = [sys.executable, "-m", "trtseg.cli", "predict", "-i", inputs[n], "-o", dest, "-m", model,
                *([] if tta else ["--disable-tta"]), "--no-progress", *extra, *flags]
         t0 = time.perf_counter()
@@ -127,7 +134,7 @@ def main() -> None:
                 case_seconds=[c.get("seconds") for c in rep["cases"]][:4],
                 engine={k: engine.get(k) for k in ("engine", "precision", "compiled", "channels_last", "fp16_weights",
                                                    "folded_convolutions", "merged_upsamplings", "fused_norms",
-                                                   "compile_cache", "fast_path")})
+                                                   "compile_cache", "package", "fast_path")})
         else:
             entry["error"] = (r.stdout + r.stderr)[-3000:]
         out["runs"][name] = entry
@@ -178,7 +185,6 @@ def main() -> None:
 
     if not args.no_one_ct:
         trtseg("one_ct_cold_cache", 1)
-        trtseg("one_ct_warm_cache", 1)
     if args.cases:
         trtseg(f"cts{args.cases[0]}_first_compile", args.cases[0])
     for n in args.cases:
@@ -188,6 +194,7 @@ def main() -> None:
             trtseg(f"cts{args.mirrored_cases}_mirroring_first_compile", args.mirrored_cases, tta=True)
         trtseg(f"cts{args.mirrored_cases}_mirroring_warm_cache", args.mirrored_cases, tta=True)
     if not args.no_one_ct:
+        trtseg("one_ct_warm_cache", 1)
         trtseg("one_ct_fp32_reference", 1, "--no-fast", "--precision", "fp32")
         if all(out["runs"][k]["exit"] == 0 for k in ("one_ct_warm_cache", "one_ct_fp32_reference")):
             out["agreement_default_vs_fp32"] = _agreement(os.path.join(work, "one_ct_warm_cache"),
