@@ -247,17 +247,26 @@ _KEY = re.compile(r"^[0-9]+(/[0-9]+)?(\+slots)?$")
 def parse_conv_configs(text: str) -> dict[str, tuple[int, int, int, int, int]]:
     """"KEY:BLOCK_X,ROWS,WARPS,STAGES,KX;..." (KEY as in ``CONV_CONFIGS``) -> {key: config}; a malformed entry is
     refused with the reason."""
-    table: dict[str, tuple[int, int, int, int, int]] = {}
+    return parse_launch_configs(text, "TRTSEG_CONV_CONFIGS", _KEY, "FOLD[/CIN][+slots]:BLOCK_X,ROWS,WARPS,STAGES,KX "
+                                "(positive integers)")
+
+
+def parse_launch_configs(text: str, variable: str, key: re.Pattern, syntax: str, powers_of_two: int = 0
+                         ) -> dict[str, tuple[int, ...]]:
+    """The launch-configuration tables the kernels' environment variables hold: "KEY:N,N,N,N,N;..." -> {key: five
+    positive integers, the first ``powers_of_two`` of them powers of two}; an entry that is not is refused, naming
+    ``variable`` and the ``syntax``."""
+    table: dict[str, tuple[int, ...]] = {}
     for entry in filter(None, (e.strip() for e in text.split(";"))):
         try:
-            key, values = (part.strip() for part in entry.split(":"))
+            name, values = (part.strip() for part in entry.split(":"))
             config = tuple(int(v) for v in values.split(","))
-            if not _KEY.match(key) or len(config) != 5 or min(config) < 1:
+            if not key.match(name) or len(config) != 5 or min(config) < 1 or any(
+                    c & (c - 1) for c in config[:powers_of_two]):
                 raise ValueError
         except ValueError:
-            raise ValueError(f"TRTSEG_CONV_CONFIGS: entry {entry!r} is not FOLD[/CIN][+slots]:BLOCK_X,ROWS,WARPS,"
-                             f"STAGES,KX (positive integers)") from None
-        table[key] = config  # type: ignore[assignment]
+            raise ValueError(f"{variable}: entry {entry!r} is not {syntax}") from None
+        table[name] = config
     return table
 
 

@@ -1,0 +1,141 @@
+"""The 8-bit convolution kernel (trtseg/accel/rewrites/conv8.py) against the 8-bit reference (trtseg/accel/quant8.py).
+
+Without a GPU, Triton runs the kernel in its interpreter (conftest sets TRITON_INTERPRET=1) on CPU tensors: the same
+kernel code, index arithmetic, masks and epilogue. On a CUDA machine the same tests run the compiled kernel."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton", reason="the 8-bit kernel is a Triton kernel (pip install triton)")
+
+from trtseg.accel import quant8  # noqa: E402
+from trtseg.accel.rewrites import conv8  # noqa: E402
+from trtseg.accel.torch_engine import _fp16_with_fp32_norms  # noqa: E402
+
+CL = torch.channels_last_3d
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SMALL = (32, 32, 32, 4, 1)  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages: several blocks on small volumes
+
+
+def _input(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 2).half().to(DEVICE).contiguous(memory_format=CL)
+
+
+def _layer(cin, cout, kernel, stride, seed=1):
+    torch.manual_seed(seed)
+    layer = torch.nn.Conv3d(cin, cout, kernel, stride=stride, padding=tuple(k // 2 for k in kernel))
+    return layer.to(DEVICE)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+@pytest.mark.parametrize("cin,cout,kernel,stride,size", [
+    (1, 8, (3, 3, 3), (1, 1, 1), (5, 6, 7)),      # the stem: one input channel, a 32-deep block mostly masked
+    (16, 20, (3, 3, 3), (2, 2, 2), (7, 6, 9)),    # strided, odd sizes, output channels not a power of two
+    (40, 16, (1, 3, 3), (1, 2, 2), (3, 8, 6)),    # anisotropic kernel and stride, input channels over two blocks
+], ids=["stem", "strided", "anisotropic"])
+def test_kernel_computes_the_8_bit_reference(fmt, cin, cout, kernel, stride, size):
+    """The kernel's output on quantized inputs equals the reference's function: int8 exactly (integer sums, then the
+    same fp32 epilogue), fp8 up to the order of the fp32 sums; with the stride's output shape."""
+    layer = _layer(cin, cout, kernel, stride)
+    x = _input((2, cin, *size))
+    scale = float(x.float().abs().max()) / quant8.FORMATS[fmt][1] * 0.8  # some inputs saturate
+    taps, w_scales = conv8.tap_weights(layer.weight, fmt)
+    bias = layer.bias.detach().float()
+    xq = quant8.quantize(x, scale, fmt).contiguous(memory_format=CL)
+    got = conv8.conv8(xq, taps, w_scales, bias, scale, kernel, stride, config=SMALL)
+    with torch.no_grad():
+        want_shape = layer(x.float()).shape
+    assert got.shape == want_shape and got.dtype == torch.float16 and got.is_contiguous(memory_format=CL)
+    # the reference: quantized input and weights as quant8 defines them; their products summed exactly in float64
+    wq = quant8.quantize(layer.weight.detach().float(), quant8.weight_scales(layer.weight, fmt), fmt).double()
+    sums = F.conv3d(xq.double(), wq, None, stride, layer.padding)
+    want = (sums.float() * (torch.tensor(scale, dtype=torch.float32) * w_scales).view(1, -1, 1, 1, 1)
+            + bias.view(1, -1, 1, 1, 1)).half()
+    if fmt == "int8" and DEVICE == "cpu":
+        assert torch.equal(got, want)
+    else:  # fp32 sums in the kernel's order (and, compiled, contracted multiply-adds)
+        assert (got.float() - want.float()).abs().max() <= 2e-3 * want.float().abs().max()
+    # and the reference module computes the same function in float32
+    ref = quant8.QuantConv(layer, scale, fmt)(x.float())
+    assert (got.float() - ref).abs().max() <= 2e-3 * ref.abs().max()
+
+
+class _Net(torch.nn.Module):
+    """Strided encoder convolutions with InstanceNorm + LeakyReLU, a transposed convolution and a 1x1x1 head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv3d(1, 8, 3, padding=1)
+        self.n1 = torch.nn.InstanceNorm3d(8, affine=True)
+        self.down = torch.nn.Conv3d(8, 16, 3, stride=2, padding=1)
+        self.n2 = torch.nn.InstanceNorm3d(16, affine=True)
+        self.up = torch.nn.ConvTranspose3d(16, 8, 2, stride=2)
+        self.seg_layers = torch.nn.ModuleList([torch.nn.Conv3d(8, 3, 1)])
+
+    def forward(self, x):
+        a = F.leaky_relu(self.n1(self.stem(x)), 0.01)
+        b = F.leaky_relu(self.n2(self.down(a)), 0.01)
+        return self.seg_layers[0](self.up(b) + a)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_network_with_8_bit_kernels_gives_the_reference_networks_masks(fmt):
+    """Calibrated on patches, the fp16 channels-last network with its convolutions on the 8-bit kernel gives the
+    masks of quant8's reference network (float32) on other patches; the transposed convolution and the head stay as
+    they were."""
+    torch.manual_seed(0)
+    net = _Net().eval()
+    patches = torch.randn(3, 1, 8, 12, 12)
+    scales = quant8.calibrate(net, patches, fmt, "percentile")
+    assert set(scales) == {"stem", "down", "up"}
+    reference = quant8.quantize_network(net, scales, fmt)
+    fast = _fp16_with_fp32_norms(copy.deepcopy(net)).to(DEVICE).to(memory_format=CL)
+    replaced = conv8.quantize_convolutions(fast, scales, fmt)
+    assert replaced == ["stem", "down"]
+    fast = fast.to(memory_format=CL)  # a conversion after the rewrite leaves the 8-bit weights alone
+    taps_dtype = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}[fmt]
+    assert fast.stem.taps.dtype == taps_dtype and fast.stem.weight_scales.dtype == torch.float32
+    x = torch.randn(2, 1, 8, 12, 12)
+    with torch.no_grad():
+        want = reference(x)
+        got = fast(x.half().to(DEVICE).contiguous(memory_format=CL)).float().cpu()
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 0.02 * want.abs().max()  # fp16 weights and activations between the layers
+    assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.99
+
+
+def test_layers_off_the_kernels_path_run_the_reference():
+    """A float32 input (a CPU engine) runs quant8.QuantConv's function; unsupported layers are refused."""
+    layer = torch.nn.Conv3d(4, 6, 3, padding=1)
+    m = conv8.Conv8(layer, 0.05, "fp8")
+    x = torch.randn(1, 4, 5, 5, 5)
+    assert not m.kernel_runs(x)
+    assert torch.equal(m(x), quant8.QuantConv(layer, 0.05, "fp8")(x))
+    m.half()  # a module conversion leaves the 8-bit weights, their fp32 scales and the reference as they are
+    assert m.taps.dtype == torch.float8_e4m3fn and m.weight_scales.dtype == torch.float32
+    assert torch.equal(m(x), quant8.QuantConv(layer, 0.05, "fp8")(x))
+    for other in (torch.nn.Conv3d(4, 6, 3, padding=0), torch.nn.Conv3d(4, 6, 3, padding=1, dilation=2),
+                  torch.nn.Conv3d(4, 4, 3, padding=1, groups=2), torch.nn.ConvTranspose3d(4, 6, 2, stride=2)):
+        assert not conv8.supports(other)
+    with pytest.raises(ValueError, match="not a convolution the 8-bit kernel computes"):
+        conv8.Conv8(torch.nn.Conv3d(4, 6, 3), 0.05, "fp8")
+
+
+def test_launch_configurations_from_the_environment_syntax():
+    assert conv8.parse_configs("32/32/1:128,32,32,4,3; *:64,64,64,8,2") == {
+        "32/32/1": (128, 32, 32, 4, 3), "*": (64, 64, 64, 8, 2)}
+    for bad in ("32/32:128,32,32,4,3", "*:128,48,32,4,3", "*:128,32,32,4"):
+        with pytest.raises(ValueError, match="TRTSEG_CONV8_CONFIGS"):
+            conv8.parse_configs(bad)
+    x = torch.zeros(1, 4, 3, 3, 3).to(torch.int8).contiguous(memory_format=CL)
+    taps, scales = conv8.tap_weights(torch.ones(2, 4, 3, 3, 3), "fp8")
+    with pytest.raises(ValueError, match="int8 input with torch.float8_e4m3fn weights"):
+        conv8.conv8(x, taps, scales, None, 1.0, (3, 3, 3), (1, 1, 1))
+    with pytest.raises(ValueError, match="fp8 or int8 channels-last-3d input"):
+        conv8.conv8(x.half(), taps, scales, None, 1.0, (3, 3, 3), (1, 1, 1))
+    assert conv8.config_for(1, 8, 1)[1:3] == (32, 32)  # no wider than the layer's channels need
