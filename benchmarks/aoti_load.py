@@ -157,18 +157,12 @@ def main() -> None:
 
     import torch
 
-    from benchmarks.case_latency import make_fullres_model
+    from benchmarks.case_latency import make_benchmark_model
     from benchmarks.common import machine, save
-    from trtseg import synthetic as syn
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     work = tempfile.mkdtemp(prefix="trtseg_aoti_")
-    if args.small:
-        folder = syn.make_model_folder(os.path.join(work, "m"), folds=(0,), patch_size=(32, 48, 48),
-                                       spacing=(1.0, 0.78, 0.78), features=(8, 16, 32, 64),
-                                       dataset_json=syn.dataset_dict(num_channels=1, num_labels=4))
-    else:
-        folder = make_fullres_model(os.path.join(work, "m"))
+    folder = make_benchmark_model(os.path.join(work, "m"), args.small)
     out: dict = {"scenario": "aoti_load", "machine": machine(), "device": device, "batch": args.batch,
                  "small": args.small, "configs": {}}
     for config in args.configs:
