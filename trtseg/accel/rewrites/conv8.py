@@ -59,7 +59,7 @@ if triton is not None:
                       BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
         """Program (voxel block, channel block): y[m, n] for BLOCK_M output voxels m (b, oz, oy, ox flattened) and
         BLOCK_N output channels n, from the 8-bit input x (FMT 0: fp8 e4m3, 1: int8). Depth: KZ*KY*KX taps, each
-        CIN channels in blocks of BLOCK_K (the weights' rows tap*CIN + c, zero past CIN); padding KZ//2, KY//2,
+        CIN channels in blocks of BLOCK_K (the weights' columns tap*CIN + c, zero past CIN); padding KZ//2, KY//2,
         KX//2."""
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -85,7 +85,7 @@ if triton is not None:
             ok = (m < M) & (iz >= 0) & (iz < D) & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
             row = ((b * D + iz).to(tl.int64) * H + iy) * W + ix
             a = tl.load(x_ptr + row[:, None] * CIN + c[None, :], mask=ok[:, None] & (c < CIN)[None, :], other=0.0)
-            w = tl.load(w_ptr + (tap * CIN + c)[:, None] * COUT + n[None, :],
+            w = tl.load(w_ptr + n[None, :] * (KZ * KY * KX * CIN) + (tap * CIN + c)[:, None],
                         mask=(c < CIN)[:, None] & (n < COUT)[None, :], other=0.0)
             acc = tl.dot(a, w, acc)
         out = acc.to(tl.float32) * (in_scale * tl.load(wscale_ptr + n, mask=n < COUT, other=0.0))[None, :]
@@ -108,13 +108,15 @@ def supports(layer: torch.nn.Module) -> bool:
 
 
 def tap_weights(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(COUT, CIN, KZ, KY, KX) float -> (taps*CIN, COUT) in ``fmt`` (row tap*CIN + c, tap = (dz*KY + dy)*KX + dx)
-    and the per-output-channel scales (COUT,) float32 (``quant8.weight_scales``)."""
+    """(COUT, CIN, KZ, KY, KX) float -> (COUT, taps*CIN) in ``fmt`` (column tap*CIN + c, tap = (dz*KY + dy)*KX + dx)
+    and the per-output-channel scales (COUT,) float32 (``quant8.weight_scales``). Each output channel's weights are
+    contiguous along the product's depth: the order Hopper's 8-bit matrix instructions take the second operand in
+    (Triton's fp8 matrix-multiplication tutorial transposes it so)."""
     w = weight.detach().float()
     scales = quant8.weight_scales(w, fmt, 0)
     q = quant8.quantize(w, scales, fmt)  # (COUT, CIN, KZ, KY, KX)
-    cout, cin = w.shape[:2]
-    taps = q.permute(2, 3, 4, 1, 0).reshape(-1, cout).contiguous()
+    cout = w.shape[0]
+    taps = q.permute(0, 2, 3, 4, 1).reshape(cout, -1).contiguous()
     return taps, scales.reshape(cout).contiguous()
 
 
@@ -164,9 +166,9 @@ def conv8(xq: torch.Tensor, taps: torch.Tensor, weight_scales: torch.Tensor, bia
     b, cin, d, h, w = xq.shape
     kz, ky, kx = kernel
     sz, sy, sx = stride
-    cout = taps.shape[1]
-    if taps.shape[0] != kz * ky * kx * cin:
-        raise ValueError(f"conv8: {taps.shape[0]} weight rows for a {kernel} kernel over {cin} input channels")
+    cout = taps.shape[0]
+    if taps.shape[1] != kz * ky * kx * cin:
+        raise ValueError(f"conv8: {taps.shape[1]} weights a channel for a {kernel} kernel over {cin} input channels")
     od, oh, ow = ((n + 2 * (k // 2) - k) // s + 1 for n, k, s in ((d, kz, sz), (h, ky, sy), (w, kx, sx)))
     y = torch.empty((b, cout, od, oh, ow), device=xq.device, dtype=torch.float16, memory_format=CHANNELS_LAST)
     m = b * od * oh * ow
@@ -190,7 +192,7 @@ def _conv8_op(xq: torch.Tensor, taps: torch.Tensor, weight_scales: torch.Tensor,
 def _(x, taps, weight_scales, bias, input_scale, kernel, stride):
     b, cin, *size = x.shape
     out = [(n + 2 * (k // 2) - k) // s + 1 for n, k, s in zip(size, kernel, stride)]
-    return torch.empty((b, taps.shape[1], *out), device=x.device, dtype=torch.float16, memory_format=CHANNELS_LAST)
+    return torch.empty((b, taps.shape[0], *out), device=x.device, dtype=torch.float16, memory_format=CHANNELS_LAST)
 
 
 class Conv8(torch.nn.Module):
