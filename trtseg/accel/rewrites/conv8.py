@@ -27,8 +27,9 @@ Values: the products of 8-bit values are exact in the fp32 (fp8) and int32 (int8
 ``quant8.QuantConv``'s function up to the order of its fp32 sums (int8: exactly, up to the epilogue's rounding).
 ``tests/test_conv8.py`` checks that in Triton's interpreter on the CPU.
 
-Not yet measured on a GPU: which tile configurations are fastest (``CONV8_CONFIGS``), and whether the network beats
-the fp16 engine (``python -m benchmarks.conv8_throughput``).
+Not yet measured on a GPU: which tile configurations are fastest (``CONV8_CONFIGS``), whether Inductor fuses the
+quantization into the producing kernels as intended, and whether the network beats the fp16 engine (``python -m
+benchmarks.conv8_throughput``).
 """
 from __future__ import annotations
 
