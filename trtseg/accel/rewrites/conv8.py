@@ -10,8 +10,9 @@ BLOCK_N output channels, gathering its inputs tap by tap from the channels-last-
 
 Where the quantization happens: in the kernel that produces the activation. ``Conv8`` quantizes its fp16 input with
 torch's elementwise ops (``quant8.quantize``: divided by the layer's calibrated input scale, saturated, int8 rounded
-half to even); under torch.compile, Inductor fuses them into the kernel before (the normalization and LeakyReLU, or
-the decoder's concatenation), which then writes one byte a value besides or instead of two, and no pass is added.
+half to even), which torch.compile's Inductor can fuse into the kernel before (the normalization and LeakyReLU, or
+the decoder's concatenation); that kernel then writes one byte a value besides or instead of two, and no pass is
+added.
 Quantizing as the convolution loads its input was not kept: each input value is loaded once per tap (27 times),
 and rounding it each time would cost the SM's arithmetic units several times the 8-bit matrix product's time. The
 activations stay fp16 where the normalizations read them, and the normalizations stay in fp32
@@ -20,8 +21,9 @@ multiplies the fp32 (fp8) or int32 (int8) sums by input scale x weight scale, ad
 
 Which layers: 3-D convolutions with groups 1, dilation 1 and zero padding kernel//2 (nnU-Net's 3x3x3 and
 anisotropic 1x3x3 convolutions, any stride), except the segmentation head (``quant8.quantizable_layers``).
-Transposed convolutions stay in the engine's fp16: their sums of 8-bit products overflow fp16 outputs, and they are
-a few percent of the network's multiply-adds.
+Transposed convolutions stay in the engine's fp16: cuDNN's fp16 convolution of their 8-bit values would overflow
+(products up to 448^2), this kernel does not compute them, and they are a few percent of the network's
+multiply-adds.
 
 Values: the products of 8-bit values are exact in the fp32 (fp8) and int32 (int8) accumulators, so a layer computes
 ``quant8.QuantConv``'s function up to the order of its fp32 sums (int8: exactly, up to the epilogue's rounding).
@@ -232,9 +234,9 @@ class Conv8(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.kernel_runs(x):
             return self.reference(x)
-        # quantized by torch's elementwise ops: under torch.compile, Inductor fuses them into the kernel that
+        # quantized by torch's elementwise ops: under torch.compile, Inductor can fuse them into the kernel that
         # produces x (the normalization and activation before, or the decoder's concatenation), which then writes
-        # one byte a value instead of two; eagerly they are a pass of their own
+        # one byte a value; eagerly they are a pass of their own
         xq = quant8.quantize(x, self.input_scale, self.fmt).contiguous(memory_format=CHANNELS_LAST)
         return _conv8_op(xq, self.taps, self.weight_scales, self.bias, self.input_scale, list(self.kernel),
                          list(self.stride))

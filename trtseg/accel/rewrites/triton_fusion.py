@@ -248,7 +248,7 @@ def parse_conv_configs(text: str) -> dict[str, tuple[int, int, int, int, int]]:
     """"KEY:BLOCK_X,ROWS,WARPS,STAGES,KX;..." (KEY as in ``CONV_CONFIGS``) -> {key: config}; a malformed entry is
     refused with the reason."""
     return parse_launch_configs(text, "TRTSEG_CONV_CONFIGS", _KEY, "FOLD[/CIN][+slots]:BLOCK_X,ROWS,WARPS,STAGES,KX "
-                                "(positive integers)")
+                                "(positive integers)")  # type: ignore[return-value]
 
 
 def parse_launch_configs(text: str, variable: str, key: re.Pattern, syntax: str, powers_of_two: int = 0
