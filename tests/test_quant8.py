@@ -78,8 +78,8 @@ def test_the_calibration_methods_clip_outliers_as_they_should():
 
 def test_the_reference_network_passes_the_gate_and_a_bad_calibration_is_refused(small_model, tmp_path):
     """The model's fold 0 in fp8 and int8, calibrated on real patches, against fp32 through whole cases: the
-    accuracy gate accepts it; the same network with input scales 1000 times too small (every activation saturated)
-    loses Dice and is refused at the same --max-dice-drop."""
+    accuracy gate accepts it at a --max-dice-drop that the same network with input scales 1000 times too small
+    (every activation saturated) exceeds, and the default --max-dice-drop refuses it."""
     from trtseg.accel.patches import sample_patches
 
     cases_dir = str(tmp_path / "cal")
@@ -98,11 +98,34 @@ def test_the_reference_network_passes_the_gate_and_a_bad_calibration_is_refused(
         bad_scales = {n: s / 1000 for n, s in scales.items()}
         bad = accuracy_report(model, fp32, [TorchEngine(quant8.quantize_network(net, bad_scales, fmt), "cpu")],
                               cases, predict)
-        assert good["min_voxel_agreement"] > 0.97, (fmt, good)
-        ok, why = gate(good, 0.05)
+        # the test model is small with random weights, so 8 bits move its masks more than a trained network's:
+        # every layer quantized, fp8 agreed on 0.960 of voxels (label 1's Dice 0.77), int8 on 0.982 (0.88), the bad
+        # calibration on 0.49
+        assert good["min_voxel_agreement"] > 0.95 and bad["min_voxel_agreement"] < 0.6, (fmt, good, bad)
+        ok, why = gate(good, 0.3)
         assert ok, (fmt, why)
-        refused, why = gate(bad, 0.05)
-        assert not refused and "more than --max-dice-drop 0.05" in why, (fmt, bad)
+        refused, why = gate(bad, 0.3)
+        assert not refused and "more than --max-dice-drop 0.3" in why, (fmt, bad)
+        refused, why = gate(good, 0.005)  # the default --max-dice-drop refuses what this model loses
+        assert not refused, (fmt, why)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_every_calibrated_layer_of_an_nnunet_network_runs_quantized(small_model, fmt):
+    """nnU-Net's blocks call their convolution through a Sequential that holds it besides their ``conv`` attribute:
+    the reference network quantizes every calibrated layer on the forward pass, not only the attributes."""
+    model = load_model_folder(small_model, ["0"])
+    net = model.build_network("0").eval()
+    x = torch.randn(1, 1, *[min(s, 32) for s in model.patch_size])
+    scales = quant8.calibrate(net, x, fmt, "minmax")
+    ran = []
+    q = quant8.quantize_network(net, scales, fmt)
+    for m in q.modules():
+        if isinstance(m, quant8.QuantConv):
+            m.register_forward_hook(lambda *_: ran.append(1))
+    with torch.no_grad():
+        q(x)
+    assert len(scales) > 4 and len(ran) == len(scales)
 
 
 def test_the_calibration_key_covers_what_the_scales_depend_on():

@@ -175,13 +175,21 @@ class QuantConv(torch.nn.Module):
         return y.to(x.dtype)
 
 
+def replace_layers(network: torch.nn.Module, replacements: dict[str, torch.nn.Module]) -> None:
+    """Puts each module of ``replacements`` (by module name) in place of that layer, wherever ``network`` holds it:
+    nnU-Net's blocks call their convolution through an ``all_modules`` Sequential that holds the same module as
+    their ``conv`` attribute, so replacing the attribute alone would leave the forward pass unchanged."""
+    by_id = {id(network.get_submodule(name)): new for name, new in replacements.items()}
+    for parent in list(network.modules()):
+        for child_name, child in list(parent.named_children()):
+            if id(child) in by_id:
+                setattr(parent, child_name, by_id[id(child)])
+
+
 def quantize_network(network: torch.nn.Module, input_scales: dict[str, float], fmt: str) -> torch.nn.Module:
     """A copy of ``network`` whose layers named in ``input_scales`` (``calibrate``'s result) run as QuantConv."""
     net = copy.deepcopy(network)
-    for name, scale in input_scales.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = net.get_submodule(parent_name) if parent_name else net
-        setattr(parent, child, QuantConv(getattr(parent, child), scale, fmt))
+    replace_layers(net, {name: QuantConv(net.get_submodule(name), scale, fmt) for name, scale in input_scales.items()})
     return net
 
 
