@@ -5,6 +5,7 @@ kernel code, index arithmetic, masks and epilogue. On a CUDA machine the same te
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -139,3 +140,65 @@ def test_launch_configurations_from_the_environment_syntax():
     with pytest.raises(ValueError, match="fp8 or int8 channels-last-3d input"):
         conv8.conv8(x.half(), taps, scales, None, 1.0, (3, 3, 3), (1, 1, 1))
     assert conv8.config_for(1, 8, 1)[1:3] == (32, 32)  # no wider than the layer's channels need
+
+
+def test_network_rewrite_reaches_the_convolutions_nnunet_blocks_call(small_model):
+    """nnU-Net's blocks call their convolution through an all_modules Sequential: every replaced layer runs the
+    8-bit module on the forward pass, and the network's masks are the reference network's."""
+    from trtseg.model_folder import load_model_folder
+
+    model = load_model_folder(small_model, ["0"])
+    net = model.build_network("0").eval()
+    patch = [min(s, 16) for s in model.patch_size]
+    scales = quant8.calibrate(net, torch.randn(2, 1, *patch), "int8", "minmax")
+    fast = _fp16_with_fp32_norms(copy.deepcopy(net)).to(DEVICE).to(memory_format=CL)
+    replaced = conv8.quantize_convolutions(fast, scales, "int8")
+    ran = []
+    for m in fast.modules():
+        if isinstance(m, conv8.Conv8):
+            m.register_forward_hook(lambda *_: ran.append(1))
+    x = torch.randn(1, 1, *patch)
+    with torch.no_grad():
+        got = fast(x.half().to(DEVICE).contiguous(memory_format=CL)).float().cpu()
+        want = quant8.quantize_network(net, scales, "int8")(x)
+    assert len(replaced) > 4 and len(ran) == len(replaced)
+    # fp16 activations between the layers move some values across a quantization step of this small random
+    # network, so its masks are close to the float32 reference's, not equal (each layer alone is exact, above): 0.971
+    assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.95
+
+
+_COMPILE = """
+import sys, triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from trtseg.accel.rewrites import conv8
+for fmt, cin, cout, stride, (bm, bn, bk, warps, stages) in [("fp8", 1, 32, 1, (128, 32, 32, 4, 3)),
+        ("int8", 1, 32, 1, (128, 32, 32, 4, 3)), ("fp8", 32, 64, 2, (128, 64, 32, 8, 3)),
+        ("int8", 320, 320, 1, (64, 64, 64, 4, 4))]:
+    ptr = {"fp8": "*fp8e4nv", "int8": "*i8"}[fmt]
+    consts = dict(CIN=cin, COUT=cout, KZ=3, KY=3, KX=3, SZ=stride, SY=stride, SX=stride, FMT=conv8.FMT_CODES[fmt],
+                  HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages)
+    sig = {"x_ptr": ptr, "w_ptr": ptr, "wscale_ptr": "*fp32", "bias_ptr": "*fp32", "y_ptr": "*fp16",
+           "in_scale": "fp32", **{a: "i32" for a in ("M", "D", "H", "W", "OD", "OH", "OW")},
+           **{c: "constexpr" for c in consts}}
+    kernel = triton.compile(ASTSource(fn=conv8._conv8_kernel, signature=sig, constexprs=consts),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    print(fmt, cin, cout, "wgmma" in kernel.asm["ptx"])
+"""
+
+
+def test_kernel_compiles_for_hopper_without_a_gpu():
+    """Triton compiles the kernel for sm_90 (an H100/H200) on a machine without a GPU, through PTX and ptxas: both
+    formats, the stem's single input channel, a strided layer and 320 channels, each on Hopper's warp-group matrix
+    instructions, with the Triton installed here. (Triton 3.6, on the GPU machine, refused int8 products summed into
+    an int32 accumulator without out_dtype, which the interpreter and Triton 3.9 accept.)"""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=600)
+    if r.returncode != 0 and "backend" in r.stderr.lower() and "cuda" in r.stderr.lower():
+        pytest.skip("this Triton has no CUDA backend")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["fp8", "1", "32", "True", "int8", "1", "32", "True", "fp8", "32", "64", "True",
+                                "int8", "320", "320", "True"]

@@ -90,7 +90,7 @@ if triton is not None:
             a = tl.load(x_ptr + row[:, None] * CIN + c[None, :], mask=ok[:, None] & (c < CIN)[None, :], other=0.0)
             w = tl.load(w_ptr + n[None, :] * (KZ * KY * KX * CIN) + (tap * CIN + c)[:, None],
                         mask=(c < CIN)[:, None] & (n < COUT)[None, :], other=0.0)
-            acc = tl.dot(a, w, acc)
+            acc = tl.dot(a, w, acc, out_dtype=acc.dtype)  # int8: int32 sums (fp32 is the default)
         out = acc.to(tl.float32) * (in_scale * tl.load(wscale_ptr + n, mask=n < COUT, other=0.0))[None, :]
         if HAS_BIAS:
             out += tl.load(bias_ptr + n, mask=n < COUT, other=0.0)[None, :]
@@ -243,14 +243,10 @@ class Conv8(torch.nn.Module):
 
 
 def quantize_convolutions(network: torch.nn.Module, input_scales: dict[str, float], fmt: str) -> list[str]:
-    """Replaces, in place, each layer named in ``input_scales`` (``quant8.calibrate``'s result) that the kernel
-    computes by a Conv8; returns the names replaced. Others (transposed convolutions) keep their precision."""
-    done = []
-    for name, scale in input_scales.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = network.get_submodule(parent_name) if parent_name else network
-        layer = getattr(parent, child)
-        if supports(layer):
-            setattr(parent, child, Conv8(layer, scale, fmt))
-            done.append(name)
-    return done
+    """Replaces, in place and wherever the network holds it (``quant8.replace_layers``), each layer named in
+    ``input_scales`` (``quant8.calibrate``'s result) that the kernel computes by a Conv8; returns the names
+    replaced. Others (transposed convolutions) keep their precision."""
+    replacements = {name: Conv8(network.get_submodule(name), scale, fmt) for name, scale in input_scales.items()
+                    if supports(network.get_submodule(name))}
+    quant8.replace_layers(network, replacements)
+    return list(replacements)
