@@ -32,6 +32,7 @@ COMMANDS = {
     "fast_path_parts": "python -m benchmarks.fast_path_parts",
     "postprocess_cc": "python -m benchmarks.postprocess_cc",
     "aoti_load": "python -m benchmarks.aoti_load",
+    "conv8_throughput": "python -m benchmarks.conv8_throughput",
 }
 
 # result files written by a command other than their scenario's plain one (the exact command, run on the H100 with
@@ -204,6 +205,18 @@ FILE_COMMANDS = {
                                       "torch.library.triton_op): both runs died with SIGSEGV (exit -11) after the "
                                       "network's export, before the fast path's check ended; the package is opt-in "
                                       "(--compiled-package) since",
+    "h100_predict_vs_nnunet_packages_sigsegv.json": "timeout 565 python -m benchmarks.predict_vs_nnunet --cases 16 64 "
+                                                    "--nnunet-cases 2 at 601e1a5 with compiled packages on by default "
+                                                    "(fused norms as torch.library.custom_op, the build in a child "
+                                                    "process): the child died (SIGSEGV), the entry was marked "
+                                                    "unusable and every run went on with torch.compile and its compile "
+                                                    "cache, the committed default's path",
+    "h100_conv8_throughput.json": "python -m benchmarks.conv8_throughput at cd281a2: int8 did not compile (Triton "
+                                  "3.6 wanted out_dtype for its int32 sums) and the network rewrite did not reach "
+                                  "nnU-Net's blocks (they call their convolutions through all_modules), so its "
+                                  "fp8/int8 engines ran the fp16 network; the per-shape fp8 timings are the kernel's",
+    "h100_models_vs_nnunet_cascade_stages_2.json": "timeout 330 python -m benchmarks.models_vs_nnunet --scenario "
+                                                   "cascade --cases 1 --skip-accumulate-fp16",
     "cpu2core_aoti_load.json": "python -m benchmarks.aoti_load --small --configs plain (a 2-core CPU: 8->64 "
                                "features at 32x48x48, fp32)",
     "h100_case_latency_fast_pinned.json": "python -m benchmarks.case_latency --device cuda --compile --channels-last "
@@ -220,7 +233,7 @@ SECTIONS = [
     ("One case end to end, in a warm process", ("case_latency",)),
     ("The Ray job", ("dataset_throughput", "scaling")),
     ("The network: engine throughput, profiles and kernels", ("engine_throughput", "engine_profile",
-                                                              "conv_alternatives", "fused_conv")),
+                                                              "conv_alternatives", "fused_conv", "conv8_throughput")),
     ("Masks of the fast paths against fp32 and the CPU", ("precision_masks", "gpu_parity")),
     ("Reading, writing, postprocessing and deciding reruns", ("gzip_read", "mask_gzip", "postprocess_cc",
                                                               "skip_decision")),
@@ -333,6 +346,15 @@ def rows(r: dict) -> list[str]:
         out += [f"masks of the default against {k.split('_vs_')[1]}: {r[k]}"
                 for k in ("agreement_default_vs_fp32", "agreement_default_vs_nnunetv2") if k in r]
         return out
+    if s == "conv8_throughput":
+        out = [f"{v['cin']}->{v['cout']} stride {max(v['stride'])} at {v['size']} (x{len(v['layers'])}): cuDNN fp16 "
+               f"{v['fp16_cudnn_ms']} ms ({v['fp16_cudnn_tflop_s']} TFLOP/s)" + "".join(
+                   f"; {f} {v[f + '_ms']} ms ({v[f + '_tflop_s']} TFLOP/s, {v[f + '_speedup_vs_fp16']}x)"
+                   for f in ("fp8", "int8") if v.get(f + "_ms") not in (None, float("inf")))
+               for v in r["shapes"]]
+        return out + [f"{k}: " + ", ".join(f"{x} {v[x]}" for x in ("config", "patches_per_s", "tflop_per_s",
+                                                                  "mask_agreement_vs_fp32", "error") if x in v)
+                      for k, v in r["engines"].items()]
     if s == "aoti_load":
         out = []
         for config, steps in r["configs"].items():
