@@ -107,7 +107,10 @@ def time_shape(shape: dict, batch: int, formats: list[str], sweep: bool, device:
                                                              config=config), device)
             except Exception as e:  # a configuration that does not compile (shared memory) is skipped
                 timings[config] = float("inf")
-                row.setdefault("errors", []).append(f"{fmt} {config}: {type(e).__name__}: {str(e)[:120]}")
+                # a Triton CompilationError's message is the source excerpt; the reason is its cause
+                why = e.__cause__ or e
+                row.setdefault("errors", []).append(f"{fmt} {config}: {type(e).__name__}: {type(why).__name__} "
+                                                    f"{str(why)[-300:]}")
         config, ms = min(timings.items(), key=lambda kv: kv[1])
         best_config = best_config or config
         row[f"{fmt}_ms"] = round(ms, 4)

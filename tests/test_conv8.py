@@ -190,8 +190,8 @@ for fmt, cin, cout, stride, (bm, bn, bk, warps, stages) in [("fp8", 1, 32, 1, (1
 def test_kernel_compiles_for_hopper_without_a_gpu():
     """Triton compiles the kernel for sm_90 (an H100/H200) on a machine without a GPU, through PTX and ptxas: both
     formats, the stem's single input channel, a strided layer and 320 channels, each on Hopper's warp-group matrix
-    instructions, with the Triton installed here. (Triton 3.6, on the GPU machine, refused int8 products summed into
-    an int32 accumulator without out_dtype, which the interpreter and Triton 3.9 accept.)"""
+    instructions, with the Triton installed. (Triton 3.6, torch 2.11's, refused int8 products summed into an int32
+    accumulator without out_dtype, which the interpreter and Triton 3.9 accept.)"""
     import subprocess
     import sys
 
