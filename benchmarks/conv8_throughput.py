@@ -96,10 +96,7 @@ def time_shape(shape: dict, batch: int, formats: list[str], sweep: bool, device:
         configs = SWEEP if (sweep and best_config is None) else [best_config or conv8.config_for(cin, cout,
                                                                                                   max(stride))]
         timings = {}
-        for config in configs:
-            n = min(config[1], max(32, 1 << (cout - 1).bit_length()))
-            k = min(config[2], max(32, 1 << (cin - 1).bit_length()))
-            config = (config[0], n, k, config[3], config[4])
+        for config in (conv8.narrowed(c, cin, cout) for c in configs):
             if config in timings:
                 continue
             try:

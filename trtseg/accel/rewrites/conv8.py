@@ -12,8 +12,7 @@ Where the quantization happens: in the kernel that produces the activation. ``Co
 torch's elementwise ops (``quant8.quantize``: divided by the layer's calibrated input scale, saturated, int8 rounded
 half to even), which torch.compile's Inductor can fuse into the kernel before (the normalization and LeakyReLU, or
 the decoder's concatenation); that kernel then writes one byte a value besides or instead of two, and no pass is
-added.
-Quantizing as the convolution loads its input was not kept: each input value is loaded once per tap (27 times),
+added. Quantizing as the convolution loads its input was not kept: each input value is loaded once per tap (27 times),
 and rounding it each time would cost the SM's arithmetic units several times the 8-bit matrix product's time. The
 activations stay fp16 where the normalizations read them, and the normalizations stay in fp32
 (``trtseg.accel.torch_engine._Fp32Norm``). Weights are quantized once, one scale per output channel. The epilogue
@@ -41,6 +40,7 @@ import re
 import torch
 
 from trtseg.accel import quant8
+from trtseg.accel.rewrites import triton_fusion
 from trtseg.accel.rewrites.triton_fusion import parse_launch_configs
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU machines run the reference (quant8.QuantConv)
@@ -141,16 +141,25 @@ def parse_configs(text: str) -> dict[str, tuple[int, int, int, int, int]]:
 
 
 def config_for(cin: int, cout: int, stride: int) -> tuple[int, int, int, int, int]:
-    """The ``CONV8_CONFIGS`` entry for this shape, with BLOCK_N and BLOCK_K no wider than the next power of two of
-    COUT and CIN (at least 32 and 32: 8-bit tensor-core products are 32 deep)."""
+    """The ``CONV8_CONFIGS`` entry for this shape, ``narrowed`` to its channels."""
     global _ENV_READ
     if not _ENV_READ:
         CONV8_CONFIGS.update(parse_configs(os.environ.get("TRTSEG_CONV8_CONFIGS", "")))
         _ENV_READ = True
-    block_m, block_n, block_k, warps, stages = CONV8_CONFIGS.get(f"{cin}/{cout}/{stride}", CONV8_CONFIGS["*"])
-    block_n = min(block_n, max(32, triton.next_power_of_2(cout)))
-    block_k = min(block_k, max(32, triton.next_power_of_2(cin)))
-    return block_m, block_n, block_k, warps, stages
+    return narrowed(CONV8_CONFIGS.get(f"{cin}/{cout}/{stride}", CONV8_CONFIGS["*"]), cin, cout)
+
+
+def narrowed(config: tuple[int, ...], cin: int, cout: int) -> tuple[int, int, int, int, int]:
+    """``config`` with BLOCK_N and BLOCK_K no wider than the next power of two of COUT and CIN (at least 32: 8-bit
+    tensor-core products are 32 deep)."""
+    block_m, block_n, block_k, warps, stages = config
+    return (block_m, min(block_n, max(32, triton.next_power_of_2(cout))),
+            min(block_k, max(32, triton.next_power_of_2(cin))), warps, stages)
+
+
+def output_size(size, kernel, stride) -> tuple[int, ...]:
+    """(z', y', x') of a convolution with zero padding kernel//2 and ``stride`` over ``size`` (z, y, x)."""
+    return tuple((n + 2 * (k // 2) - k) // s + 1 for n, k, s in zip(size, kernel, stride))
 
 
 def conv8(xq: torch.Tensor, taps: torch.Tensor, weight_scales: torch.Tensor, bias: torch.Tensor | None,
@@ -172,7 +181,7 @@ def conv8(xq: torch.Tensor, taps: torch.Tensor, weight_scales: torch.Tensor, bia
     cout = taps.shape[0]
     if taps.shape[1] != kz * ky * kx * cin:
         raise ValueError(f"conv8: {taps.shape[1]} weights a channel for a {kernel} kernel over {cin} input channels")
-    od, oh, ow = ((n + 2 * (k // 2) - k) // s + 1 for n, k, s in ((d, kz, sz), (h, ky, sy), (w, kx, sx)))
+    od, oh, ow = output_size((d, h, w), kernel, stride)
     y = torch.empty((b, cout, od, oh, ow), device=xq.device, dtype=torch.float16, memory_format=CHANNELS_LAST)
     m = b * od * oh * ow
     block_m, block_n, block_k, warps, stages = config or config_for(cin, cout, max(stride))
@@ -193,9 +202,7 @@ def _conv8_op(xq: torch.Tensor, taps: torch.Tensor, weight_scales: torch.Tensor,
 
 @_conv8_op.register_fake
 def _(x, taps, weight_scales, bias, input_scale, kernel, stride):
-    b, cin, *size = x.shape
-    out = [(n + 2 * (k // 2) - k) // s + 1 for n, k, s in zip(size, kernel, stride)]
-    return torch.empty((b, taps.shape[0], *out), device=x.device, dtype=torch.float16, memory_format=CHANNELS_LAST)
+    return torch.empty((x.shape[0], taps.shape[0], *output_size(x.shape[2:], kernel, stride)), device=x.device, dtype=torch.float16, memory_format=CHANNELS_LAST)
 
 
 class Conv8(torch.nn.Module):
@@ -228,7 +235,7 @@ class Conv8(torch.nn.Module):
         return self
 
     def kernel_runs(self, x: torch.Tensor) -> bool:
-        on_device = x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        on_device = x.is_cuda or triton_fusion.interpreted()
         return available() and on_device and x.dtype == torch.float16 and x.dim() == 5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
