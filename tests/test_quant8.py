@@ -10,7 +10,7 @@ import torch
 from trtseg.accel import quant8
 from trtseg.accel.precision import accuracy_report, gate
 from trtseg.accel.torch_engine import TorchEngine
-from trtseg.cli import cpu_mask_predictor
+from trtseg.predict import mask_predictor
 from trtseg.dataset import list_cases
 from trtseg.model_folder import load_model_folder
 
@@ -89,7 +89,7 @@ def test_the_reference_network_passes_the_gate_and_a_bad_calibration_is_refused(
     net = model.build_network("0").eval()
     patches = torch.from_numpy(sample_patches(model, cases_dir, 4, seed=1))
     cases = list_cases(cases_dir, model.num_image_channels)
-    predict = cpu_mask_predictor(model)
+    predict = mask_predictor(model)
     fp32 = [TorchEngine(net, "cpu")]
     for fmt in ("fp8", "int8"):
         scales = quant8.calibrate(net, patches, fmt, "percentile")
@@ -137,3 +137,71 @@ def test_the_calibration_key_covers_what_the_scales_depend_on():
                    dict(calibration_identity="size:1:mtime:3"), dict(patch_shape=(96, 128, 128))):
         assert quant8.calibration_key(**{**base, **change})[0] != key, change
     assert quant8.calibration_key(**base)[0] == key
+
+
+@pytest.fixture(scope="module")
+def calibration_cases(tmp_path_factory) -> str:
+    d = str(tmp_path_factory.mktemp("eight_bit") / "in")
+    write_case(d, "c1", (40, 36, 14), (1.0, 1.0, 2.6), seed=5, zero_border=2)
+    write_case(d, "c2", (44, 40, 12), (0.9, 0.9, 3.0), seed=6)
+    return d
+
+
+def _predict(model, cases, out, cache, precision, **engine):
+    from trtseg.options import EngineSpec, Settings
+    from trtseg.predict import predict_folder
+
+    spec = EngineSpec(device="cpu", cache=cache, precision=precision, **engine)
+    return predict_folder(cases, out, model, ["0"], settings=Settings(engine=spec), progress_bar=False)
+
+
+def test_predict_int8_calibrates_on_its_input_gates_against_fp32_and_reuses_the_calibration(
+        small_model, calibration_cases, tmp_path):
+    """`trtseg predict --precision int8` (its 8-bit layers run quant8's reference on the CPU): the first run
+    calibrates on its own input and passes the gate at --max-dice-drop 0.3, the report says so, and its masks stay
+    close to fp32's; a second process loads the calibration from the engine cache; replacing a calibration volume
+    calibrates again; the default --max-dice-drop refuses this random network, naming the model and the entry, and
+    writes no mask."""
+    import shutil
+
+    import nibabel as nib
+
+    calibration_cases = shutil.copytree(calibration_cases, str(tmp_path / "in"))  # one of them is replaced below
+    cache = str(tmp_path / "cache")
+    fp32 = _predict(small_model, calibration_cases, str(tmp_path / "fp32"), cache, "fp32")
+    first = _predict(small_model, calibration_cases, str(tmp_path / "a"), cache, "int8", max_dice_drop=0.3)
+    engine = first["engine"]
+    assert first["summary"]["ok"] == 2 and engine["precision"] == "int8" and engine["quantized_convolutions"] > 4
+    cal = engine["calibration"]
+    assert cal["from"] == "calibrated" and cal["accepted"] and cal["method"] == "percentile"
+    assert cal["calibration"] == calibration_cases and sorted(cal["cases"]) == ["c1", "c2"]
+    assert set(cal["accuracy_vs_fp32"]["mean_dice_vs_fp32"]) == {"1", "2"}
+    for case in ("c1", "c2"):
+        a, b = (np.asarray(nib.load(str(tmp_path / d / f"{case}.nii.gz")).dataobj) for d in ("fp32", "a"))
+        assert 0.95 < (a == b).mean() < 1.0, case  # 8 bits move some voxels of this random network, not many
+    assert fp32["engine"].get("calibration") is None
+    again = _predict(small_model, calibration_cases, str(tmp_path / "b"), cache, "int8", max_dice_drop=0.3)
+    assert again["engine"]["calibration"]["from"] == "cache"
+    assert again["engine"]["calibration"]["entry"] == cal["entry"]
+    write_case(calibration_cases, "c2", (44, 40, 12), (0.9, 0.9, 3.0), seed=7)  # a replaced volume
+    replaced = _predict(small_model, calibration_cases, str(tmp_path / "c"), cache, "int8", max_dice_drop=0.3)
+    assert replaced["engine"]["calibration"]["from"] == "calibrated"
+    assert replaced["engine"]["calibration"]["entry"] != cal["entry"]
+    from trtseg.errors import TrtsegError
+    with pytest.raises(TrtsegError, match=r"--precision int8 refused: label \d loses .* more than --max-dice-drop "
+                                          r"0.005 .*report: .*calibration"):
+        _predict(small_model, calibration_cases, str(tmp_path / "d"), cache, "int8")
+    assert not list((tmp_path / "d").glob("*.nii.gz"))
+
+
+def test_compare_shows_an_8_bit_engine_against_fp32_with_its_calibration(small_model, calibration_cases, tmp_path,
+                                                                         capsys):
+    import json
+    from trtseg.cli import main
+
+    rc = main(["compare", "-m", small_model, "-i", calibration_cases, "--a", "torch:fp32", "--b", "torch:fp8",
+               "--max-dice-drop", "0.5", "--engine-cache", str(tmp_path / "cache"), "-f", "0"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0 and report["b"] == "torch:fp8" and "calibration_a" not in report
+    assert report["calibration_b"]["accepted"] and report["calibration_b"]["from"] == "calibrated"
+    assert 0.5 < min(report["dice_per_label"].values()) < 1.0 and report["max_abs_error"] > 0

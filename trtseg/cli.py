@@ -127,24 +127,16 @@ def cmd_predict(args) -> int:
 
 def cmd_export(args) -> int:
     from trtseg.accel.precision import make_artefact
+    from trtseg.predict import mask_predictor
 
     model = _load_model(args)
     model = model.with_folds([(args.folds or model.folds)[0]])
     report = make_artefact(model, args.output, args.precision, None if args.dynamic_batch else args.batch,
                            args.dynamic_spatial, args.calibration, args.calibration_cases, args.calibration_method,
-                           args.patches, args.max_dice_drop, cpu_mask_predictor(model))
+                           args.patches, args.max_dice_drop, mask_predictor(model))
     print(json.dumps({k: report[k] for k in ("vs_pytorch_fp32", "gate") if k in report}, indent=2))
     print(f"wrote {args.output} and {args.output}.report.json")
     return 0
-
-
-def cpu_mask_predictor(model):
-    """(engines, image) -> mask: whole cases through the pipeline on the CPU, mirroring off, as the FP16/INT8
-    accuracy reports run them (trtseg.accel.precision)."""
-    from trtseg.options import EngineSpec, Settings, WindowOptions
-    from trtseg.predict import Predictor
-    settings = Settings(window=WindowOptions(use_mirroring=False), engine=EngineSpec(device="cpu"))
-    return lambda engines, image: Predictor(model, settings, engines).predict_image(image).mask
 
 
 def cmd_build(args) -> int:
@@ -165,12 +157,19 @@ def cmd_compare(args) -> int:
 
     model = _load_model(args)
     fold = (args.folds or model.folds)[0]
+    from trtseg.options import EngineSpec, from_args
     device = args.device or "cpu"
-    a = engine_from_spec(args.a, model, device, args.engine_cache, fold)
-    b = engine_from_spec(args.b, model, device, args.engine_cache, fold)
+    # an fp8/int8 engine calibrates on --calibration, else on -i's volumes
+    base = from_args(EngineSpec, args).with_(device=device, cache=args.engine_cache)
+    base = base.with_(calibration=base.calibration or args.input)
+    a = engine_from_spec(args.a, model, device, args.engine_cache, fold, base)
+    b = engine_from_spec(args.b, model, device, args.engine_cache, fold, base)
     patches = sample_patches(model, args.input, args.patches) if args.input else random_patches(model, args.patches)
     channels = list(range(model.labels.num_heads))  # Dice of the argmax over output channels
     report = {"a": args.a, "b": args.b, "source": args.input or "random", **compare_engines(a, b, patches, channels)}
+    for name, engine in (("a", a), ("b", b)):  # an 8-bit engine's calibration and its gate on whole cases
+        if getattr(engine, "calibration", None):
+            report[f"calibration_{name}"] = engine.calibration
     print(json.dumps(report, indent=2))
     return 0
 
@@ -227,11 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--batch", type=int, default=1, help="static batch size")
     e.add_argument("--dynamic-batch", action="store_true", help="a dynamic batch dimension instead")
     e.add_argument("--dynamic-spatial", action="store_true", help="dynamic z, y, x too")
-    e.add_argument("--calibration", default=None, help="folder of real input volumes: real patches, INT8 calibration, accuracy report")
-    e.add_argument("--calibration-cases", type=int, default=4, help="cases of --calibration used for the accuracy report")
-    e.add_argument("--calibration-method", default="minmax", choices=["minmax", "percentile", "entropy"])
+    # the calibration flags predict declares (EngineSpec), with export's own defaults: ONNX Runtime's minmax, four
+    # report cases, and no gate unless asked for
+    from trtseg.options import EngineSpec, add_options
+    add_options(e, EngineSpec, only=("calibration", "calibration_cases", "calibration_method", "max_dice_drop"),
+                defaults=EngineSpec(calibration_cases=4, calibration_method="minmax", max_dice_drop=None))
     e.add_argument("--patches", type=int, default=4, help="random and real patches for the ONNX Runtime comparison")
-    e.add_argument("--max-dice-drop", type=float, default=None, help="refuse an FP16/INT8 artefact losing more Dice vs FP32")
     e.set_defaults(func=cmd_export)
 
     b = sub.add_parser("build", help="build (or fetch from the cache) a TensorRT engine for an ONNX file")
@@ -256,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--patches", type=int, default=4)
     c.add_argument("--device", default=None)
     c.add_argument("--engine-cache", default=None)
+    add_options(c, EngineSpec, only=("calibration", "calibration_cases", "calibration_method", "max_dice_drop"))
     c.set_defaults(func=cmd_compare)
 
     d = sub.add_parser("demo", help="segment real MRI scans with the demo's trained brain-extraction model",

@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ENGINE_KINDS = ("auto", "tensorrt", "torch", "onnxruntime", "pycuda")
-PRECISIONS = ("fp32", "fp16", "bf16")
+# fp8 and int8: the PyTorch engine's calibrated 8-bit convolutions (trtseg/accel/eight_bit.py), gated against fp32
+EIGHT_BIT = ("fp8", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", *EIGHT_BIT)
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 COMPILE_MODES = ("default", "max-autotune")
 # the PyTorch engine's network rewrites: same function, less GPU time (see trtseg/accel/rewrites/)
 REWRITES = {
@@ -65,7 +68,9 @@ class EngineSpec:
     kind: auto (TensorRT if it imports and a GPU exists, then PyTorch CUDA, then ONNX Runtime on the CPU), tensorrt,
         torch, onnxruntime or pycuda
     device: "cpu", "cuda" or "cuda:N"; None picks cuda when available
-    precision: fp32, fp16 or bf16; None: fp16 on CUDA (nnU-Net's autocast), fp32 on the CPU
+    precision: fp32, fp16 or bf16; None: fp16 on CUDA (nnU-Net's autocast), fp32 on the CPU. fp8 or int8: the
+        PyTorch engine with calibrated 8-bit convolutions (trtseg/accel/eight_bit.py), refused unless its masks on
+        the calibration cases keep each label's Dice against fp32 within max_dice_drop
     batch_size: tiles per engine call (a TensorRT profile's and a compiled graph's batch)
     compile: torch.compile mode ("default" or "max-autotune"); None: eager
     rewrites: the network rewrites to apply (keys of REWRITES)
@@ -77,13 +82,21 @@ class EngineSpec:
     compile_from: the passes over whole cases (cases x mirrorings) from which a run in one process lets the fast path
         compile and fuse the norms; fewer leave both off (trtseg.predict.small_run_settings)
     cache: URL of exported ONNX graphs and built engines (default $TRTSEG_CACHE or ~/.cache/trtseg)
+    calibration: fp8/int8 (and `trtseg export`'s INT8): a folder or URL of real input volumes whose patches set the
+        activation scales and whose first calibration_cases cases the accuracy gate predicts; `trtseg predict`
+        takes its own input when none is given
+    calibration_method: how activation ranges become scales (trtseg.accel.quant8.METHODS)
+    max_dice_drop: the largest loss of any label's mean Dice against fp32 on the calibration cases that an 8-bit
+        engine may show; None: no gate
     """
 
     kind: str = opt("auto", "--engine", "auto: TensorRT if it imports and a GPU exists, then PyTorch CUDA, then ONNX "
                     "Runtime (CPU)", choices=ENGINE_KINDS)
     device: str | None = opt(None, "--device", "cpu, cuda or cuda:N (default: cuda when available)",
                              aliases=("-device",))
-    precision: str | None = opt(None, "--precision", "engine precision (CUDA default fp16)", choices=PRECISIONS)
+    precision: str | None = opt(None, "--precision", "engine precision (CUDA default fp16); fp8 or int8: calibrated "
+                                "8-bit convolutions on the PyTorch engine, gated against fp32 (see --calibration)",
+                                choices=PRECISIONS)
     batch_size: int = opt(2, "--batch-size", "tiles per engine call", type=int)
     compile: str | None = opt(None, "--compile", "torch.compile the network (PyTorch CUDA engine); max-autotune also "
                               "times Triton kernels against cuDNN's, minutes of compile that Inductor's cache keeps",
@@ -111,6 +124,15 @@ class EngineSpec:
                             type=int)
     cache: str | None = opt(None, "--engine-cache", "URL for exported ONNX and built engines (default "
                             "~/.cache/trtseg)")
+    calibration: str | None = opt(None, "--calibration", "fp8/int8: folder or URL of real input volumes to calibrate "
+                                  "on and to check against fp32 (default for predict: its input)")
+    calibration_cases: int = opt(2, "--calibration-cases", "fp8/int8: cases of --calibration whose masks the "
+                                 "accuracy gate compares with fp32's", type=int)
+    calibration_method: str = opt("percentile", "--calibration-method", "fp8/int8: activation ranges from the "
+                                  "largest value (minmax), the 99.99th percentile or TensorRT's entropy threshold",
+                                  choices=CALIBRATION_METHODS)
+    max_dice_drop: float | None = opt(0.005, "--max-dice-drop", "fp8/int8: refuse the engine when any label's Dice "
+                                      "against fp32 on the calibration cases drops by more", type=float)
 
     def __post_init__(self):
         object.__setattr__(self, "rewrites", frozenset(self.rewrites))
@@ -290,6 +312,14 @@ class Settings:
     prev_stage_predictions: str | None = opt(
         None, "--prev-stage-predictions", "a cascade (3d_cascade_fullres) model's previous-stage masks: a folder of "
         "CASE masks made by its 3d_lowres model (by trtseg or nnUNetv2_predict)", aliases=("-prev_stage_predictions",))
+
+    def for_input(self, input_url: str) -> "Settings":
+        """These settings for a run over ``input_url``: an fp8/int8 engine without --calibration calibrates on the
+        run's own input (its real volumes, the scans the engine will segment)."""
+        spec = self.engine
+        if spec.precision in EIGHT_BIT and not spec.calibration:
+            return dataclasses.replace(self, engine=spec.with_(calibration=input_url))
+        return self
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)

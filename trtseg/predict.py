@@ -28,7 +28,7 @@ from trtseg.ensemble import Combiner, ModelSet
 from trtseg.export import Exported, empty_export, export, export_on_device, exported_on_host
 from trtseg.infer import run_tiles
 from trtseg.model import NnUNetModel
-from trtseg.options import Settings
+from trtseg.options import EngineSpec, Settings, WindowOptions
 from trtseg.pipeline import CaseReport, check_budget, prepare_case, sync, write_case
 from trtseg.preprocess import Preprocessed, preprocess
 from trtseg.read import CaseImage
@@ -183,6 +183,13 @@ def _add_seconds(into: dict, more: dict) -> None:
         into[k] = into.get(k, 0.0) + v
 
 
+def mask_predictor(model, device: str | torch.device = "cpu"):
+    """(engines, image) -> mask: whole cases through the pipeline on ``device``, mirroring off, as the reduced
+    precisions' accuracy reports run them (trtseg.accel.precision, trtseg.accel.eight_bit)."""
+    settings = Settings(window=WindowOptions(use_mirroring=False), engine=EngineSpec(device=str(device)))
+    return lambda engines, image: Predictor(model, settings, engines).predict_image(image).mask
+
+
 def predict_folder(input_url: str, output_url: str, model_folder: "str | list[str] | NnUNetModel | ModelSet", folds: list[str] | None = None,
                    checkpoint_name: str = "checkpoint_final.pth", settings: Settings | None = None,
                    storage_options: storage.StorageOptions | None = None, limit: int | None = None,
@@ -198,7 +205,7 @@ def predict_folder(input_url: str, output_url: str, model_folder: "str | list[st
     from trtseg import pipeline
     from trtseg.pipeline import check_cascade, select_cases, with_postprocessing
 
-    settings = settings or Settings()
+    settings = (settings or Settings()).for_input(input_url)
     t0 = time.perf_counter()
     if not dry_run:
         storage.check_writable(output_url, storage_options)

@@ -17,7 +17,9 @@ from trtseg.accel.onnx_export import compare_outputs
 from trtseg.accel.precision import dice_per_label
 
 
-def engine_from_spec(spec: str, model, device: str, cache_url: str | None, fold: str) -> Engine:
+def engine_from_spec(spec: str, model, device: str, cache_url: str | None, fold: str, base=None) -> Engine:
+    """The engine ``spec`` names, for ``fold`` of ``model``; an EngineSpec text is read over ``base`` (an
+    EngineSpec: its calibration options serve an fp8/int8 engine)."""
     if spec.endswith(".onnx"):
         return OnnxRuntimeEngine(spec, device, model.labels.num_heads)
     if spec.endswith(".engine"):
@@ -30,7 +32,7 @@ def engine_from_spec(spec: str, model, device: str, cache_url: str | None, fold:
         check_target(meta, current_target(BuildSpec()), spec)
         return TensorRTEngine(storage.read_bytes(spec), device)
     from trtseg.options import EngineSpec
-    parsed = EngineSpec.parse(spec, EngineSpec(device=device, cache=cache_url))
+    parsed = EngineSpec.parse(spec, base or EngineSpec(device=device, cache=cache_url))
     return create_engines(model.with_folds([fold]), parsed)[0]
 
 

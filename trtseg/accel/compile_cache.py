@@ -74,6 +74,38 @@ def fields_differing(expected: dict, recorded: dict | None) -> list[str]:
     return sorted(k for k in set(expected) | set(recorded) if recorded.get(k) != expected.get(k))
 
 
+class JsonEntry:
+    """An engine-cache entry of JSON data made for ``fields``, at CACHE/``folder``/<device>/<key>.json: ``get`` gives
+    its data (under ``name``) only when the entry was made for exactly these fields, else None with ``note`` saying
+    why (the caller checks again); ``put`` writes it atomically, and a cache that cannot be written costs the next
+    process the check again, not this run. ``what`` names the entry in log lines."""
+
+    def __init__(self, cache_url: str, folder: str, fields: dict, name: str, what: str):
+        self.fields, self.name, self.what = fields, name, what
+        self.url = entry_base(cache_url, folder, fields)[1] + ".json"
+        self.note: str | None = None
+
+    def get(self):
+        if not storage.exists(self.url):
+            return None
+        try:
+            entry = json.loads(storage.read_bytes(self.url))
+        except Exception as e:  # unreadable or not JSON: checked again
+            self.note = f"entry {self.url} unreadable ({type(e).__name__}); checked again"
+            return None
+        if not isinstance(entry, dict) or entry.get("fields") != self.fields or self.name not in entry:
+            self.note = f"entry {self.url} made for other fields; checked again"
+            return None
+        return entry[self.name]
+
+    def put(self, data) -> None:
+        try:
+            storage.write_bytes_atomic(self.url, json.dumps({"fields": self.fields, self.name: data},
+                                                            indent=2).encode())
+        except Exception as e:
+            log.warning("%s: not saved to %s (%s)", self.what, self.url, e)
+
+
 class CompileCacheEntry:
     """One compiled engine's entry: ``load`` before its first compiled call, ``save`` after its warm-up.
 

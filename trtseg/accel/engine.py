@@ -28,6 +28,7 @@ class Engine(abc.ABC):
     max_batch: int | None = None
     oom_batch_limit: int | None = None
     fast_path: dict | None = None  # what trtseg.accel.fast_path chose for it (None: --no-fast)
+    calibration: dict | None = None  # an fp8/int8 engine's calibration and accuracy gate (trtseg.accel.eight_bit)
 
     @abc.abstractmethod
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
@@ -56,9 +57,10 @@ class Engine(abc.ABC):
         return {"engine": self.name, "device": str(self.device)}
 
     def report(self) -> dict:
-        """``describe()`` and, where the fast path chose the engine's options, what it chose and why: the run
-        report's "engine"."""
-        return {**self.describe(), **({"fast_path": self.fast_path} if self.fast_path else {})}
+        """``describe()`` and, where the fast path chose the engine's options, what it chose and why, and an 8-bit
+        engine's calibration: the run report's "engine"."""
+        return {**self.describe(), **({"fast_path": self.fast_path} if self.fast_path else {}),
+                **({"calibration": self.calibration} if self.calibration else {})}
 
 
 def pad_batch(batch: torch.Tensor, size: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 
 from trtseg.accel.engine import Engine
 from trtseg.options import ENGINE_KINDS as ENGINES  # declared once, with the --engine flag
-from trtseg.options import EngineSpec
+from trtseg.options import EIGHT_BIT, EngineSpec
 
 
 def default_cache() -> str:
@@ -63,7 +63,8 @@ def create_engines(model, spec: "EngineSpec", device: torch.device | str | None 
     from trtseg.accel import fast_path
 
     device = torch.device(device) if device is not None else spec.resolved_device()
-    kind = resolve_engine_kind(spec.kind, device)
+    # 8-bit convolutions are the PyTorch engine's (trtseg.accel.eight_bit)
+    kind = "torch" if spec.precision in EIGHT_BIT and spec.kind == "auto" else resolve_engine_kind(spec.kind, device)
     check_device_options(spec, device, kind)
     cache_url = spec.cache or default_cache()
 
@@ -84,6 +85,11 @@ def build_engine(model, fold: str, spec: "EngineSpec", kind: str, device: torch.
     batch = max(spec.batch_size, 1)
     if kind == "torch":
         cache = package = None
+        scales = made = None
+        if precision in EIGHT_BIT:  # calibrated and gated once (or refused, raising TrtsegError), then cached
+            from trtseg.accel.eight_bit import calibration, summary
+            made = calibration(model, fold, spec, device, cache_url)
+            scales = made["scales"]
         if spec.compile:
             from trtseg.accel.compile_cache import CompileCacheEntry, model_key_fields
             fields = model_key_fields(model, fold, spec, device)
@@ -91,7 +97,10 @@ def build_engine(model, fold: str, spec: "EngineSpec", kind: str, device: torch.
             if spec.package:
                 from trtseg.accel.aoti_package import AotiPackageEntry
                 package = AotiPackageEntry(cache_url, fields)
-        return torch_engine(model.build_network(fold), spec, device, compile_cache=cache, package=package)
+        engine = torch_engine(model.build_network(fold), spec, device, compile_cache=cache, package=package,
+                              input_scales=scales)
+        engine.calibration = summary(made) if made else None
+        return engine
     if kind == "onnxruntime":
         from trtseg.accel.onnxruntime_engine import OnnxRuntimeEngine
 
@@ -120,8 +129,10 @@ def torch_engine(network: torch.nn.Module, spec: EngineSpec, device: torch.devic
     from trtseg.accel.torch_engine import TorchEngine
 
     device = torch.device(device) if device is not None else spec.resolved_device()
+    # the 8-bit kernel takes fp16 tiles: on CUDA an 8-bit engine's network is fp16 (normalizations fp32) around it
+    fp16_weights = spec.fp16_weights or (spec.resolved_precision(device) in EIGHT_BIT and device.type == "cuda")
     kwargs = dict(compile=spec.compile or False, cuda_graphs=spec.cuda_graphs, channels_last=spec.channels_last,
-                  fp16_weights=spec.fp16_weights, static_batch=max(spec.batch_size, 1),
+                  fp16_weights=fp16_weights, static_batch=max(spec.batch_size, 1),
                   fold_convolutions="fold-convolutions" in spec.rewrites,
                   merge_upsampling="merge-upsampling" in spec.rewrites, fuse_norms="fuse-norms" in spec.rewrites)
     return TorchEngine(network, device, spec.resolved_precision(device), **{**kwargs, **overrides})
@@ -135,12 +146,17 @@ def check_device_options(spec: "EngineSpec", device: torch.device, kind: str) ->
     torch_only = [f for f, on in (("--compile", spec.compile), ("--channels-last", spec.channels_last),
                                   ("--fp16-weights", spec.fp16_weights)) if on]
     torch_only += [f"--{r}" for r in sorted(spec.rewrites)]
+    if spec.precision in EIGHT_BIT:
+        torch_only.append(f"--precision {spec.precision}")
     if kind != "torch" and torch_only:
         raise ValueError(f"{' '.join(torch_only)}: options of the PyTorch engine (--engine torch), not of {kind}")
+    if spec.precision in EIGHT_BIT and (spec.rewrites & {"fold-convolutions", "merge-upsampling", "fuse-norms"}):
+        raise ValueError(f"--precision {spec.precision} with --{' --'.join(sorted(spec.rewrites))}: the 8-bit "
+                         "convolutions replace the layers these rewrite")
     if device.type == "cpu":
         cuda_only = [f for f, on in (("--cuda-graphs", spec.cuda_graphs), ("--fp16-weights", spec.fp16_weights),
                                      ("--fuse-norms", "fuse-norms" in spec.rewrites)) if on]
-        if kind == "torch" and spec.precision not in (None, "fp32"):
+        if kind == "torch" and spec.precision not in (None, "fp32", *EIGHT_BIT):  # 8 bits: quant8's reference
             cuda_only.append(f"--precision {spec.precision}")
         if cuda_only:
             raise ValueError(f"{' '.join(cuda_only)}: CUDA only, and the engine's device is the CPU")

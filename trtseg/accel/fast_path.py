@@ -29,7 +29,6 @@ CT looks like to the network) rather than white noise, whose masks flip on a tra
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -39,8 +38,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from trtseg import storage
-from trtseg.options import FAST_PARTS, REWRITES, EngineSpec
+from trtseg.options import EIGHT_BIT, FAST_PARTS, REWRITES, EngineSpec
 
 log = logging.getLogger(__name__)
 Builder = Callable[[EngineSpec, str, str], "object"]  # (spec, kind, fold) -> Engine
@@ -103,31 +101,20 @@ class Verdicts:
     """The engine cache's fast-path entries: ``get`` a checked verdict for ``fields``, ``put`` a new one."""
 
     def __init__(self, cache_url: str, fields: dict):
-        from trtseg.accel.compile_cache import entry_base
+        from trtseg.accel.compile_cache import JsonEntry
 
-        self.fields = fields
-        self.url = entry_base(cache_url, "fast_path", fields)[1] + ".json"
-        self.note: str | None = None
+        self._entry = JsonEntry(cache_url, "fast_path", fields, "verdict", "fast path")
+        self.fields, self.url = fields, self._entry.url
+
+    @property
+    def note(self) -> str | None:
+        return self._entry.note
 
     def get(self) -> dict | None:
-        if not storage.exists(self.url):
-            return None
-        try:
-            entry = json.loads(storage.read_bytes(self.url))
-        except Exception as e:  # unreadable or not JSON: checked again
-            self.note = f"entry {self.url} unreadable ({type(e).__name__}); checked again"
-            return None
-        if not isinstance(entry, dict) or entry.get("fields") != self.fields or "verdict" not in entry:
-            self.note = f"entry {self.url} made for other fields; checked again"
-            return None
-        return entry["verdict"]
+        return self._entry.get()
 
     def put(self, verdict: dict) -> None:
-        try:
-            storage.write_bytes_atomic(self.url, json.dumps({"fields": self.fields, "verdict": verdict},
-                                                            indent=2).encode())
-        except Exception as e:  # a cache that cannot be written costs the next process a check, not this run
-            log.warning("fast path: verdict not saved to %s (%s)", self.url, e)
+        self._entry.put(verdict)
 
 
 def _fields(model, spec: EngineSpec, device: torch.device, what: str) -> dict:
@@ -149,6 +136,8 @@ def choose(model, spec: EngineSpec, device: torch.device, kind: str, build: Buil
     engine; the engine built for the check is returned in ``Choice.engine``, so that it is not built twice."""
     if not spec.fast:
         return Choice(spec, kind=kind)
+    if spec.precision in EIGHT_BIT and device.type != "cuda":  # quant8's float32 reference: the PyTorch engine as is
+        return Choice(dataclasses.replace(spec, kind="torch", fast=False), kind="torch")
     if device.type == "cpu" and spec.kind == "auto":
         if getattr(model, "onnx_urls", None):  # a network given as ONNX (--onnx-model): ONNX Runtime runs it as given
             return Choice(dataclasses.replace(spec, kind="onnxruntime", fast=False), ["onnxruntime"],
@@ -171,7 +160,9 @@ def _applicable(model, spec: EngineSpec, device: torch.device) -> tuple[list[str
             continue
         if part in ("compile", "fuse-norms") and not has_triton:
             skipped[part] = "Triton is not installed (torch.compile's and the fused kernels' GPU code needs it)"
-        elif part in ("fp16-weights", "fuse-norms") and precision != "fp16":
+        elif part in REWRITES and precision in EIGHT_BIT:
+            skipped[part] = f"precision {precision}: the 8-bit convolutions replace the layers it rewrites"
+        elif part in ("fp16-weights", "fuse-norms") and precision not in ("fp16", *EIGHT_BIT):
             skipped[part] = f"precision {precision}, not fp16"
         elif part not in ("compile", "fp16-weights") and len(model.patch_size) != 3:
             skipped[part] = "a 2d network: the layouts and rewrites are for 3-D convolutions"
@@ -198,6 +189,12 @@ def _choose_cuda(model, spec: EngineSpec, device: torch.device, build: Builder, 
     if not parts:
         _log_skipped(model, skipped)
         return Choice(plain, skipped=skipped, kind="torch")
+    if spec.precision in EIGHT_BIT:
+        # compile and the layouts keep the 8-bit engine's function; its accuracy against fp32 is the 8-bit gate's
+        # (trtseg.accel.eight_bit, on whole calibration cases), not this check's, whose fallback is fp16 autocast
+        _log_skipped(model, skipped)
+        return Choice(_with_parts(spec, parts), parts, skipped,
+                      {"verdict": "not checked here: the 8-bit accuracy gate decides"}, "torch")
     verdicts = Verdicts(cache_url, _fields(model, spec, device, "cuda"))
     cached = verdicts.get()
     if verdicts.note:

@@ -12,13 +12,14 @@ from trtseg.read import read_case
 from trtseg.window import plan_window
 
 
-def sample_patches(model: NnUNetModel, input_url: str, n: int, seed: int = 0, step_size: float = 0.5,
-                   storage_options=None) -> np.ndarray:
-    """Up to ``n`` tiles (n, c, z, y, x) float32 from the cases of ``input_url``, spread over cases, preferring tiles
-    that are mostly inside the body (more than half nonzero before normalization is not known here, so tiles are
-    ranked by their variance)."""
+def sample_patches(model: NnUNetModel, input_url: str | None, n: int, seed: int = 0, step_size: float = 0.5,
+                   storage_options=None, cases=None) -> np.ndarray:
+    """Up to ``n`` tiles (n, c, z, y, x) float32 from the cases of ``input_url`` (or the given ``cases``), spread
+    over cases, preferring tiles that are mostly inside the body (more than half nonzero before normalization is
+    not known here, so tiles are ranked by their variance)."""
     rng = np.random.default_rng(seed)
-    cases = [c for c in list_cases(input_url, model.num_image_channels, storage_options) if not c.problem]
+    if cases is None:
+        cases = [c for c in list_cases(input_url, model.num_image_channels, storage_options) if not c.problem]
     if not cases:
         raise FileNotFoundError(f"{input_url}: no usable cases to sample patches from")
     per_case = max(1, int(np.ceil(n / len(cases))))

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from trtseg.accel.engine import Engine, pad_batch
+from trtseg.options import EIGHT_BIT
 
 
 # --compile's names -> torch.compile's modes
@@ -39,6 +40,10 @@ class TorchEngine(Engine):
     static_batch: with compile or CUDA graphs, pad a shorter batch with zero tiles to this size, so that one
         compiled graph serves every batch; without it, each new short batch size (a volume's last batch) compiles
         or captures another graph, some 15 s each under torch.compile
+    input_scales: with precision fp8 or int8, each quantizable layer's calibrated input scale
+        (trtseg.accel.eight_bit): those convolutions run as ``rewrites.conv8.Conv8`` (the 8-bit kernel on CUDA, which
+        takes fp16_weights' fp16 tiles; quant8's float32 reference on the CPU), the rest of the network in fp16 on
+        CUDA and fp32 on the CPU
     """
 
     name = "torch"
@@ -46,18 +51,31 @@ class TorchEngine(Engine):
     def __init__(self, network: torch.nn.Module, device: torch.device | str = "cpu", precision: str = "fp32",
                  compile: bool | str = False, cuda_graphs: bool = False, channels_last: bool = False,
                  fp16_weights: bool = False, static_batch: int | None = None, fold_convolutions: bool = False,
-                 merge_upsampling: bool = False, fuse_norms: bool = False, compile_cache=None, package=None):
+                 merge_upsampling: bool = False, fuse_norms: bool = False, compile_cache=None, package=None,
+                 input_scales: dict[str, float] | None = None):
         self.device = torch.device(device)
-        if precision not in ("fp32", "fp16", "bf16"):
-            raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
-        if self.device.type == "cpu" and precision != "fp32":
-            raise ValueError("the CPU engine runs fp32 only")
+        if precision not in ("fp32", "fp16", "bf16", *EIGHT_BIT):
+            raise ValueError(f"precision must be fp32, fp16, bf16, fp8 or int8, got {precision!r}")
+        if self.device.type == "cpu" and precision not in ("fp32", *EIGHT_BIT):
+            raise ValueError("the CPU engine runs fp32 (or the 8-bit reference) only")
+        if (precision in EIGHT_BIT) != (input_scales is not None):
+            raise ValueError("precision fp8 and int8, and only they, take input_scales (trtseg.accel.eight_bit)")
+        if precision in EIGHT_BIT and (fold_convolutions or merge_upsampling or fuse_norms):
+            raise ValueError("the 8-bit convolutions replace the layers that fold-convolutions, merge-upsampling and "
+                             "fuse-norms rewrite: they are not combined")
+        if precision in EIGHT_BIT and self.device.type == "cuda" and not fp16_weights:
+            raise ValueError("8-bit convolutions on CUDA take fp16 tiles: they need fp16_weights")
         self.precision = precision
-        if fp16_weights and precision != "fp16":
-            raise ValueError("fp16_weights needs precision fp16")
+        if fp16_weights and precision not in ("fp16", *EIGHT_BIT):
+            raise ValueError("fp16_weights needs precision fp16 (or fp8/int8)")
         self.fp16_weights = fp16_weights
         self.channels_last = channels_last
         network = network.to(self.device).eval()
+        # 8-bit layers first, from the float32 weights: Conv8 keeps its 8-bit weights out of the later conversions
+        self.quantized_convolutions = 0
+        if input_scales is not None:
+            from trtseg.accel.rewrites.conv8 import quantize_convolutions
+            self.quantized_convolutions = len(quantize_convolutions(network, input_scales, precision))
         # merged before folding, so that the skip halves of merged stages (32->32 at full resolution) fold too
         self.merged_upsamplings = self.folded_convolutions = 0
         if merge_upsampling:
@@ -158,7 +176,7 @@ class TorchEngine(Engine):
         return batch
 
     def _autocast(self):
-        if self.precision == "fp32" or self.fp16_weights:
+        if self.precision in ("fp32", *EIGHT_BIT) or self.fp16_weights:
             return contextlib.nullcontext()
         dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
         return torch.autocast(self.device.type, dtype=dtype)
@@ -199,7 +217,7 @@ class TorchEngine(Engine):
                 "package": self.package.describe() if self.package is not None else None,
                 "cuda_graphs": self.cuda_graphs, "channels_last": self.channels_last, "fp16_weights": self.fp16_weights,
                 "folded_convolutions": self.folded_convolutions, "merged_upsamplings": self.merged_upsamplings,
-                "fused_norms": self.fused_norms}
+                "fused_norms": self.fused_norms, "quantized_convolutions": self.quantized_convolutions}
 
 
 def _package_shape(package) -> tuple[int, ...] | None:

@@ -141,6 +141,7 @@ def run_job(cfg: JobConfig) -> dict:
     setup_logging(cfg.log_json)
     storage.set_default_options(cfg.storage_options)
     t_start = time.perf_counter()
+    cfg = dataclasses.replace(cfg, settings=cfg.settings.for_input(cfg.input))
     if not cfg.dry_run:
         storage.check_writable(cfg.output)
         removed = storage.remove_stale_parts(cfg.output)  # temporary files of a run that was killed
