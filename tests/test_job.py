@@ -81,6 +81,27 @@ def test_ray_job_matches_single_process_and_reruns_skip(ray_local, small_model, 
     assert [c["status"] for c in json.load(open(single_dir / "run_report.json"))["cases"]] == ["ok", "ok"]
 
 
+def test_an_int8_ray_job_calibrates_on_its_input_and_matches_the_single_process(ray_local, small_model, inputs,
+                                                                                  tmp_path):
+    """--precision int8 (quant8's reference on CPU actors): the Ray job's actors calibrate on the job's input and
+    gate the engine, the single process then loads that calibration from the engine cache, and both give the same
+    masks."""
+    common = ["-i", inputs, "-m", small_model, "--engine", "torch", "--precision", "int8", "--max-dice-drop", "0.3",
+              "--engine-cache", str(tmp_path / "cache"), "--no-progress", "-f", "0"]
+    assert main(["predict", *common, "-o", str(tmp_path / "ray"), "--cpu-actors", "2", "--partials", "fp32"]) == 0
+    assert main(["predict", *common, "-o", str(tmp_path / "single"), "--single-process"]) == 0
+    ray_masks, single = masks(tmp_path / "ray"), masks(tmp_path / "single")
+    assert set(single) == set(ray_masks) == {"big.nii.gz", "small.nii.gz"}
+    for name in single:
+        assert np.array_equal(single[name], ray_masks[name]), name
+    ray_engine = json.load(open(tmp_path / "ray" / "run_report.json"))["engine"]
+    single_engine = json.load(open(tmp_path / "single" / "run_report.json"))["engine"]
+    assert ray_engine["precision"] == "int8" and ray_engine["quantized_convolutions"] > 4
+    assert ray_engine["calibration"]["calibration"] == inputs and ray_engine["calibration"]["accepted"]
+    assert single_engine["calibration"]["from"] == "cache"
+    assert single_engine["calibration"]["entry"] == ray_engine["calibration"]["entry"]
+
+
 def test_dry_run_lists_without_running(ray_local, small_model, inputs, tmp_path, capsys):
     assert main(["predict", "-i", inputs, "-o", str(tmp_path / "o"), "-m", small_model, "--dry-run"]) == 0
     out = capsys.readouterr().out
