@@ -192,6 +192,9 @@ def test_predict_int8_calibrates_on_its_input_gates_against_fp32_and_reuses_the_
                                           r"0.005 .*report: .*calibration"):
         _predict(small_model, calibration_cases, str(tmp_path / "d"), cache, "int8")
     assert not list((tmp_path / "d").glob("*.nii.gz"))
+    # the refusal came from the cached report, judged by the default drop: the entry is the one calibrated above
+    entries = list((tmp_path / "cache" / "calibration").rglob("*.json"))
+    assert len(entries) == 2 and replaced["engine"]["calibration"]["entry"] in {str(e) for e in entries}
 
 
 def test_compare_shows_an_8_bit_engine_against_fp32_with_its_calibration(small_model, calibration_cases, tmp_path,

@@ -9,15 +9,16 @@ lets CI and GPU-less machines check a calibration). Before the first one is buil
    default, trtseg.options.Settings.for_input) give CALIBRATION_PATCHES real patches (``trtseg.accel.patches``,
    the patches ``trtseg export --calibration`` cuts); the fp32 network runs them and ``quant8.calibrate`` turns
    each layer's input range into its scale by ``--calibration-method``;
-2. the gate: those cases run whole through the pipeline (trtseg.predict, mirroring off) with the fp32 network and
+2. the report: those cases run whole through the pipeline (trtseg.predict, mirroring off) with the fp32 network and
    with the 8-bit engine (uncompiled: compiling changes its speed, not its function); per-label Dice and voxel
-   agreement against fp32 (``trtseg.accel.precision.accuracy_report``), refused when any label's mean Dice drops by
-   more than ``--max-dice-drop`` (``precision.gate``, the ONNX INT8 artefacts' rule).
+   agreement against fp32 (``trtseg.accel.precision.accuracy_report``); the gate refuses the engine when any
+   label's mean Dice drops by more than ``--max-dice-drop`` (``precision.gate``, the ONNX INT8 artefacts' rule).
 
-The scales, the report and the verdict go into CACHE/calibration/<device>/<key>.json. The key holds the model
-fingerprint and fold, the format, the method, the calibration cases' listing identities (a replaced volume
-calibrates again), the patch shape, the number of gate cases, --max-dice-drop and the device type. Every later
-process, actor and node loads the entry; a refused entry refuses again at once, with the same reason.
+The scales and the report go into CACHE/calibration/<device>/<key>.json. The key holds the model fingerprint and
+fold, the format, the method, the calibration cases' listing identities (a replaced volume calibrates again), the
+patch shape, the number of gate cases and the device type. Every later process, actor and node loads the entry and
+judges its report by its own --max-dice-drop: the same drop refuses again at once, with the same reason, and a
+looser one accepts without calibrating again.
 """
 from __future__ import annotations
 
@@ -57,15 +58,16 @@ def entry_fields(model, fold: str, spec, device: torch.device, cases) -> dict:
     identity = hashlib.sha256("\n".join(f"{c.case_id}:{c.identity}" for c in cases).encode()).hexdigest()[:16]
     fields = quant8.calibration_key(model.fingerprint, fold, spec.precision, spec.calibration_method, identity,
                                     model.patch_size)[1]
-    return {**fields, "device": device_slug(device), "gate_cases": len(cases), "patches": CALIBRATION_PATCHES,
-            "max_dice_drop": spec.max_dice_drop}
+    return {**fields, "device": device_slug(device), "gate_cases": len(cases), "patches": CALIBRATION_PATCHES}
 
 
 def calibration(model, fold: str, spec, device: torch.device, cache_url: str) -> dict:
     """The calibration of ``model``'s ``fold`` for ``spec`` (precision fp8 or int8) on ``device``, from the engine
     cache at ``cache_url`` or made now: {"scales": {layer: input scale}, "accuracy_vs_fp32", "accepted", "gate",
-    "entry", "from"}. Raises TrtsegError, naming the model and the cache entry, when the gate refuses it."""
+    "entry", "from"}. Raises TrtsegError, naming the model and the cache entry, when the gate (spec.max_dice_drop)
+    refuses it."""
     from trtseg.accel.compile_cache import JsonEntry
+    from trtseg.accel.precision import gate
 
     cases = calibration_cases(spec, model)
     entry = JsonEntry(cache_url, "calibration", entry_fields(model, fold, spec, device, cases), "calibration",
@@ -77,8 +79,9 @@ def calibration(model, fold: str, spec, device: torch.device, cache_url: str) ->
     if made is None:
         made, source = calibrate_and_check(model, fold, spec, device, cases), "calibrated"
         entry.put(made)
-    made = {**made, "entry": entry.url, "from": source}
-    if not made["accepted"]:
+    accepted, why = gate(made["accuracy_vs_fp32"], spec.max_dice_drop)
+    made = {**made, "accepted": accepted, "gate": why, "entry": entry.url, "from": source}
+    if not accepted:
         raise TrtsegError(f"{model.folder}: --precision {spec.precision} refused: {made['gate']} on "
                           f"{len(cases)} calibration case(s) of {spec.calibration} (report: {entry.url})")
     log.info("calibration (%s) for %s fold %s: %s, %s", source, model.folder, fold, spec.precision, made["gate"])
@@ -96,7 +99,7 @@ def calibrate_and_check(model, fold: str, spec, device: torch.device, cases) -> 
     from trtseg.accel import quant8
     from trtseg.accel.engines import torch_engine
     from trtseg.accel.patches import sample_patches
-    from trtseg.accel.precision import accuracy_report, gate
+    from trtseg.accel.precision import accuracy_report
     from trtseg.accel.torch_engine import TorchEngine
     # the gate predicts whole cases, as export's accuracy report does: the pipeline is above the engines, so it is
     # imported here, where an 8-bit engine is first built
@@ -112,6 +115,5 @@ def calibrate_and_check(model, fold: str, spec, device: torch.device, cases) -> 
     test = [torch_engine(model.build_network(fold), spec.with_(compile=None, fast=False), device,
                          input_scales=scales)]
     report = accuracy_report(one, fp32, test, cases, mask_predictor(one, device))
-    accepted, why = gate(report, spec.max_dice_drop)
     return {"scales": scales, "method": spec.calibration_method, "calibration": spec.calibration,
-            "cases": [c.case_id for c in cases], "accuracy_vs_fp32": report, "accepted": accepted, "gate": why}
+            "cases": [c.case_id for c in cases], "accuracy_vs_fp32": report}

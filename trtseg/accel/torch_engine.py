@@ -3,6 +3,7 @@ rewrites (``trtseg.accel.rewrites``, each imported only when asked for)."""
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable
 
 import torch
@@ -106,7 +107,11 @@ class TorchEngine(Engine):
         runner = self.package.load(self.device) if self.package is not None else None
         self.network = network
         if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed tile shapes: let cuDNN pick the fastest kernels, as nnU-Net does
+            # fixed tile shapes: let cuDNN pick the fastest kernels, as nnU-Net does. Its timings are kept per thread
+            # and per process, so each process pays them again at warm-up; TRTSEG_CUDNN_BENCHMARK=0 leaves the choice
+            # to cuDNN's heuristics, to time the two against each other on one machine
+            # (python -m benchmarks.startup_profile --env TRTSEG_CUDNN_BENCHMARK=0)
+            torch.backends.cudnn.benchmark = os.environ.get("TRTSEG_CUDNN_BENCHMARK", "1") != "0"
         self._fn: Callable[[torch.Tensor], torch.Tensor] = runner if runner is not None else self.network
         self._package_shape = _package_shape(self.package) if runner is not None else None
         # with a package entry but no package, the first batch builds it (``_compile``); without an entry,
