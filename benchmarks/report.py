@@ -33,11 +33,13 @@ COMMANDS = {
     "postprocess_cc": "python -m benchmarks.postprocess_cc",
     "aoti_load": "python -m benchmarks.aoti_load",
     "conv8_throughput": "python -m benchmarks.conv8_throughput",
+    "demo_precision": "python -m benchmarks.demo_precision",
 }
 
 # result files written by a command other than their scenario's plain one (the exact command, run on the H100 with
 # shared/device's base bundle and the isal wheel on PYTHONPATH)
 FILE_COMMANDS = {
+    "cpu2core_demo_precision_minmax.json": "python -m benchmarks.demo_precision --calibration-method minmax",
     "h200_models_vs_nnunet_ensemble.json": "timeout 440 python -m benchmarks.models_vs_nnunet --scenario ensemble "
                                            "--cases 1 --skip-accumulate-fp16 (cut off in nnUNetv2_apply_postprocessing)",
     "h200_engine_throughput_pipeline.json": "python -m benchmarks.engine_throughput --batches 4 --repeats 5 --configs "
@@ -234,7 +236,7 @@ SECTIONS = [
     ("The Ray job", ("dataset_throughput", "scaling")),
     ("The network: engine throughput, profiles and kernels", ("engine_throughput", "engine_profile",
                                                               "conv_alternatives", "fused_conv", "conv8_throughput")),
-    ("Masks of the fast paths against fp32 and the CPU", ("precision_masks", "gpu_parity")),
+    ("Masks of the fast paths against fp32 and the CPU", ("precision_masks", "gpu_parity", "demo_precision")),
     ("Reading, writing, postprocessing and deciding reruns", ("gzip_read", "mask_gzip", "postprocess_cc",
                                                               "skip_decision")),
 ]
@@ -345,6 +347,17 @@ def rows(r: dict) -> list[str]:
                 if k in r]
         out += [f"masks of the default against {k.split('_vs_')[1]}: {r[k]}"
                 for k in ("agreement_default_vs_fp32", "agreement_default_vs_nnunetv2") if k in r]
+        return out
+    if s == "demo_precision":
+        out = [f"calibration: {r['calibration']}, {r['calibration_method']}; cases {', '.join(r['cases'])}"]
+        for name, run in r["runs"].items():
+            line = f"{name}: Dice against the reference {run.get('dice_vs_reference')}"
+            if run.get("vs_fp32"):
+                line += f"; against fp32 {run['vs_fp32']}"
+            gate = (run.get("calibration") or {}).get("gate")
+            line += f"; refused by the gate ({run['refused'].split('refused: ')[-1]})" if run.get("refused") else \
+                (f"; gate: {gate}" if gate else "")
+            out.append(line + (f"; error {run['error']}" if run.get("error") else ""))
         return out
     if s == "conv8_throughput":
         out = [f"{v['cin']}->{v['cout']} stride {max(v['stride'])} at {v['size']} (x{len(v['layers'])}): cuDNN fp16 "
