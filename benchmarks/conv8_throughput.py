@@ -9,7 +9,8 @@ then the whole network, in one run:
    with achieved TFLOP/s. The fastest configurations are printed as a TRTSEG_CONV8_CONFIGS value and used below.
 2. The network: patches/s and TFLOP/s of the fp16 engine as the fast default builds it ("fp16+compile+cl+half+fold+
    merge+fuse"), of the fp16 engine without rewrites ("fp16+compile+cl+half", the 8-bit engine's base), and of each
-   --formats engine: that base with its convolutions on the 8-bit kernel, calibrated (quant8.calibrate, percentile)
+   --formats engine as --precision fp8|int8 builds it ("fp8+compile+cl+half"): that base with its convolutions on
+   the 8-bit kernel, calibrated (quant8.calibrate, percentile)
    on smooth random patches (trtseg.accel.fast_path.check_patches). Medians of --repeats runs of --iters batches.
 3. Agreement of each engine's masks with the fp32 network's on other such patches.
 
@@ -155,13 +156,16 @@ def main() -> None:
     for name, config, fmt in [("fp16_fast_default", FP16_FAST, None), ("fp16_base", FP16_BASE, None),
                               *[(f"{f}_on_base", FP16_BASE, f) for f in args.formats]]:
         torch._dynamo.reset()
-        entry: dict = {"config": config}
-        engine = engine_from_config(model.build_network(), config, "cuda", static_batch=args.batch)
-        if fmt is not None:
-            scales = quant8.calibrate(fp32, calibration, fmt, "percentile", batch=2)
-            entry["quantized_layers"] = len(conv8.quantize_convolutions(engine.network, scales, fmt))
-            entry["calibration"] = {"method": "percentile", "patches": "fast_path.check_patches(4, seed=1)"}
+        entry: dict = {"config": config if fmt is None else config.replace("fp16", fmt, 1)}
         try:
+            if fmt is None:
+                engine = engine_from_config(model.build_network(), config, "cuda", static_batch=args.batch)
+            else:  # the engine --precision fp8|int8 builds, on these scales
+                scales = quant8.calibrate(fp32, calibration, fmt, "percentile", batch=2)
+                engine = engine_from_config(model.build_network(), entry["config"], "cuda", static_batch=args.batch,
+                                            input_scales=scales)
+                entry["quantized_layers"] = engine.quantized_convolutions
+                entry["calibration"] = {"method": "percentile", "patches": "fast_path.check_patches(4, seed=1)"}
             rate, warm = time_engine(engine, args.batch, patch, args.iters, args.repeats, warmup=3)
             entry.update(patches_per_s=round(rate, 1), tflop_per_s=round(rate * flops / 1e12, 1),
                          warmup_and_compile_seconds_excluded=round(warm, 1),
@@ -172,7 +176,7 @@ def main() -> None:
         out["engines"][name] = entry
         print(name, entry, flush=True)
         save(out, args.json)
-        del engine
+        engine = None
         torch.cuda.empty_cache()
 
 
