@@ -10,7 +10,7 @@ import torch
 from trtseg.accel import quant8
 from trtseg.accel.precision import accuracy_report, gate
 from trtseg.accel.torch_engine import TorchEngine
-from trtseg.predict import mask_predictor
+from trtseg.pipeline import mask_predictor
 from trtseg.dataset import list_cases
 from trtseg.model_folder import load_model_folder
 

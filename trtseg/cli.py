@@ -127,7 +127,7 @@ def cmd_predict(args) -> int:
 
 def cmd_export(args) -> int:
     from trtseg.accel.precision import make_artefact
-    from trtseg.predict import mask_predictor
+    from trtseg.pipeline import mask_predictor
 
     model = _load_model(args)
     model = model.with_folds([(args.folds or model.folds)[0]])

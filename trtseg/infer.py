@@ -101,3 +101,14 @@ def run_tiles(engines: "Sequence[Engine]", volume: torch.Tensor, plan: WindowPla
                 merger.add(logits, chunk, fold)
             kind = "batch"
     merger.cover(starts)
+
+
+def window_logits(engines: "Sequence[Engine]", volume: torch.Tensor, plan: WindowPlan, num_heads: int,
+                  gaussian: torch.Tensor, batch_size: int, accumulate: str, device: torch.device) -> torch.Tensor:
+    """Logits (k, z, y, x) float32 of a padded volume (c, z, y, x) over its unpadded grid: every tile of ``plan``
+    through ``engines`` (their mean), Gaussian-weighted into a Merger on ``device`` and normalized."""
+    from trtseg.aggregate import Merger
+
+    merger = Merger(plan, num_heads, gaussian, len(engines), accumulate)
+    run_tiles(engines, volume.to(device), plan, plan.starts, batch_size, merger)
+    return merger.finalize()

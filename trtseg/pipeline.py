@@ -119,6 +119,40 @@ def check_budget(settings: Settings, where: str, channels: int, classes: int, pa
                                f"{settings.memory_budget_gb:g}; raise the budget or use a device with more memory")
 
 
+@torch.inference_mode()
+def predict_image(model: NnUNetModel, engines, image: CaseImage, settings: Settings, device: torch.device,
+                  gaussian: torch.Tensor):
+    """An image already read, whole, through one model's ``engines`` on ``device``: preprocessing, the sliding
+    window (``gaussian``: trtseg.tile.model_gaussian), the export; its Exported mask on the host."""
+    from trtseg.export import export_on_device, exported_on_host
+    from trtseg.infer import window_logits
+
+    with_probabilities = settings.output.save_probabilities
+    if not np.any(image.data):
+        return empty_export(image.shape_zyx, model, with_probabilities)
+    pre = preprocess(image, model, device)
+    w = settings.window
+    padded, plan = plan_window(pre.data, model, w.step_size, w.use_mirroring)
+    check_budget(settings, image.files[0] if image.files else "<array>", padded.shape[0], model.labels.num_heads,
+                 padded.shape[1:], pre.shape_after_cropping)
+    logits = window_logits(engines, padded, plan, model.labels.num_heads, gaussian, settings.engine.batch_size,
+                           w.accumulate, device)
+    return exported_on_host(*export_on_device(logits, pre, model, with_probabilities, w.accumulate == "fp16"), model)
+
+
+def mask_predictor(model: NnUNetModel, device: "str | torch.device" = "cpu"):
+    """(engines, image) -> mask (z, y, x): whole images through the pipeline on ``device``, mirroring off, as the
+    reduced precisions' accuracy reports run them (trtseg.accel.precision, trtseg.accel.eight_bit). It sits here,
+    below the engines' construction, because the 8-bit calibration runs it while building an engine."""
+    from trtseg.options import EngineSpec, WindowOptions
+    from trtseg.tile import model_gaussian
+
+    device = torch.device(device)
+    settings = Settings(window=WindowOptions(use_mirroring=False), engine=EngineSpec(device=str(device)))
+    gaussian = model_gaussian(model, device)
+    return lambda engines, image: predict_image(model, engines, image, settings, device, gaussian).mask
+
+
 def shard(cases: list[Case], spec: str | None) -> list[Case]:
     """--shard I/N: the cases of shard I of N (0 <= I < N), by a stable hash of the case id, so that N independent
     jobs over one input cover every case exactly once (nnU-Net's -part_id/-num_parts)."""

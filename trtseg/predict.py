@@ -21,16 +21,15 @@ import torch
 from trtseg.accel.engine import Engine
 from trtseg.accel.engines import create_engines
 from trtseg import storage
-from trtseg.aggregate import Merger
 from trtseg.dataset import Case
 from trtseg.errors import one_line
 from trtseg.ensemble import Combiner, ModelSet
-from trtseg.export import Exported, empty_export, export, export_on_device, exported_on_host
-from trtseg.infer import run_tiles
+from trtseg.export import Exported, export_on_device, exported_on_host
+from trtseg.infer import window_logits
 from trtseg.model import NnUNetModel
-from trtseg.options import EngineSpec, Settings, WindowOptions
-from trtseg.pipeline import CaseReport, check_budget, prepare_case, sync, write_case
-from trtseg.preprocess import Preprocessed, preprocess
+from trtseg.options import Settings
+from trtseg.pipeline import CaseReport, predict_image, prepare_case, sync, write_case
+from trtseg.preprocess import Preprocessed
 from trtseg.read import CaseImage
 from trtseg.tile import model_gaussian
 from trtseg.window import WindowPlan, plan_window
@@ -70,30 +69,18 @@ class Predictor:
     def window_logits(self, volume: torch.Tensor, plan: WindowPlan, index: int = 0) -> torch.Tensor:
         """Logits (k, z, y, x) float32 of a padded volume (c, z, y, x) over its unpadded grid, by the model of pass
         ``index``, mean over its folds."""
-        engines = self.engines_per_pass[index]
-        merger = Merger(plan, self.models.models[index].labels.num_heads, self.gaussians[index], len(engines),
-                        self.settings.window.accumulate)
-        run_tiles(engines, volume.to(self.device), plan, plan.starts, self.settings.engine.batch_size, merger)
-        return merger.finalize()
+        return window_logits(self.engines_per_pass[index], volume, plan, self.models.models[index].labels.num_heads,
+                             self.gaussians[index], self.settings.engine.batch_size, self.settings.window.accumulate,
+                             self.device)
 
     def logits(self, data: torch.Tensor) -> torch.Tensor:
         """Sliding-window logits (k, z, y, x) float32 of preprocessed ``data`` (c, z, y, x), mean over folds."""
         w = self.settings.window
         return self.window_logits(*plan_window(data, self.model, w.step_size, w.use_mirroring))
 
-    @torch.inference_mode()
     def predict_image(self, image: CaseImage) -> Exported:
-        """An image already read (trtseg.accel.precision's accuracy reports) -> its mask on the host; one model."""
-        with_probabilities = self.settings.output.save_probabilities
-        if not np.any(image.data):
-            return empty_export(image.shape_zyx, self.model, with_probabilities)
-        pre: Preprocessed = preprocess(image, self.model, self.device)
-        w = self.settings.window
-        padded, plan = plan_window(pre.data, self.model, w.step_size, w.use_mirroring)
-        check_budget(self.settings, image.files[0] if image.files else "<array>", padded.shape[0],
-                     self.model.labels.num_heads, padded.shape[1:], pre.shape_after_cropping)
-        return exported_on_host(*export_on_device(self.window_logits(padded, plan), pre, self.model, with_probabilities,
-                                                  w.accumulate == "fp16"), self.model)
+        """An image already read -> its mask on the host; one model (trtseg.pipeline.predict_image)."""
+        return predict_image(self.model, self.engines, image, self.settings, self.device, self.gaussians[0])
 
     @torch.inference_mode()
     def predict_case(self, case: Case, output_folder: str,
@@ -181,13 +168,6 @@ class Predictor:
 def _add_seconds(into: dict, more: dict) -> None:
     for k, v in more.items():
         into[k] = into.get(k, 0.0) + v
-
-
-def mask_predictor(model, device: str | torch.device = "cpu"):
-    """(engines, image) -> mask: whole cases through the pipeline on ``device``, mirroring off, as the reduced
-    precisions' accuracy reports run them (trtseg.accel.precision, trtseg.accel.eight_bit)."""
-    settings = Settings(window=WindowOptions(use_mirroring=False), engine=EngineSpec(device=str(device)))
-    return lambda engines, image: Predictor(model, settings, engines).predict_image(image).mask
 
 
 def predict_folder(input_url: str, output_url: str, model_folder: "str | list[str] | NnUNetModel | ModelSet", folds: list[str] | None = None,

@@ -61,11 +61,12 @@ def entry_fields(model, fold: str, spec, device: torch.device, cases) -> dict:
     return {**fields, "device": device_slug(device), "gate_cases": len(cases), "patches": CALIBRATION_PATCHES}
 
 
-def calibration(model, fold: str, spec, device: torch.device, cache_url: str) -> dict:
+def calibration(model, fold: str, spec, device: torch.device, cache_url: str, build) -> dict:
     """The calibration of ``model``'s ``fold`` for ``spec`` (precision fp8 or int8) on ``device``, from the engine
     cache at ``cache_url`` or made now: {"scales": {layer: input scale}, "accuracy_vs_fp32", "accepted", "gate",
     "entry", "from"}. Raises TrtsegError, naming the model and the cache entry, when the gate (spec.max_dice_drop)
-    refuses it."""
+    refuses it. build(network, input_scales) -> Engine: the 8-bit engine the gate runs, uncompiled (the caller,
+    trtseg.accel.engines, builds it as it builds the run's)."""
     from trtseg.accel.compile_cache import JsonEntry
     from trtseg.accel.precision import gate
 
@@ -77,7 +78,7 @@ def calibration(model, fold: str, spec, device: torch.device, cache_url: str) ->
         log.warning("calibration: %s", entry.note)
     source = "cache"
     if made is None:
-        made, source = calibrate_and_check(model, fold, spec, device, cases), "calibrated"
+        made, source = calibrate_and_check(model, fold, spec, device, cases, build), "calibrated"
         entry.put(made)
     accepted, why = gate(made["accuracy_vs_fp32"], spec.max_dice_drop)
     made = {**made, "accepted": accepted, "gate": why, "entry": entry.url, "from": source}
@@ -93,17 +94,15 @@ def summary(made: dict) -> dict:
     return {k: v for k, v in made.items() if k != "scales"}
 
 
-def calibrate_and_check(model, fold: str, spec, device: torch.device, cases) -> dict:
-    """Calibrates the scales on ``cases``' patches and runs the accuracy gate (steps 1 and 2 of the module
-    docstring)."""
+def calibrate_and_check(model, fold: str, spec, device: torch.device, cases, build) -> dict:
+    """Calibrates the scales on ``cases``' patches and makes the gate's report (steps 1 and 2 of the module
+    docstring); ``build`` as in ``calibration``."""
     from trtseg.accel import quant8
-    from trtseg.accel.engines import torch_engine
     from trtseg.accel.patches import sample_patches
     from trtseg.accel.precision import accuracy_report
     from trtseg.accel.torch_engine import TorchEngine
-    # the gate predicts whole cases, as export's accuracy report does: the pipeline is above the engines, so it is
-    # imported here, where an 8-bit engine is first built
-    from trtseg.predict import mask_predictor
+    # the gate predicts whole cases through the pipeline's stages, as export's accuracy report does
+    from trtseg.pipeline import mask_predictor
 
     one = model.with_folds([fold])
     patches = torch.from_numpy(sample_patches(model, None, CALIBRATION_PATCHES, seed=1, cases=cases)).to(device)
@@ -112,8 +111,7 @@ def calibrate_and_check(model, fold: str, spec, device: torch.device, cases) -> 
                               batch=max(spec.batch_size, 1))
     del patches
     fp32 = [TorchEngine(network, device, "fp32")]
-    test = [torch_engine(model.build_network(fold), spec.with_(compile=None, fast=False), device,
-                         input_scales=scales)]
+    test = [build(model.build_network(fold), scales)]
     report = accuracy_report(one, fp32, test, cases, mask_predictor(one, device))
     return {"scales": scales, "method": spec.calibration_method, "calibration": spec.calibration,
             "cases": [c.case_id for c in cases], "accuracy_vs_fp32": report}

@@ -88,7 +88,9 @@ def build_engine(model, fold: str, spec: "EngineSpec", kind: str, device: torch.
         scales = made = None
         if precision in EIGHT_BIT:  # calibrated and gated once (or refused, raising TrtsegError), then cached
             from trtseg.accel.eight_bit import calibration, summary
-            made = calibration(model, fold, spec, device, cache_url)
+            uncompiled = spec.with_(compile=None, fast=False)
+            made = calibration(model, fold, spec, device, cache_url,
+                               lambda network, s: torch_engine(network, uncompiled, device, input_scales=s))
             scales = made["scales"]
         if spec.compile:
             from trtseg.accel.compile_cache import CompileCacheEntry, model_key_fields
