@@ -191,7 +191,7 @@ def test_a_small_run_keeps_the_compiled_parts_when_their_packages_are_in_the_cac
     models = ModelSet.of(model)
     device = torch.device("cuda")
     chosen = ["compile", "channels-last", "fp16-weights", "fuse-norms"]
-    fast_path.Verdicts(cuda.cache, fast_path._fields(model, cuda, device, "cuda")).put(
+    fast_path.verdicts_entry(cuda.cache, fast_path._fields(model, cuda, device, "cuda")).put(
         {"chosen": chosen, "skipped": {}, "check": {"verdict": "passed"}})
     assert small_run_settings(models, settings, 1)[0].engine.off == set(SMALL_RUN_OFF)  # no package yet
     compiled = fast_path._with_parts(cuda, chosen)

@@ -97,24 +97,12 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a == b).double().mean())
 
 
-class Verdicts:
-    """The engine cache's fast-path entries: ``get`` a checked verdict for ``fields``, ``put`` a new one."""
+def verdicts_entry(cache_url: str, fields: dict):
+    """The engine cache's fast-path entry for ``fields`` (a compile_cache.JsonEntry): ``get`` its checked verdict,
+    ``put`` a new one."""
+    from trtseg.accel.compile_cache import JsonEntry
 
-    def __init__(self, cache_url: str, fields: dict):
-        from trtseg.accel.compile_cache import JsonEntry
-
-        self._entry = JsonEntry(cache_url, "fast_path", fields, "verdict", "fast path")
-        self.fields, self.url = fields, self._entry.url
-
-    @property
-    def note(self) -> str | None:
-        return self._entry.note
-
-    def get(self) -> dict | None:
-        return self._entry.get()
-
-    def put(self, verdict: dict) -> None:
-        self._entry.put(verdict)
+    return JsonEntry(cache_url, "fast_path", fields, "verdict", "fast path")
 
 
 def _fields(model, spec: EngineSpec, device: torch.device, what: str) -> dict:
@@ -195,7 +183,7 @@ def _choose_cuda(model, spec: EngineSpec, device: torch.device, build: Builder, 
         _log_skipped(model, skipped)
         return Choice(_with_parts(spec, parts), parts, skipped,
                       {"verdict": "not checked here: the 8-bit accuracy gate decides"}, "torch")
-    verdicts = Verdicts(cache_url, _fields(model, spec, device, "cuda"))
+    verdicts = verdicts_entry(cache_url, _fields(model, spec, device, "cuda"))
     cached = verdicts.get()
     if verdicts.note:
         log.warning("fast path: %s", verdicts.note)
@@ -246,7 +234,7 @@ def packages_ready(model, spec: EngineSpec, device: torch.device, cache_url: str
 
     if not (spec.fast and spec.package) or device.type != "cuda" or not torch.cuda.is_available():
         return False
-    cached = Verdicts(cache_url, _fields(model, spec, device, "cuda")).get()
+    cached = verdicts_entry(cache_url, _fields(model, spec, device, "cuda")).get()
     if not cached or "compile" not in cached.get("chosen", []):
         return False
     chosen = _with_parts(spec, cached["chosen"])
@@ -293,7 +281,7 @@ def judge(agree: float, fallback: float) -> tuple[str, str]:
 
 def _choose_cpu(model, spec: EngineSpec, device: torch.device, build: Builder, cache_url: str) -> Choice:
     """ONNX Runtime or PyTorch fp32 on the CPU: the faster of the two that agree on the check patches."""
-    verdicts = Verdicts(cache_url, _fields(model, spec, device, "cpu"))
+    verdicts = verdicts_entry(cache_url, _fields(model, spec, device, "cpu"))
     cached = verdicts.get()
     engine = None
     if cached is not None:
