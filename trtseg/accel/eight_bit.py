@@ -51,7 +51,7 @@ def calibration_cases(spec, model, storage_options=None) -> list:
 
 
 def entry_fields(model, fold: str, spec, device: torch.device, cases) -> dict:
-    """What the scales and the verdict depend on (the module docstring's key)."""
+    """What the scales and the gate's report depend on (the module docstring's key)."""
     from trtseg.accel import quant8
     from trtseg.accel.compile_cache import device_slug
 
