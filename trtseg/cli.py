@@ -228,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--dynamic-spatial", action="store_true", help="dynamic z, y, x too")
     # the calibration flags predict declares (EngineSpec), with export's own defaults: ONNX Runtime's minmax, four
     # report cases, and no gate unless asked for
-    from trtseg.options import EngineSpec, add_options
-    add_options(e, EngineSpec, only=("calibration", "calibration_cases", "calibration_method", "max_dice_drop"),
+    from trtseg.options import CALIBRATION_OPTIONS, EngineSpec, add_options
+    add_options(e, EngineSpec, only=CALIBRATION_OPTIONS,
                 defaults=EngineSpec(calibration_cases=4, calibration_method="minmax", max_dice_drop=None))
     e.add_argument("--patches", type=int, default=4, help="random and real patches for the ONNX Runtime comparison")
     e.set_defaults(func=cmd_export)
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--patches", type=int, default=4)
     c.add_argument("--device", default=None)
     c.add_argument("--engine-cache", default=None)
-    add_options(c, EngineSpec, only=("calibration", "calibration_cases", "calibration_method", "max_dice_drop"))
+    add_options(c, EngineSpec, only=CALIBRATION_OPTIONS)
     c.set_defaults(func=cmd_compare)
 
     d = sub.add_parser("demo", help="segment real MRI scans with the demo's trained brain-extraction model",

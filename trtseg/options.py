@@ -18,6 +18,8 @@ ENGINE_KINDS = ("auto", "tensorrt", "torch", "onnxruntime", "pycuda")
 EIGHT_BIT = ("fp8", "int8")
 PRECISIONS = ("fp32", "fp16", "bf16", *EIGHT_BIT)
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+# EngineSpec's calibration fields: `trtseg export` and `trtseg compare` take these flags without the rest of the spec
+CALIBRATION_OPTIONS = ("calibration", "calibration_cases", "calibration_method", "max_dice_drop")
 COMPILE_MODES = ("default", "max-autotune")
 # the PyTorch engine's network rewrites: same function, less GPU time (see trtseg/accel/rewrites/)
 REWRITES = {

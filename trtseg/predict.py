@@ -24,11 +24,11 @@ from trtseg import storage
 from trtseg.dataset import Case
 from trtseg.errors import one_line
 from trtseg.ensemble import Combiner, ModelSet
-from trtseg.export import Exported, export_on_device, exported_on_host
+from trtseg.export import export_on_device, exported_on_host
 from trtseg.infer import window_logits
 from trtseg.model import NnUNetModel
 from trtseg.options import Settings
-from trtseg.pipeline import CaseReport, predict_image, prepare_case, sync, write_case
+from trtseg.pipeline import CaseReport, prepare_case, sync, write_case
 from trtseg.preprocess import Preprocessed
 from trtseg.read import CaseImage
 from trtseg.tile import model_gaussian
@@ -77,10 +77,6 @@ class Predictor:
         """Sliding-window logits (k, z, y, x) float32 of preprocessed ``data`` (c, z, y, x), mean over folds."""
         w = self.settings.window
         return self.window_logits(*plan_window(data, self.model, w.step_size, w.use_mirroring))
-
-    def predict_image(self, image: CaseImage) -> Exported:
-        """An image already read -> its mask on the host; one model (trtseg.pipeline.predict_image)."""
-        return predict_image(self.model, self.engines, image, self.settings, self.device, self.gaussians[0])
 
     @torch.inference_mode()
     def predict_case(self, case: Case, output_folder: str,
