@@ -2,12 +2,15 @@
 one GPU:
 
     python -m benchmarks.models_vs_nnunet --scenario cascade|ensemble [--cases 2] [--shape 512 512 240] [--json F]
-        [--skip-accumulate-fp16] [--skip-stages]
+        [--skip-accumulate-fp16] [--skip-stages] [--nnunet-given-trtseg-lowres]
 
 - cascade: nnUNetv2's two commands, `nnUNetv2_predict -c 3d_lowres`, then `-c 3d_cascade_fullres
   -prev_stage_predictions LOWRES_OUT`, against one `trtseg predict -m LOWRES CASCADE` (both stages in one job).
   Then each stage on its own, against nnU-Net's output of that stage: `trtseg predict -m LOWRES`, and `trtseg
-  predict -m CASCADE --prev-stage-predictions LOWRES_OUT` given nnU-Net's own low-res masks.
+  predict -m CASCADE --prev-stage-predictions LOWRES_OUT` given nnU-Net's own low-res masks. With
+  --nnunet-given-trtseg-lowres, nnU-Net's cascade stage once more, given trtseg's low-res masks, against its own
+  chained output: how far the cascade network itself carries the low-res stage's few differing voxels into the
+  final masks, with no trtseg code in the final stage (nnU-Net against nnU-Net).
 - ensemble: nnUNetv2's four, `nnUNetv2_predict -c 3d_fullres --save_probabilities`, the same for 3d_lowres,
   `nnUNetv2_ensemble` and `nnUNetv2_apply_postprocessing` (a postprocessing.pkl keeping the largest foreground
   component and the largest component of label 1), against one `trtseg predict -m FULLRES LOWRES --postprocessing
@@ -15,7 +18,9 @@ one GPU:
 
 Each command is a fresh process, timed from start to exit, as a user runs it: nnUNetv2's entry points with their
 default workers; trtseg with default flags and --single-process (two cases on one GPU: the Ray job's start-up
-would be most of the time). Both sides run without mirroring (--disable_tta / --disable-tta), to keep nnUNetv2's
+would be most of the time). trtseg runs twice, into two output folders: first with an empty engine cache (cold:
+the fast path checks each model's engine against fp32 before its first case), then with the cache the first run
+left (warm: what every later scheduled run of the same models pays). Both sides run without mirroring (--disable_tta / --disable-tta), to keep nnUNetv2's
 side within minutes.
 
 Models: nnU-Net's 3d_fullres CT topology (PlainConvUNet 32->320, 6 stages, 128^3 patch) for every configuration,
@@ -99,6 +104,9 @@ def main() -> None:
     ap.add_argument("--skip-stages", action="store_true",
                     help="cascade: no runs of each stage on its own (the low-res stage; the cascade stage given "
                          "nnU-Net's low-res masks)")
+    ap.add_argument("--nnunet-given-trtseg-lowres", action="store_true",
+                    help="cascade, with the stages: nnU-Net's cascade stage given trtseg's low-res masks, against "
+                         "nnU-Net's chained output (the cascade network's own sensitivity to its input masks)")
     args = ap.parse_args()
     _PROGRESS["path"] = args.json
     work = tempfile.mkdtemp(prefix="trtseg_models_")
@@ -109,7 +117,8 @@ def main() -> None:
     for i in range(args.cases):
         syn.save_nifti(os.path.join(inp, f"ct{i}_0000.nii.gz"), syn.ct_like_volume(args.shape, seed=i),
                        syn.affine_for((0.7, 0.7, 1.25)))
-    env = {**os.environ, "nnUNet_results": results, "nnUNet_raw": work, "nnUNet_preprocessed": work}
+    env = {**os.environ, "nnUNet_results": results, "nnUNet_raw": work, "nnUNet_preprocessed": work,
+           "TRTSEG_CACHE": os.path.join(work, "cache")}  # empty: the first trtseg run is cold
     predict = _nnunet("nnunetv2.inference.predict_from_raw_data:predict_entry_point", "nnUNetv2_predict")
     nn_common = ["-i", inp, "-d", "88", "-f", "0", "--disable_tta",
                  *([] if torch.cuda.is_available() else ["-device", "cpu"])]
@@ -129,8 +138,9 @@ def main() -> None:
         out["trtseg_command"] = ("trtseg predict -m 3d_fullres 3d_lowres --postprocessing postprocessing.pkl "
                                  "--disable-tta --single-process")
         ts_args = ["-m", models["3d_fullres"], models["3d_lowres"], "--postprocessing", pp]
-    # trtseg first: a run cut short still has its figure
+    # trtseg first: a run cut short still has its figure. Cold, then warm (the engine cache the cold run left)
     out["trtseg_seconds"] = _timed([*ts, "-o", os.path.join(work, "ts"), *ts_args], env, "trtseg")
+    out["trtseg_warm_seconds"] = _timed([*ts, "-o", os.path.join(work, "ts_warm"), *ts_args], env, "trtseg_warm")
     if args.scenario == "cascade":
         low = os.path.join(work, "nn_low")
         out["nnunetv2_seconds"] = {
@@ -155,7 +165,9 @@ def main() -> None:
     nn_total = sum(out["nnunetv2_seconds"].values())
     out["nnunetv2_total_seconds"] = round(nn_total, 2)
     out["speedup"] = round(nn_total / out["trtseg_seconds"], 1)
+    out["speedup_warm"] = round(nn_total / out["trtseg_warm_seconds"], 1)
     out["voxel_agreement_vs_nnunet"] = _agreement(work, "nn", "ts", args.cases)
+    out["voxel_agreement_warm_vs_cold"] = _agreement(work, "ts", "ts_warm", args.cases)
     save(out, args.json)  # the main figures, before the optional runs below (a run cut short keeps them)
     if args.scenario == "cascade" and not args.skip_stages:
         # where the one-job cascade's disagreement comes from: the low-res stage alone, and the cascade stage given
@@ -168,6 +180,13 @@ def main() -> None:
             [*ts, "-o", os.path.join(work, "ts_given"), "-m", models["3d_cascade_fullres"],
              "--prev-stage-predictions", os.path.join(work, "nn_low")], env)
         out["voxel_agreement_cascade_given_nnunet_lowres"] = _agreement(work, "nn", "ts_given", args.cases)
+        save(out, args.json)
+        if args.nnunet_given_trtseg_lowres:
+            out["nnunetv2_given_trtseg_lowres_seconds"] = _timed(
+                [*predict, *nn_common, "-o", os.path.join(work, "nn_given"), "-c", "3d_cascade_fullres",
+                 "-prev_stage_predictions", low_ts], env)
+            out["voxel_agreement_nnunet_given_trtseg_lowres_vs_nnunet"] = _agreement(work, "nn", "nn_given",
+                                                                                    args.cases)
     if args.scenario == "ensemble":
         out["postprocessing_changed_voxels"] = 1.0 - min(_agreement(work, "nn_mean", "nn", args.cases).values())
         report = json.load(open(os.path.join(work, "ts", "run_report.json")))

@@ -40,6 +40,9 @@ COMMANDS = {
 # shared/device's base bundle and the isal wheel on PYTHONPATH)
 FILE_COMMANDS = {
     "cpu2core_demo_precision_minmax.json": "python -m benchmarks.demo_precision --calibration-method minmax",
+    "cpu2core_models_vs_nnunet_cascade_sensitivity.json": "python -m benchmarks.models_vs_nnunet --scenario cascade "
+                                                          "--cases 1 --shape 64 64 40 --skip-accumulate-fp16 "
+                                                          "--nnunet-given-trtseg-lowres",
     "h200_models_vs_nnunet_ensemble.json": "timeout 440 python -m benchmarks.models_vs_nnunet --scenario ensemble "
                                            "--cases 1 --skip-accumulate-fp16 (cut off in nnUNetv2_apply_postprocessing)",
     "h200_engine_throughput_pipeline.json": "python -m benchmarks.engine_throughput --batches 4 --repeats 5 --configs "
@@ -263,8 +266,10 @@ def rows(r: dict) -> list[str]:
     if s.startswith("models_vs_nnunet/"):
         total = r.get("nnunetv2_total_seconds") or f"at least {r.get('nnunetv2_total_seconds_at_least')}"
         speedup = r.get("speedup") or f"at least {r.get('speedup_at_least')}"
+        warm = (f"; warm engine cache {r['trtseg_warm_seconds']} s ({r['speedup_warm']}x)"
+                if "trtseg_warm_seconds" in r else "")
         out = [f"{r['cases']} CT(s) {r['shape_xyz']}, whole commands, no mirroring: nnUNetv2 {r['nnunetv2_seconds']} "
-               f"= {total} s; `{r['trtseg_command']}` {r['trtseg_seconds']} s ({speedup}x)",
+               f"= {total} s; `{r['trtseg_command']}` {r['trtseg_seconds']} s ({speedup}x){warm}",
                f"masks vs nnUNetv2: {r['voxel_agreement_vs_nnunet']}"]
         if "voxel_agreement_vs_nnunet_accumulate_fp16" in r:
             out.append(f"with --accumulate fp16: {r['voxel_agreement_vs_nnunet_accumulate_fp16']}")
@@ -272,6 +277,9 @@ def rows(r: dict) -> list[str]:
             given = r.get("voxel_agreement_cascade_given_nnunet_lowres")
             out.append(f"each stage on its own: the low-res stage {r['voxel_agreement_lowres_stage_vs_nnunet']}; the "
                        f"cascade stage given nnU-Net's low-res masks {given}")
+        if "voxel_agreement_nnunet_given_trtseg_lowres_vs_nnunet" in r:
+            out.append(f"nnUNetv2's cascade stage given trtseg's low-res masks, against its own chained output: "
+                       f"{r['voxel_agreement_nnunet_given_trtseg_lowres_vs_nnunet']}")
         if r.get("note"):
             out.append(r["note"])
         return out
