@@ -202,3 +202,40 @@ def test_kernel_compiles_for_hopper_without_a_gpu():
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["fp8", "1", "32", "True", "int8", "1", "32", "True", "fp8", "32", "64", "True",
                                 "int8", "320", "320", "True"]
+
+
+def test_compiled_network_quantizes_inside_the_kernels_that_produce_the_activations(small_model, tmp_path):
+    """Under torch.compile, Inductor computes each 8-bit convolution's input quantization in the kernel that produces
+    that input (InstanceNorm + LeakyReLU, or the decoder's concatenation), which writes one byte a value: no pass over
+    memory of its own, except for the network's input. Inductor's CPU code, with the kernel in Triton's interpreter;
+    its fusion decisions are made above the backend, and the GPU's are for a GPU run to confirm. The compiled
+    network's masks stay as close to the float32 reference network's as the eager network's do."""
+    import re
+
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    from trtseg.model_folder import load_model_folder
+
+    model = load_model_folder(small_model, ["0"])
+    net = model.build_network("0").eval()
+    patch = [8, 8, 8]  # three stages down to 2x2x2; small, since Triton's interpreter runs each 8-bit layer
+    scales = quant8.calibrate(net, torch.randn(2, 1, *patch), "fp8", "percentile")
+    fast = _fp16_with_fp32_norms(copy.deepcopy(net)).to(DEVICE).to(memory_format=CL)
+    replaced = conv8.quantize_convolutions(fast, scales, "fp8")
+    x = torch.randn(1, 1, *patch).half().to(DEVICE).contiguous(memory_format=CL)
+    torch._dynamo.reset()
+    with torch.inference_mode(), inductor_config.patch(force_disable_caches=True):
+        got, codes = run_and_get_code(torch.compile(fast, dynamic=False), x)
+        want = fast(x)
+    code = "\n".join(codes)
+    # Inductor names a kernel after the aten ops it computes, and lists its arguments' types where it defines it
+    kernels = dict(re.findall(r"^(\w+_fused_\w+) = async_compile\.\w+\((.*)$", code, re.M))
+    quantizing = [name for name, args in kernels.items() if "Float8_e4m3fn*" in args]
+    producers = [name for name in quantizing if "leaky_relu" in name]
+    assert len(code.split("torch.ops.trtseg.conv8.default(")) - 1 == len(replaced) > 4  # every layer compiled in
+    assert len(producers) == len(quantizing) - 1, kernels  # all but the network input's quantization
+    assert any("batch_norm" in name for name in producers) and any("cat" in name for name in producers), producers
+    reference = quant8.quantize_network(net, scales, "fp8")(x.float().cpu())
+    agree = [float((y.float().cpu().argmax(1) == reference.argmax(1)).float().mean()) for y in (got, want)]
+    assert min(agree) >= 0.95, agree
