@@ -176,6 +176,7 @@ def test_predict_int8_calibrates_on_its_input_gates_against_fp32_and_reuses_the_
     assert cal["from"] == "calibrated" and cal["accepted"] and cal["method"] == "percentile"
     assert cal["calibration"] == calibration_cases and sorted(cal["cases"]) == ["c1", "c2"]
     assert set(cal["accuracy_vs_fp32"]["mean_dice_vs_fp32"]) == {"1", "2"}
+    assert cal["engine"] == {k: engine[k] for k in cal["engine"]} and not cal["engine"]["compiled"]  # what ran
     for case in ("c1", "c2"):
         a, b = (np.asarray(nib.load(str(tmp_path / d / f"{case}.nii.gz")).dataobj) for d in ("fp32", "a"))
         assert 0.95 < (a == b).mean() < 1.0, case  # 8 bits move some voxels of this random network, not many
@@ -195,6 +196,38 @@ def test_predict_int8_calibrates_on_its_input_gates_against_fp32_and_reuses_the_
     # the refusal came from the cached report, judged by the default drop: the entry is the one calibrated above
     entries = list((tmp_path / "cache" / "calibration").rglob("*.json"))
     assert len(entries) == 2 and replaced["engine"]["calibration"]["entry"] in {str(e) for e in entries}
+
+
+def test_the_gate_judges_the_compiled_engine_the_run_then_uses(small_model, calibration_cases, tmp_path,
+                                                                monkeypatch):
+    """Compiled code rounds a fused chain's intermediates differently from eager code (tests/test_conv8.py), so
+    the gate runs the engine as the run builds it: with --compile, the compiled 8-bit engine, which the run then
+    uses without building another. A later process builds one engine from the cached entry; an uncompiled engine
+    has its own entry."""
+    from trtseg.accel import engines
+    from trtseg.model_folder import load_model_folder
+    from trtseg.options import EngineSpec
+
+    built = []
+    real = engines.torch_engine
+    monkeypatch.setattr(engines, "torch_engine", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    model = load_model_folder(small_model, ["0"])
+
+    def engine(**options):
+        spec = EngineSpec(device="cpu", cache=str(tmp_path / "cache"), precision="int8", fast=False,
+                          calibration=calibration_cases, max_dice_drop=0.3, **options)
+        return engines.build_engine(model, "0", spec, "torch", torch.device("cpu"), spec.cache)
+
+    compiled = engine(compile="default")
+    assert compiled.compiled and compiled.calibration["from"] == "calibrated"
+    assert compiled.calibration["engine"]["compiled"] and compiled.calibration["engine"]["compile_mode"] == "default"
+    assert built == [compiled]  # the engine the gate judged is the run's
+    again = engine(compile="default")
+    assert again.calibration["from"] == "cache" and len(built) == 2
+    assert again.calibration["entry"] == compiled.calibration["entry"]
+    eager = engine()
+    assert eager.calibration["from"] == "calibrated" and eager.calibration["entry"] != compiled.calibration["entry"]
+    assert not eager.calibration["engine"]["compiled"]
 
 
 def test_compare_shows_an_8_bit_engine_against_fp32_with_its_calibration(small_model, calibration_cases, tmp_path,

@@ -10,15 +10,20 @@ lets CI and GPU-less machines check a calibration). Before the first one is buil
    the patches ``trtseg export --calibration`` cuts); the fp32 network runs them and ``quant8.calibrate`` turns
    each layer's input range into its scale by ``--calibration-method``;
 2. the report: those cases run whole through the pipeline (trtseg.predict, mirroring off) with the fp32 network and
-   with the 8-bit engine (uncompiled: compiling changes its speed, not its function); per-label Dice and voxel
-   agreement against fp32 (``trtseg.accel.precision.accuracy_report``); the gate refuses the engine when any
-   label's mean Dice drops by more than ``--max-dice-drop`` (``precision.gate``, the ONNX INT8 artefacts' rule).
+   with the 8-bit engine the run itself then uses, as the run builds it (compiled where the run compiles); per-label
+   Dice and voxel agreement against fp32 (``trtseg.accel.precision.accuracy_report``); the gate refuses the engine
+   when any label's mean Dice drops by more than ``--max-dice-drop`` (``precision.gate``, the ONNX INT8 artefacts'
+   rule). The gate judges the compiled engine, not an eager twin, because compiling changes the function a little:
+   Inductor computes a fused chain of elementwise ops (normalization, LeakyReLU, the next layer's quantization) in
+   fp32 without rounding its fp16 intermediates, so values near a quantization step can round the other way
+   (2.5 % of the voxels of a 16^3 patch moved, with tests/test_conv8.py's small random network).
 
 The scales and the report go into CACHE/calibration/<device>/<key>.json. The key holds the model fingerprint and
 fold, the format, the method, the calibration cases' listing identities (a replaced volume calibrates again), the
-patch shape, the number of gate cases and the device type. Every later process, actor and node loads the entry and
-judges its report by its own --max-dice-drop: the same drop refuses again at once, with the same reason, and a
-looser one accepts without calibrating again.
+patch shape, the number of gate cases, the device type and the engine options that change its function (compile
+mode, channels-last). Every later process, actor and node loads the entry and judges its report by its own
+--max-dice-drop: the same drop refuses again at once, with the same reason, and a looser one accepts without
+calibrating again.
 """
 from __future__ import annotations
 
@@ -32,6 +37,8 @@ from trtseg.errors import TrtsegError
 log = logging.getLogger(__name__)
 
 CALIBRATION_PATCHES = 8  # patches the scales are calibrated on, spread over the calibration cases
+_JUDGED = ("engine", "device", "precision", "compiled", "compile_mode", "channels_last", "fp16_weights",
+           "quantized_convolutions")  # what the report records of the engine the gate judged
 
 
 def calibration_cases(spec, model, storage_options=None) -> list:
@@ -58,15 +65,16 @@ def entry_fields(model, fold: str, spec, device: torch.device, cases) -> dict:
     identity = hashlib.sha256("\n".join(f"{c.case_id}:{c.identity}" for c in cases).encode()).hexdigest()[:16]
     fields = quant8.calibration_key(model.fingerprint, fold, spec.precision, spec.calibration_method, identity,
                                     model.patch_size)[1]
-    return {**fields, "device": device_slug(device), "gate_cases": len(cases), "patches": CALIBRATION_PATCHES}
+    return {**fields, "device": device_slug(device), "gate_cases": len(cases), "patches": CALIBRATION_PATCHES,
+            "engine": {"compile": spec.compile or None, "channels_last": bool(spec.channels_last)}}
 
 
-def calibration(model, fold: str, spec, device: torch.device, cache_url: str, build) -> dict:
-    """The calibration of ``model``'s ``fold`` for ``spec`` (precision fp8 or int8) on ``device``, from the engine
-    cache at ``cache_url`` or made now: {"scales": {layer: input scale}, "accuracy_vs_fp32", "accepted", "gate",
+def calibrated_engine(model, fold: str, spec, device: torch.device, cache_url: str, build):
+    """The 8-bit engine of ``model``'s ``fold`` for ``spec`` (precision fp8 or int8) on ``device``, with its
+    calibration from the engine cache at ``cache_url`` or made now (the engine the gate ran, then) as
+    ``engine.calibration``: ``summary`` of {"scales": {layer: input scale}, "accuracy_vs_fp32", "accepted", "gate",
     "entry", "from"}. Raises TrtsegError, naming the model and the cache entry, when the gate (spec.max_dice_drop)
-    refuses it. build(network, input_scales) -> Engine: the 8-bit engine the gate runs, uncompiled (the caller,
-    trtseg.accel.engines, builds it as it builds the run's)."""
+    refuses it. build(input_scales) -> Engine: the run's engine with those scales (trtseg.accel.engines)."""
     from trtseg.accel.compile_cache import JsonEntry
     from trtseg.accel.precision import gate
 
@@ -76,9 +84,9 @@ def calibration(model, fold: str, spec, device: torch.device, cache_url: str, bu
     made = entry.get()
     if entry.note:
         log.warning("calibration: %s", entry.note)
-    source = "cache"
+    source, engine = "cache", None
     if made is None:
-        made, source = calibrate_and_check(model, fold, spec, device, cases, build), "calibrated"
+        (made, engine), source = calibrate_and_check(model, fold, spec, device, cases, build), "calibrated"
         entry.put(made)
     accepted, why = gate(made["accuracy_vs_fp32"], spec.max_dice_drop)
     made = {**made, "accepted": accepted, "gate": why, "entry": entry.url, "from": source}
@@ -86,7 +94,9 @@ def calibration(model, fold: str, spec, device: torch.device, cache_url: str, bu
         raise TrtsegError(f"{model.folder}: --precision {spec.precision} refused: {made['gate']} on "
                           f"{len(cases)} calibration case(s) of {spec.calibration} (report: {entry.url})")
     log.info("calibration (%s) for %s fold %s: %s, %s", source, model.folder, fold, spec.precision, made["gate"])
-    return made
+    engine = engine if engine is not None else build(made["scales"])
+    engine.calibration = summary(made)
+    return engine
 
 
 def summary(made: dict) -> dict:
@@ -94,9 +104,9 @@ def summary(made: dict) -> dict:
     return {k: v for k, v in made.items() if k != "scales"}
 
 
-def calibrate_and_check(model, fold: str, spec, device: torch.device, cases, build) -> dict:
+def calibrate_and_check(model, fold: str, spec, device: torch.device, cases, build) -> tuple[dict, object]:
     """Calibrates the scales on ``cases``' patches and makes the gate's report (steps 1 and 2 of the module
-    docstring); ``build`` as in ``calibration``."""
+    docstring); returns them and the 8-bit engine the report judged. ``build`` as in ``calibrated_engine``."""
     from trtseg.accel import quant8
     from trtseg.accel.patches import sample_patches
     from trtseg.accel.precision import accuracy_report
@@ -111,7 +121,8 @@ def calibrate_and_check(model, fold: str, spec, device: torch.device, cases, bui
                               batch=max(spec.batch_size, 1))
     del patches
     fp32 = [TorchEngine(network, device, "fp32")]
-    test = [build(model.build_network(fold), scales)]
-    report = accuracy_report(one, fp32, test, cases, mask_predictor(one, device))
+    engine = build(scales)
+    report = accuracy_report(one, fp32, [engine], cases, mask_predictor(one, device))
     return {"scales": scales, "method": spec.calibration_method, "calibration": spec.calibration,
-            "cases": [c.case_id for c in cases], "accuracy_vs_fp32": report}
+            "cases": [c.case_id for c in cases], "accuracy_vs_fp32": report,
+            "engine": {k: v for k, v in engine.describe().items() if k in _JUDGED}}, engine

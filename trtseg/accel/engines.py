@@ -85,13 +85,6 @@ def build_engine(model, fold: str, spec: "EngineSpec", kind: str, device: torch.
     batch = max(spec.batch_size, 1)
     if kind == "torch":
         cache = package = None
-        scales = made = None
-        if precision in EIGHT_BIT:  # calibrated and gated once (or refused, raising TrtsegError), then cached
-            from trtseg.accel.eight_bit import calibration, summary
-            uncompiled = spec.with_(compile=None, fast=False)
-            made = calibration(model, fold, spec, device, cache_url,
-                               lambda network, s: torch_engine(network, uncompiled, device, input_scales=s))
-            scales = made["scales"]
         if spec.compile:
             from trtseg.accel.compile_cache import CompileCacheEntry, model_key_fields
             fields = model_key_fields(model, fold, spec, device)
@@ -99,10 +92,15 @@ def build_engine(model, fold: str, spec: "EngineSpec", kind: str, device: torch.
             if spec.package:
                 from trtseg.accel.aoti_package import AotiPackageEntry
                 package = AotiPackageEntry(cache_url, fields)
-        engine = torch_engine(model.build_network(fold), spec, device, compile_cache=cache, package=package,
-                              input_scales=scales)
-        engine.calibration = summary(made) if made else None
-        return engine
+
+        def build(input_scales: dict | None = None) -> Engine:
+            return torch_engine(model.build_network(fold), spec, device, compile_cache=cache, package=package,
+                                input_scales=input_scales)
+
+        if precision in EIGHT_BIT:  # calibrated and gated once (or refused, raising TrtsegError), then cached
+            from trtseg.accel.eight_bit import calibrated_engine
+            return calibrated_engine(model, fold, spec, device, cache_url, build)
+        return build()
     if kind == "onnxruntime":
         from trtseg.accel.onnxruntime_engine import OnnxRuntimeEngine
 
