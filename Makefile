@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   installs (first time only), fetches the demo scans (scripts/demo_data.sh) and segments them with
-#               `trtseg demo`: `trtseg predict` on the embedded default (local Ray, CPU engine), QC pictures, Dice
+#               `trtseg demo`: `trtseg predict` on the embedded default (CPU engine; two cases run in one process,
+#               DEMO_FLAGS=--ray-from-cases=1 runs them as the Ray job), QC pictures, Dice
 #   make test   installs (first time only) and runs the test suite; .ci/run calls exactly this
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -17,7 +18,7 @@ data/demo/.fetched: scripts/demo_data.sh
 	touch $@
 
 demo: install data/demo/.fetched
-	$(VENV)/bin/trtseg demo --data data/demo --output out/demo
+	$(VENV)/bin/trtseg demo --data data/demo --output out/demo $(DEMO_FLAGS)
 
 test: install data/demo/.fetched
 	$(PY) -m pytest -q tests
