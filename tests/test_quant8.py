@@ -203,8 +203,10 @@ def test_the_gate_judges_the_compiled_engine_the_run_then_uses(small_model, cali
     """Compiled code rounds a fused chain's intermediates differently from eager code (tests/test_conv8.py), so
     the gate runs the engine as the run builds it: with --compile, the compiled 8-bit engine, which the run then
     uses without building another. A later process builds one engine from the cached entry; an uncompiled engine
-    has its own entry."""
-    from trtseg.accel import engines
+    has its own entry. The compiled code is keyed by the scales it holds as constants."""
+    import json
+
+    from trtseg.accel import compile_cache, engines
     from trtseg.model_folder import load_model_folder
     from trtseg.options import EngineSpec
 
@@ -225,6 +227,14 @@ def test_the_gate_judges_the_compiled_engine_the_run_then_uses(small_model, cali
     again = engine(compile="default")
     assert again.calibration["from"] == "cache" and len(built) == 2
     assert again.calibration["entry"] == compiled.calibration["entry"]
+    # its compiled code holds the scales as constants, and is keyed by them: a new calibration loads no old code
+    with open(compiled.calibration["entry"]) as f:
+        scales = json.load(f)["calibration"]["scales"]
+    spec = EngineSpec(device="cpu", precision="int8", compile="default", fast=False)
+    fields = compiled.compile_cache.fields
+    assert fields == compile_cache.model_key_fields(model, "0", spec, torch.device("cpu"), scales)
+    other = {k: v * 1.01 for k, v in scales.items()}
+    assert compile_cache.model_key_fields(model, "0", spec, torch.device("cpu"), other) != fields
     eager = engine()
     assert eager.calibration["from"] == "calibrated" and eager.calibration["entry"] != compiled.calibration["entry"]
     assert not eager.calibration["engine"]["compiled"]

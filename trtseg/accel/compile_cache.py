@@ -11,7 +11,8 @@ in the engine cache, on any fsspec URL, beside the ONNX graphs and TensorRT engi
 
 The key holds what decides the compiled code: the device (GPU name and compute capability, or the CPU), the torch,
 Triton and CUDA versions, the model fingerprint and fold, the input shape (batch, channels, patch), the engine
-spec (precision, compile mode, layouts, rewrites) and the fused kernels' tile configurations. An entry whose
+spec (precision, compile mode, layouts, rewrites) and the fused kernels' tile configurations; an 8-bit engine's
+also holds its calibrated scales (``model_key_fields``). An entry whose
 fields differ from the expected ones is refused and rebuilt; an entry whose bytes do not match their hash or do not
 load is rebuilt, never trusted.
 """
@@ -55,11 +56,17 @@ def key_fields(model_fingerprint: str, fold: str, engine_text: str, input_shape,
             "conv_configs": os.environ.get("TRTSEG_CONV_CONFIGS")}
 
 
-def model_key_fields(model, fold: str, spec, device: torch.device) -> dict:
+def model_key_fields(model, fold: str, spec, device: torch.device, input_scales: dict | None = None) -> dict:
     """``key_fields`` of one fold of ``model`` (a loaded model folder) under ``spec`` (an EngineSpec): the key of its
-    compiled code, in the compile cache and as a package alike."""
+    compiled code, in the compile cache and as a package alike. An 8-bit engine's compiled code holds its
+    calibrated ``input_scales`` as constants, and its 8-bit kernels' tile configurations: a new calibration (a
+    replaced calibration volume) or other tiles must not load code compiled for the old ones."""
     shape = (max(spec.batch_size, 1), model.num_input_channels, *model.patch_size)
-    return key_fields(model.fingerprint, fold, spec.text(), shape, device)
+    fields = key_fields(model.fingerprint, fold, spec.text(), shape, device)
+    if input_scales:
+        fields["input_scales"] = hashlib.sha256(json.dumps(input_scales, sort_keys=True).encode()).hexdigest()[:16]
+        fields["conv8_configs"] = os.environ.get("TRTSEG_CONV8_CONFIGS")
+    return fields
 
 
 def entry_base(cache_url: str, folder: str, fields: dict) -> tuple[str, str]:

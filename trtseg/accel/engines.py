@@ -84,16 +84,15 @@ def build_engine(model, fold: str, spec: "EngineSpec", kind: str, device: torch.
     precision = spec.resolved_precision(device)
     batch = max(spec.batch_size, 1)
     if kind == "torch":
-        cache = package = None
-        if spec.compile:
-            from trtseg.accel.compile_cache import CompileCacheEntry, model_key_fields
-            fields = model_key_fields(model, fold, spec, device)
-            cache = CompileCacheEntry(cache_url, fields)
-            if spec.package:
-                from trtseg.accel.aoti_package import AotiPackageEntry
-                package = AotiPackageEntry(cache_url, fields)
-
         def build(input_scales: dict | None = None) -> Engine:
+            cache = package = None
+            if spec.compile:
+                from trtseg.accel.compile_cache import CompileCacheEntry, model_key_fields
+                fields = model_key_fields(model, fold, spec, device, input_scales)
+                cache = CompileCacheEntry(cache_url, fields)
+                if spec.package:
+                    from trtseg.accel.aoti_package import AotiPackageEntry
+                    package = AotiPackageEntry(cache_url, fields)
             return torch_engine(model.build_network(fold), spec, device, compile_cache=cache, package=package,
                                 input_scales=input_scales)
 
