@@ -20,8 +20,8 @@ Each command is a fresh process, timed from start to exit, as a user runs it: nn
 default workers; trtseg with default flags and --single-process (two cases on one GPU: the Ray job's start-up
 would be most of the time). trtseg runs twice, into two output folders: first with an empty engine cache (cold:
 the fast path checks each model's engine against fp32 before its first case), then with the cache the first run
-left (warm: what every later scheduled run of the same models pays). Both sides run without mirroring (--disable_tta / --disable-tta), to keep nnUNetv2's
-side within minutes.
+left (warm: what every later scheduled run of the same models pays). Both sides run without mirroring
+(--disable_tta / --disable-tta), to keep nnUNetv2's side within minutes.
 
 Models: nnU-Net's 3d_fullres CT topology (PlainConvUNet 32->320, 6 stages, 128^3 patch) for every configuration,
 seeded random weights, the low-res configuration at 2.5 x 1.95 x 1.95 mm. Inputs: CT-like 512x512x240 volumes at

@@ -204,7 +204,7 @@ def test_kernel_compiles_for_hopper_without_a_gpu():
                                 "int8", "320", "320", "True"]
 
 
-def test_compiled_network_quantizes_inside_the_kernels_that_produce_the_activations(small_model, tmp_path):
+def test_compiled_network_quantizes_inside_the_kernels_that_produce_the_activations(small_model):
     """Under torch.compile, Inductor computes each 8-bit convolution's input quantization in the kernel that produces
     that input (InstanceNorm + LeakyReLU, or the decoder's concatenation), which writes one byte a value: no pass over
     memory of its own, except for the network's input. Inductor's CPU code, with the kernel in Triton's interpreter;
